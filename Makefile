@@ -1,0 +1,90 @@
+# instalign_d2 — the two commands a newcomer needs are `make train` and `make test`.
+# Every target is idempotent: a second `make setup` finds everything in place and does nothing slow.
+#
+#   VENV=path      use another environment (any folder with bin/python, e.g. $CONDA_PREFIX)
+#   PYTHON=python3 the interpreter that creates $(VENV) when it does not exist yet
+#   ARGS="..."     extra arguments for train / pytest
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMPS := $(VENV)/.instalign-stamps
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+DETECTRON2_PYPI := sal-detectron2==0.7.2
+TRAIN_CONFIG ?= configs/synthetic/instalign_tiny.yaml
+ARGS ?=
+# nvcc for the optional CUDA compile check (torch looks here when CUDA_HOME is unset).
+CUDA_HOME ?= $(shell d=$$(dirname $$(dirname $$(readlink -f $$(command -v nvcc 2>/dev/null) 2>/dev/null) 2>/dev/null) 2>/dev/null); [ -x "$$d/bin/nvcc" ] && echo $$d)
+export CUDA_HOME
+
+.PHONY: setup train test test-slow test-all cuda-build-check benchmarks clean help
+
+help:
+	@echo "make train   # train InstAlign on the embedded synthetic dataset (CPU is fine)"
+	@echo "make test    # fast test suite;  make test-slow / test-all for the rest"
+
+setup: $(STAMPS)/package
+
+$(PY):
+	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "instalign_d2 needs Python >= 3.10, found " + sys.version.split()[0]'
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+# torch: kept as is when it imports (a user's CUDA build); else the tested pins.
+$(STAMPS)/torch: | $(PY)
+	@mkdir -p $(STAMPS)
+	@if $(PY) -c 'import torch, torchvision' 2>/dev/null; then \
+	  echo "torch $$($(PY) -c 'import torch; print(torch.__version__)') already installed, kept."; \
+	else \
+	  $(PIP) install -q $(TORCH_PINS); \
+	fi
+	@touch $@
+
+# detectron2: kept as is when it imports (e.g. a source build); else the PyPI packaging of
+# detectron2's main branch, whose pure-Python part works on Python 3.10+ (its compiled _C is
+# cp310-only and not needed by instalign_d2).
+$(STAMPS)/detectron2: $(STAMPS)/torch
+	@if $(PY) -c 'import detectron2' 2>/dev/null; then \
+	  echo "detectron2 $$($(PY) -c 'import detectron2; print(detectron2.__version__)') already installed, kept."; \
+	else \
+	  site=$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
+	  tmp=$$(mktemp -d); \
+	  $(PIP) install -q --no-deps --only-binary=:all: --python-version 3.10 --target "$$tmp" $(DETECTRON2_PYPI) && \
+	  cp -r "$$tmp"/detectron2 "$$tmp"/sal_detectron2-*.dist-info "$$site"/ && rm -rf "$$tmp"; \
+	fi
+	@touch $@
+
+$(STAMPS)/requirements: requirements.txt constraints.txt $(STAMPS)/detectron2
+	$(PIP) install -q -r requirements.txt -c constraints.txt
+	@touch $@
+
+# The package itself, with its compiled op library instalign_d2._C (C++; CUDA when a GPU or FORCE_CUDA=1).
+$(STAMPS)/package: setup.py $(wildcard instalign_d2/csrc/*.cpp instalign_d2/csrc/*.h instalign_d2/csrc/*/*.cpp instalign_d2/csrc/*/*.h instalign_d2/csrc/*/*.cu instalign_d2/csrc/*/*.cuh) $(STAMPS)/requirements
+	$(PIP) install -q --no-build-isolation --no-deps -e .
+	@touch $@
+
+train: setup
+	$(PY) train_net.py --config-file $(TRAIN_CONFIG) $(ARGS)
+
+test: setup
+	$(PY) -m pytest -q -m "not slow" $(ARGS)
+
+test-slow: setup
+	$(PY) -m pytest -q -m "slow" $(ARGS)
+
+test-all: setup
+	$(PY) -m pytest -q $(ARGS)
+
+# Compiles the CUDA kernels (one architecture) into a scratch folder: the only check of them
+# possible on a machine without GPU.  Does not touch the installed CPU build.
+cuda-build-check: setup
+	@if [ -z "$(CUDA_HOME)" ]; then echo "nvcc not found: CUDA compile check skipped."; exit 0; fi; \
+	tmp=$$(mktemp -d); \
+	FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$${TORCH_CUDA_ARCH_LIST:-9.0}" $(PY) setup.py -q build_ext \
+	  --build-temp "$$tmp/temp" --build-lib "$$tmp/lib" && \
+	ls "$$tmp"/lib/instalign_d2/_C*.so && echo "CUDA sources compiled." ; rc=$$?; rm -rf "$$tmp"; exit $$rc
+
+clean:
+	rm -rf build *.egg-info instalign_d2/_C*.so

@@ -1,0 +1,116 @@
+"""Config keys of instalign_d2, with the paper's defaults (arXiv 2411.15087 §3, §4.1, supp. §8).
+
+``add_instalign_config(cfg)`` adds every key that the project reads to a Detectron2 ``CfgNode``;
+``configs/Base-GRES.yaml`` sets the paper setting on top of it.
+"""
+from detectron2.config import CfgNode as CN
+
+
+def add_instalign_config(cfg: CN) -> CN:
+    """Add InstAlign's keys (in place) and return ``cfg``."""
+    # ----------------------------------------------------------------------------- input / data
+    cfg.INPUT.IMAGE_SIZE = 480  # images are resized to IMAGE_SIZE x IMAGE_SIZE (paper §4.1, as ReLA)
+    cfg.INPUT.FORMAT = "RGB"  # timm backbones and RoBERTa-era models read RGB
+    cfg.INPUT.DATASET_MAPPER_NAME = "gres"  # the GRES mapper (instalign_d2.data.dataset_mapper)
+    cfg.INPUT.AUGMENT = CN()
+    cfg.INPUT.AUGMENT.ENABLED = False  # train-time augmentation; the paper trains without it
+    cfg.INPUT.AUGMENT.SCALE_RANGE = (0.8, 1.0)  # random crop keeping this fraction of each side
+    cfg.INPUT.AUGMENT.BRIGHTNESS = 0.2  # photometric jitter strengths (0 disables each)
+    cfg.INPUT.AUGMENT.CONTRAST = 0.2
+    cfg.INPUT.AUGMENT.SATURATION = 0.2
+
+    cfg.DATASETS.SYNTHETIC = CN()
+    cfg.DATASETS.SYNTHETIC.ROOT = "datasets/synthetic_gres"  # generated here when absent
+    cfg.DATASETS.SYNTHETIC.SEED = 0  # the generator is deterministic given this seed
+    cfg.DATASETS.SYNTHETIC.NUM_TRAIN_IMAGES = 3000
+    cfg.DATASETS.SYNTHETIC.NUM_VAL_IMAGES = 300
+    cfg.DATASETS.SYNTHETIC.NUM_TEST_IMAGES = 300
+    cfg.DATASETS.SYNTHETIC.IMAGE_SIZE = 160  # side of the generated images (pixels)
+
+    cfg.DATALOADER.GROUP_EXPRESSIONS_BY_IMAGE = True  # test loader: one batch = one image's expressions
+
+    # ----------------------------------------------------------------------------- backbone
+    cfg.MODEL.TIMM = CN()
+    cfg.MODEL.TIMM.NAME = "swin_base_patch4_window12_384"  # Swin-B, ImageNet-22K init (paper §4.1)
+    cfg.MODEL.TIMM.PRETRAINED_WEIGHTS = ""  # local .pth/.safetensors of the timm model; "" = random init
+    cfg.MODEL.TIMM.OUT_FEATURES = ["res2", "res3", "res4", "res5"]  # strides 4/8/16/32
+    cfg.MODEL.TIMM.FREEZE = False  # freeze all backbone weights
+    cfg.MODEL.TIMM.DROP_PATH_RATE = 0.3  # stochastic depth, as Mask2Former's Swin-B
+    cfg.MODEL.TIMM.NORM_OUTPUTS = True  # LayerNorm after each returned stage, as Mask2Former's Swin
+    cfg.MODEL.TIMM.KWARGS = CN(new_allowed=True)  # extra keyword arguments of timm.create_model
+
+    # ----------------------------------------------------------------------------- text encoder
+    cfg.MODEL.TEXT_ENCODER = CN()
+    cfg.MODEL.TEXT_ENCODER.NAME = "roberta-base"  # local transformers directory (or a name in the local cache)
+    cfg.MODEL.TEXT_ENCODER.PRETRAINED = True  # False: random weights from the directory's config
+    cfg.MODEL.TEXT_ENCODER.FREEZE = False  # keep the text encoder's weights fixed
+    cfg.MODEL.TEXT_ENCODER.MAX_TOKENS = 20  # tokens per expression, <s> and </s> included (ReLA: 20)
+
+    # ----------------------------------------------------------------------------- pixel decoder
+    # Mask2Former's key names, so its users find them where they expect.
+    cfg.MODEL.SEM_SEG_HEAD.NAME = "MSDeformAttnPixelDecoder"
+    cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES = ["res2", "res3", "res4", "res5"]
+    cfg.MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES = ["res3", "res4", "res5"]
+    cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM = 256  # C of V1..V3
+    cfg.MODEL.SEM_SEG_HEAD.MASK_DIM = 256  # C of the stride-4 mask features V4
+    cfg.MODEL.SEM_SEG_HEAD.NORM = "GN"
+    cfg.MODEL.SEM_SEG_HEAD.COMMON_STRIDE = 4  # stride of V4
+    cfg.MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS = 6  # deformable encoder layers (supp. §8)
+    cfg.MODEL.SEM_SEG_HEAD.NHEADS = 8  # deformable attention heads
+    cfg.MODEL.SEM_SEG_HEAD.NPOINTS = 4  # sampling points per head and level
+    cfg.MODEL.SEM_SEG_HEAD.DIM_FEEDFORWARD = 1024  # FFN width of the deformable encoder
+    cfg.MODEL.SEM_SEG_HEAD.DROPOUT = 0.0
+    cfg.MODEL.SEM_SEG_HEAD.MSDA_IMPL = "auto"  # auto | cuda | cpu | pytorch (env INSTALIGN_MSDA_IMPL overrides auto)
+
+    # ----------------------------------------------------------------------------- InstAlign
+    cfg.MODEL.INSTALIGN = CN()
+    cfg.MODEL.INSTALIGN.DECODER = "POT"  # POT | M2F (no text) | RELA (queries read text only), Table 3(e)
+    cfg.MODEL.INSTALIGN.HIDDEN_DIM = 256  # C
+    cfg.MODEL.INSTALIGN.NUM_OBJECT_QUERIES = 100  # N, Table 3(d)
+    cfg.MODEL.INSTALIGN.DEC_LAYERS = 9  # K POT blocks (paper §4.1)
+    cfg.MODEL.INSTALIGN.NHEADS = 8  # attention heads in the decoder
+    cfg.MODEL.INSTALIGN.DIM_FEEDFORWARD = 2048  # FFN width in the decoder, as Mask2Former
+    cfg.MODEL.INSTALIGN.DROPOUT = 0.0
+    cfg.MODEL.INSTALIGN.PRE_NORM = False  # post-norm residual blocks, as Mask2Former
+    cfg.MODEL.INSTALIGN.ENFORCE_INPUT_PROJ = False
+    cfg.MODEL.INSTALIGN.MASK_ATTENTION = True  # masked cross-attention to V_k, as Mask2Former
+    # Table 3(a): "none" (merged mask loss only) | "standard" (no phrase term) | "phrase" (ours)
+    cfg.MODEL.INSTALIGN.INSTANCE_SUPERVISION = "phrase"
+    # Table 3(b): "AIA" (Eq. 8) | "AIA_NO_PRELU" | "THRESHOLD" (fixed score threshold)
+    cfg.MODEL.INSTALIGN.AGGREGATION = "AIA"
+    cfg.MODEL.INSTALIGN.AGGREGATION_THRESHOLD = 0.5  # score threshold of the THRESHOLD variant
+    cfg.MODEL.INSTALIGN.PRELU_INIT = 0.25  # initial negative slope of AIA's learnable PReLU
+    # Table 3(c): "QGLOBAL_TSEN" (Eq. 11) | "QGLOBAL" | "TSEN" | "MEAN_QUERIES" (ReLA-style)
+    cfg.MODEL.INSTALIGN.NO_TARGET_INPUT = "QGLOBAL_TSEN"
+    cfg.MODEL.INSTALIGN.DEEP_SUPERVISION = True  # losses on every block's output
+    # matching cost, Eq. 6 (supp. §8)
+    cfg.MODEL.INSTALIGN.COST_SCORE = 2.0  # lambda_score
+    cfg.MODEL.INSTALIGN.COST_MASK = 5.0  # lambda_mask (BCE + Dice)
+    cfg.MODEL.INSTALIGN.COST_PHRASE = 1.0  # lambda_phrase
+    # total loss, Eq. 13 (supp. §8)
+    cfg.MODEL.INSTALIGN.MERGED_WEIGHT = 5.0  # lambda_merged
+    cfg.MODEL.INSTALIGN.INSTANCE_WEIGHT = 1.0  # lambda_inst
+    cfg.MODEL.INSTALIGN.NO_TARGET_WEIGHT = 0.1  # lambda_nt
+    # point-sampled mask losses and costs, as Mask2Former
+    cfg.MODEL.INSTALIGN.TRAIN_NUM_POINTS = 112 * 112
+    cfg.MODEL.INSTALIGN.OVERSAMPLE_RATIO = 3.0
+    cfg.MODEL.INSTALIGN.IMPORTANCE_SAMPLE_RATIO = 0.75
+
+    cfg.MODEL.INSTALIGN.TEST = CN()
+    cfg.MODEL.INSTALIGN.TEST.NO_TARGET_THRESHOLD = 0.5  # p_nt above this -> all-zero mask (paper §3.6)
+    cfg.MODEL.INSTALIGN.TEST.MASK_THRESHOLD = 0.5  # merged mask probability -> binary mask
+    cfg.MODEL.INSTALIGN.TEST.INSTANCE_SCORE_THRESH = 0.5  # instances returned to the user
+    cfg.MODEL.INSTALIGN.TEST.MAX_INSTANCES = 10  # at most this many returned instances
+
+    # ----------------------------------------------------------------------------- solver
+    cfg.SOLVER.OPTIMIZER = "ADAMW"
+    cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1  # lr multiplier of the visual backbone
+    cfg.SOLVER.TEXT_ENCODER_MULTIPLIER = 0.1  # lr multiplier of the text encoder
+    cfg.SOLVER.WEIGHT_DECAY_EMBED = 0.0  # no decay on embeddings (queries, token embeddings)
+    cfg.SOLVER.BASE_LR_END = 1e-6  # linear decay from BASE_LR to this at MAX_ITER (paper §4.1)
+    cfg.SOLVER.LR_SCHEDULER_NAME = "WarmupLinearDecayLR"
+
+    # ----------------------------------------------------------------------------- test
+    cfg.TEST.EVAL_RESOLUTION = "input"  # "input" (the mapper's size, as ReLA/DMMI) | "original"
+    cfg.TEST.DUMP_PREDICTIONS = False  # also write RLE predictions to OUTPUT_DIR/inference
+    return cfg

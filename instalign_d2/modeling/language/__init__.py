@@ -1,0 +1,1 @@
+"""Text encoder (transformers AutoModel) and its tokenizer."""

@@ -1,0 +1,76 @@
+"""Load the text encoder's tokenizer from a local directory and tokenise expressions.
+
+The mapper (data side) and the text encoder (model side) share this, so both always agree on
+ids, padding and truncation.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from functools import lru_cache
+from typing import Dict, List, Sequence
+
+import torch
+
+from instalign_d2.utils.paths import expand_path
+
+logger = logging.getLogger(__name__)
+
+
+class TextEncoderNotFoundError(FileNotFoundError):
+    """``MODEL.TEXT_ENCODER.NAME`` names nothing that can be loaded without a download."""
+
+
+def resolve_text_encoder(name: str) -> str:
+    """The local directory (or cached hub name) behind ``MODEL.TEXT_ENCODER.NAME``.
+
+    Never downloads: a name that is neither a directory nor in the local Hugging Face cache
+    raises :class:`TextEncoderNotFoundError` with the fix.
+    """
+    path = expand_path(name)
+    if os.path.isdir(path):
+        return path
+    try:  # a hub name already in the local cache is fine; nothing is fetched
+        from huggingface_hub import try_to_load_from_cache
+
+        if isinstance(try_to_load_from_cache(name, "config.json"), str):
+            return name
+    except Exception:  # pragma: no cover - depends on the local cache
+        pass
+    raise TextEncoderNotFoundError(
+        f"MODEL.TEXT_ENCODER.NAME={name!r}: no such directory ({os.path.abspath(path)}) and not in the "
+        "local Hugging Face cache. Point it to a local transformers directory (e.g. a copy of "
+        "roberta-base with config.json, vocab.json, merges.txt and the weights)."
+    )
+
+
+@lru_cache(maxsize=8)
+def load_tokenizer(name: str):
+    """``AutoTokenizer`` of the text encoder, loaded from local files only (cached per name)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_text_encoder(name), local_files_only=True)
+
+
+def tokenize(tokenizer, sentences: Sequence[str], max_tokens: int) -> Dict[str, torch.Tensor]:
+    """Token ids and attention mask (1 = real token) of ``sentences``, padded to ``max_tokens``.
+
+    Pads with the tokenizer's own pad id (RoBERTa: 1, not 0) and warns once per call when a
+    sentence is truncated.
+    """
+    sentences: List[str] = [str(s) for s in sentences]
+    encoded = tokenizer(
+        sentences,
+        padding="max_length",
+        truncation=True,
+        max_length=max_tokens,
+        return_tensors="pt",
+        return_overflowing_tokens=False,
+    )
+    too_long = [s for s in sentences if len(tokenizer(s)["input_ids"]) > max_tokens]
+    if too_long:
+        logger.warning(
+            "%d expression(s) longer than MAX_TOKENS=%d were truncated, e.g. %r",
+            len(too_long), max_tokens, too_long[0][:80],
+        )
+    return {"input_ids": encoded["input_ids"].long(), "attention_mask": encoded["attention_mask"].long()}
