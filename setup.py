@@ -36,7 +36,8 @@ def want_cuda() -> bool:
 def get_extensions():
     sources = sorted(glob.glob(os.path.join(CSRC, "*.cpp")) + glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))
     cuda_sources = sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")))
-    extra_compile_args = {"cxx": ["-O3", "-std=c++17"]}
+    # torch adds the C++ standard it needs (C++20 for torch 2.14); do not pin one here.
+    extra_compile_args = {"cxx": ["-O3"]}
     define_macros = []
     extension = CppExtension
     if want_cuda() and cuda_sources:
@@ -45,7 +46,6 @@ def get_extensions():
         define_macros.append(("WITH_CUDA", None))
         extra_compile_args["nvcc"] = [
             "-O3",
-            "-std=c++17",
             "-DCUDA_HAS_FP16=1",
             "-D__CUDA_NO_HALF_OPERATORS__",
             "-D__CUDA_NO_HALF_CONVERSIONS__",
