@@ -20,7 +20,7 @@ def add_instalign_config(cfg: CN) -> CN:
     cfg.INPUT.AUGMENT.SATURATION = 0.2
 
     cfg.DATASETS.SYNTHETIC = CN()
-    cfg.DATASETS.SYNTHETIC.ROOT = "datasets/synthetic_gres"  # generated here when absent
+    # generated under $DETECTRON2_DATASETS/synthetic_gres when absent (or made with other settings)
     cfg.DATASETS.SYNTHETIC.SEED = 0  # the generator is deterministic given this seed
     cfg.DATASETS.SYNTHETIC.NUM_TRAIN_IMAGES = 3000
     cfg.DATASETS.SYNTHETIC.NUM_VAL_IMAGES = 300
