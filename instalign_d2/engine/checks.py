@@ -1,0 +1,85 @@
+"""Checks that run before anything is written to OUTPUT_DIR, so that a wrong path or name stops
+the run at once with one line that names it and says how to fix it."""
+from __future__ import annotations
+
+import os
+from typing import Iterable
+
+from instalign_d2.utils.paths import expand_path
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key, the value and the fix."""
+
+
+def check_config_file(path: str) -> None:
+    if not path:
+        raise ConfigError("--config-file is required, e.g. --config-file configs/synthetic/instalign_tiny.yaml")
+    if not os.path.isfile(path):
+        raise ConfigError(f"--config-file {path}: no such file. Configs live under configs/, e.g. configs/grefcoco/instalign_swin_base.yaml")
+
+
+def _check_datasets(key: str, names: Iterable[str]) -> None:
+    from detectron2.data import DatasetCatalog
+
+    known = DatasetCatalog.list()
+    for name in names:
+        if name not in known:
+            close = sorted(k for k in known if k.split("_")[0] == name.split("_")[0]) or sorted(known)
+            raise ConfigError(f"{key}: unknown dataset {name!r}. Registered names include: {', '.join(close[:12])}")
+
+
+def _is_remote(path: str) -> bool:
+    return "://" in path
+
+
+def check_config(cfg, *, eval_only: bool = False, resume: bool = False) -> None:
+    """Raise :class:`ConfigError` for the first config value that cannot work."""
+    if not eval_only:
+        _check_datasets("DATASETS.TRAIN", cfg.DATASETS.TRAIN)
+    _check_datasets("DATASETS.TEST", cfg.DATASETS.TEST)
+
+    weights = cfg.MODEL.WEIGHTS
+    if weights:
+        if _is_remote(weights):
+            raise ConfigError(
+                f"MODEL.WEIGHTS={weights}: remote weights cannot be fetched here (no model hub); "
+                "download the file elsewhere and give its local path."
+            )
+        if not os.path.isfile(expand_path(weights)):
+            raise ConfigError(f"MODEL.WEIGHTS={weights}: no such file. Give the path of a checkpoint (.pth), e.g. output/model_final.pth")
+    elif eval_only and not resume:
+        raise ConfigError("--eval-only needs a checkpoint: add MODEL.WEIGHTS path/to/model_final.pth after the options")
+
+    timm = getattr(cfg.MODEL, "TIMM", None)
+    if cfg.MODEL.BACKBONE.NAME == "TimmBackbone" and timm is not None and timm.PRETRAINED_WEIGHTS:
+        if not os.path.isfile(expand_path(timm.PRETRAINED_WEIGHTS)):
+            raise ConfigError(
+                f"MODEL.TIMM.PRETRAINED_WEIGHTS={timm.PRETRAINED_WEIGHTS}: no such file. Give a local timm "
+                f"checkpoint of {timm.NAME} (.pth or .safetensors), or '' to start from random weights."
+            )
+
+    text = getattr(cfg.MODEL, "TEXT_ENCODER", None)
+    if text is not None and not _text_encoder_will_be_generated(cfg):
+        from instalign_d2.modeling.language.tokenizer import TextEncoderNotFoundError, resolve_text_encoder
+
+        try:
+            resolve_text_encoder(text.NAME)
+        except TextEncoderNotFoundError as exc:
+            raise ConfigError(str(exc)) from None
+
+    if cfg.SOLVER.AMP.ENABLED and not cfg.MODEL.DEVICE.startswith("cuda"):
+        raise ConfigError(
+            "SOLVER.AMP.ENABLED=True needs a CUDA GPU (Detectron2's AMPTrainer); "
+            "add SOLVER.AMP.ENABLED False to train on the CPU."
+        )
+
+
+def _text_encoder_will_be_generated(cfg) -> bool:
+    """The synthetic dataset writes its own tiny text encoder; it may not exist before the first run."""
+    from instalign_d2.utils.paths import datasets_root
+
+    synthetic_dir = os.path.join(datasets_root(), "synthetic_gres")
+    name = expand_path(cfg.MODEL.TEXT_ENCODER.NAME)
+    uses_synthetic = any(n.startswith("synthetic_gres") for n in list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
+    return uses_synthetic and os.path.abspath(name).startswith(os.path.abspath(synthetic_dir))

@@ -1,0 +1,29 @@
+"""DistributedDataParallel that also works for CPU models under gloo.
+
+Detectron2's ``create_ddp_model`` always passes ``device_ids=[local_rank]``, which DDP rejects
+for a module whose parameters live on the CPU. ``launch(..., num_gpus_per_machine=2)`` on a
+machine without GPU already starts two gloo processes; leaving ``device_ids`` out for CPU
+modules is all that is missing for them to train together.
+"""
+from __future__ import annotations
+
+from detectron2.utils import comm
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+
+def create_ddp_model(model: nn.Module, *, fp16_compression: bool = False, **kwargs) -> nn.Module:
+    """Wrap ``model`` in DDP when there are several processes (else return it unchanged)."""
+    if comm.get_world_size() == 1:
+        return model
+    on_gpu = next(model.parameters()).is_cuda
+    if on_gpu:
+        kwargs.setdefault("device_ids", [comm.get_local_rank()])
+    else:
+        kwargs.pop("device_ids", None)
+    ddp = DistributedDataParallel(model, **kwargs)
+    if fp16_compression and on_gpu:
+        from torch.distributed.algorithms.ddp_comm_hooks import default as comm_hooks
+
+        ddp.register_comm_hook(state=None, hook=comm_hooks.fp16_compress_hook)
+    return ddp

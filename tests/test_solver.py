@@ -1,0 +1,151 @@
+"""Optimizer parameter groups and the linear-decay schedule."""
+import pytest
+import torch
+from detectron2.config import get_cfg
+from torch import nn
+
+from instalign_d2 import add_instalign_config
+from instalign_d2.solver import build_lr_scheduler, build_optimizer, build_param_groups
+
+
+class TinyGRESNet(nn.Module):
+    """Has every kind of parameter the grouping rules distinguish."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+        self.text_encoder = nn.ModuleDict({"embeddings": nn.Embedding(10, 4), "proj": nn.Linear(4, 4), "norm": nn.LayerNorm(4)})
+        self.query_feat = nn.Embedding(5, 4)
+        self.level_embed = nn.Parameter(torch.zeros(3, 4))
+        self.head = nn.Linear(4, 1)
+        self.prelu = nn.PReLU()
+        self.group_norm = nn.GroupNorm(2, 4)
+        self.frozen = nn.Linear(4, 4)
+        self.frozen.requires_grad_(False)
+
+
+def make_cfg(**solver):
+    cfg = get_cfg()
+    add_instalign_config(cfg)
+    cfg.SOLVER.BASE_LR = 1e-4
+    cfg.SOLVER.WEIGHT_DECAY = 0.05
+    cfg.SOLVER.WEIGHT_DECAY_NORM = 0.0
+    cfg.SOLVER.WEIGHT_DECAY_EMBED = 0.0
+    cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1
+    cfg.SOLVER.TEXT_ENCODER_MULTIPLIER = 0.5
+    for key, value in solver.items():
+        setattr(cfg.SOLVER, key, value)
+    return cfg
+
+
+def settings_by_name(optimizer):
+    out = {}
+    for group in optimizer.param_groups:
+        for name in group["param_names"]:
+            assert name not in out, f"{name} is in two groups"
+            out[name] = (group["lr"], group["weight_decay"])
+    return out
+
+
+def test_every_trainable_parameter_in_exactly_one_group_with_intended_lr_and_decay():
+    model = TinyGRESNet()
+    optimizer = build_optimizer(make_cfg(), model)
+    got = settings_by_name(optimizer)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert set(got) == trainable
+    counted = sum(len(g["params"]) for g in optimizer.param_groups)
+    assert counted == len(trainable)
+
+    expected = {
+        "backbone.0.weight": (1e-5, 0.05),
+        "backbone.0.bias": (1e-5, 0.0),
+        "backbone.1.weight": (1e-5, 0.0),  # norm
+        "backbone.1.bias": (1e-5, 0.0),
+        "text_encoder.embeddings.weight": (5e-5, 0.0),  # embedding
+        "text_encoder.proj.weight": (5e-5, 0.05),
+        "text_encoder.proj.bias": (5e-5, 0.0),
+        "text_encoder.norm.weight": (5e-5, 0.0),
+        "text_encoder.norm.bias": (5e-5, 0.0),
+        "query_feat.weight": (1e-4, 0.0),
+        "level_embed": (1e-4, 0.0),
+        "head.weight": (1e-4, 0.05),
+        "head.bias": (1e-4, 0.0),
+        "prelu.weight": (1e-4, 0.0),  # scalar: decay would turn PReLU into ReLU
+        "group_norm.weight": (1e-4, 0.0),
+        "group_norm.bias": (1e-4, 0.0),
+    }
+    assert got.keys() == expected.keys()
+    for name, (lr, decay) in expected.items():
+        assert got[name][0] == pytest.approx(lr), name
+        assert got[name][1] == decay, name
+
+
+def test_norm_and_embed_decay_follow_their_keys():
+    model = TinyGRESNet()
+    got = settings_by_name(build_optimizer(make_cfg(WEIGHT_DECAY_NORM=0.01, WEIGHT_DECAY_EMBED=0.02), model))
+    assert got["group_norm.weight"][1] == 0.01
+    assert got["backbone.1.weight"][1] == 0.01
+    assert got["query_feat.weight"][1] == 0.02
+    assert got["level_embed"][1] == 0.02
+
+
+def test_timm_no_weight_decay_declarations_are_honoured():
+    class WithDeclared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.relative_position_bias_table = nn.Parameter(torch.zeros(7, 2))
+            self.proj = nn.Linear(2, 2)
+
+        def no_weight_decay(self):
+            return {"relative_position_bias_table"}
+
+    model = nn.Module()
+    model.backbone = WithDeclared()
+    groups = build_param_groups(model, base_lr=1.0, weight_decay=0.3, weight_decay_embed=0.0)
+    decay = {n: g["weight_decay"] for g in groups for n in g["param_names"]}
+    assert decay == {"backbone.relative_position_bias_table": 0.0, "backbone.proj.weight": 0.3, "backbone.proj.bias": 0.0}
+
+
+def test_full_model_gradient_clipping_clips_the_global_norm():
+    model = nn.Linear(3, 2)
+    cfg = make_cfg()
+    cfg.SOLVER.CLIP_GRADIENTS.ENABLED = True
+    cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE = "full_model"
+    cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE = 0.5
+    cfg.SOLVER.CLIP_GRADIENTS.NORM_TYPE = 2.0
+    optimizer = build_optimizer(cfg, model)
+    model.weight.grad = torch.full_like(model.weight, 3.0)
+    model.bias.grad = torch.full_like(model.bias, 4.0)
+    optimizer.step()
+    total = torch.sqrt(sum((p.grad**2).sum() for p in model.parameters()))
+    assert total.item() == pytest.approx(0.5, rel=1e-5)
+    # the direction is kept: the weight/bias gradient ratio is unchanged
+    assert (model.weight.grad[0, 0] / model.bias.grad[0]).item() == pytest.approx(0.75)
+
+
+@pytest.mark.parametrize("warmup_iters", [0, 10])
+def test_linear_decay_reaches_end_lr_at_max_iter(warmup_iters):
+    cfg = make_cfg(MAX_ITER=100, BASE_LR_END=1e-6, WARMUP_ITERS=warmup_iters, WARMUP_FACTOR=0.1)
+    model = TinyGRESNet()
+    optimizer = build_optimizer(cfg, model)
+    scheduler = build_lr_scheduler(cfg, optimizer)
+    head_group = next(g for g in optimizer.param_groups if "head.weight" in g["param_names"])
+    backbone_group = next(g for g in optimizer.param_groups if "backbone.0.weight" in g["param_names"])
+    lrs = []
+    for _ in range(cfg.SOLVER.MAX_ITER):
+        lrs.append(head_group["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert head_group["lr"] == pytest.approx(1e-6, rel=1e-6)
+    # every group decays by the same factor, so the backbone keeps its 0.1 multiplier
+    assert backbone_group["lr"] == pytest.approx(1e-7, rel=1e-6)
+    if warmup_iters:
+        assert lrs[0] == pytest.approx(1e-5)  # WARMUP_FACTOR * BASE_LR
+        assert lrs[warmup_iters - 1] < lrs[warmup_iters]
+    else:
+        assert lrs[0] == pytest.approx(1e-4)
+    # linear after warm-up: constant decrements
+    tail = torch.tensor(lrs[warmup_iters + 1 :], dtype=torch.float64)
+    steps = tail[1:] - tail[:-1]
+    assert torch.allclose(steps, steps.mean().expand_as(steps), rtol=1e-6, atol=1e-12)
+    assert lrs[50] == pytest.approx(1e-4 + (1e-6 - 1e-4) * 0.5, rel=1e-6)

@@ -1,0 +1,178 @@
+#!/usr/bin/env python
+"""Train and evaluate InstAlign with Detectron2.
+
+    python train_net.py --config-file configs/synthetic/instalign_tiny.yaml
+    python train_net.py --config-file configs/grefcoco/instalign_swin_base.yaml --num-gpus 4
+    python train_net.py --config-file CFG --eval-only MODEL.WEIGHTS output/model_final.pth
+    python train_net.py --config-file CFG --resume          # continue from OUTPUT_DIR/last_checkpoint
+
+Works on GPUs and on a CPU-only machine (``--num-gpus N`` there starts N gloo processes).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import weakref
+
+import torch
+from detectron2.config import get_cfg
+from detectron2.data import build_detection_test_loader, build_detection_train_loader, get_detection_dataset_dicts
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, default_argument_parser, default_setup, launch
+from detectron2.evaluation import DatasetEvaluators
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
+
+import instalign_d2  # noqa: F401  (registers the architecture, its parts and the datasets)
+from instalign_d2 import add_instalign_config
+from instalign_d2.engine import AtomicCheckpointer, ConfigError, check_config, check_config_file, create_ddp_model
+from instalign_d2.solver import build_lr_scheduler, build_optimizer
+from instalign_d2.solver.optimizer import describe_param_groups
+
+logger = logging.getLogger("instalign_d2")
+
+
+class Trainer(DefaultTrainer):
+    """DefaultTrainer with the GRES mapper and evaluator, our optimizer and schedule, atomic
+    checkpoints, and DDP that also works for CPU models (gloo)."""
+
+    def __init__(self, cfg):
+        # DefaultTrainer.__init__, except for create_ddp_model (CPU-aware) and the checkpointer.
+        super(DefaultTrainer, self).__init__()
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        model = create_ddp_model(model, broadcast_buffers=False, find_unused_parameters=cfg.MODEL.get("FIND_UNUSED_PARAMETERS", False))
+        trainer_class = AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer
+        self._trainer = trainer_class(model, data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = AtomicCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        optimizer = build_optimizer(cfg, model)
+        for line in describe_param_groups(optimizer):
+            logger.info("Optimizer group: %s", line)
+        return optimizer
+
+    @classmethod
+    def build_lr_scheduler(cls, cfg, optimizer):
+        return build_lr_scheduler(cfg, optimizer)
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        from instalign_d2.data.dataset_mapper import GRESDatasetMapper
+
+        # No-target expressions have no annotations and are real training samples: never filter them.
+        dataset = get_detection_dataset_dicts(cfg.DATASETS.TRAIN, filter_empty=False)
+        return build_detection_train_loader(cfg, dataset=dataset, mapper=GRESDatasetMapper(cfg, is_train=True))
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        from instalign_d2.data.dataset_mapper import GRESDatasetMapper
+
+        return build_detection_test_loader(cfg, dataset_name, mapper=GRESDatasetMapper(cfg, is_train=False))
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        from instalign_d2.evaluation import GRESEvaluator
+
+        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference")
+        return DatasetEvaluators(
+            [
+                GRESEvaluator(
+                    dataset_name,
+                    distributed=True,
+                    output_dir=output_folder,
+                    eval_resolution=cfg.TEST.EVAL_RESOLUTION,
+                    dump_predictions=cfg.TEST.DUMP_PREDICTIONS,
+                )
+            ]
+        )
+
+
+def build_config(args):
+    """The merged, frozen config of the command line (no side effects)."""
+    check_config_file(args.config_file)
+    cfg = get_cfg()
+    add_instalign_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        # Detectron2 defaults to CUDA; a laptop or CI machine has none.
+        cfg.MODEL.DEVICE = "cpu"
+    cfg.freeze()
+    return cfg
+
+
+def prepare_data(cfg) -> None:
+    """Generate the embedded synthetic dataset (and its text encoder) when the config uses it."""
+    names = list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
+    if not any(name.startswith("synthetic_gres") for name in names):
+        return
+    from instalign_d2.data.datasets.synthetic import ensure_synthetic_gres, synthetic_root
+
+    synthetic = cfg.DATASETS.SYNTHETIC
+    ensure_synthetic_gres(
+        synthetic_root(),
+        num_train_images=synthetic.NUM_TRAIN_IMAGES,
+        num_val_images=synthetic.NUM_VAL_IMAGES,
+        num_test_images=synthetic.NUM_TEST_IMAGES,
+        image_size=synthetic.IMAGE_SIZE,
+        seed=synthetic.SEED,
+    )
+
+
+def setup(args):
+    """Config + Detectron2's default setup (logger, config backup in OUTPUT_DIR)."""
+    cfg = build_config(args)
+    default_setup(cfg, args)
+    setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="instalign_d2")
+    if cfg.MODEL.DEVICE == "cpu" and comm.get_world_size() > 1:
+        # N processes on one machine share its cores; more threads than cores only thrash.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // comm.get_local_size()))
+    return cfg
+
+
+def main(args):
+    cfg = setup(args)
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        AtomicCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        return Trainer.test(cfg, model)
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+def invoke_main(argv=None) -> int:
+    args = default_argument_parser().parse_args(argv)
+    try:
+        # Everything that can be checked is checked here, once, before any process starts or
+        # anything is written to OUTPUT_DIR.
+        cfg = build_config(args)
+        check_config(cfg, eval_only=args.eval_only, resume=args.resume)
+        prepare_data(cfg)
+    except ConfigError as exc:
+        print(f"instalign_d2: error: {exc}", file=sys.stderr)
+        return 2
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(invoke_main())
