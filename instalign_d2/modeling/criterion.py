@@ -1,0 +1,264 @@
+"""Training objectives of InstAlign: Phrase-Object Alignment (Eq. 1-3), phrase-aligned instance
+supervision (Eq. 7), merged-mask supervision (Eq. 9), no-target supervision and their sum (Eq. 13).
+
+Normalisation (the paper gives Eq. 7 as plain sums; these are our choices, as Mask2Former's):
+
+- mask and phrase terms of matched queries are summed and divided by the number of ground-truth
+  instances in the batch (averaged over workers, at least 1), so their scale does not depend on
+  the batch size or on how many instances an expression has;
+- the score terms of Eq. 7 (``l_score * BCE(p, 1)`` for matched queries, ``BCE(p, 0)`` for the
+  others) are a weighted mean over all queries of the batch, weights ``l_score`` and 1: the ratio
+  of Eq. 7 is kept while the loss stays O(1) whatever N is, and is defined for a no-target batch;
+- the merged-mask loss is the per-image mean BCE over pixels plus the Dice loss, averaged over the
+  batch, at the ground truth's resolution (the merged logits are upsampled bilinearly);
+- the no-target loss is the BCE averaged over the batch.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from detectron2.config import configurable
+from detectron2.projects.point_rend.point_features import get_uncertain_point_coords_with_randomness, point_sample
+from detectron2.utils import comm
+from torch import nn
+
+from .matcher import PhraseAwareHungarianMatcher
+
+INSTANCE_SUPERVISION_MODES = ("none", "standard", "phrase")
+
+
+def _check_text_mask(text: torch.Tensor, text_mask: torch.Tensor) -> None:
+    if text_mask.dtype != torch.bool:
+        raise TypeError(
+            f"text_mask must be a bool padding mask (True = padding token), got {text_mask.dtype}. "
+            "An attention_mask (1 = real token) converts with `attention_mask == 0`."
+        )
+    if text_mask.shape != text.shape[:2]:
+        raise ValueError(f"text_mask {tuple(text_mask.shape)} does not match text {tuple(text.shape)} (B, L)")
+
+
+def phrase_token_weights(queries: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+    """R of Eq. 1: how much each query attends to each token, ``softmax_tokens(Q T^T / sqrt(C))``.
+
+    Args:
+        queries: ``(B, N, C)`` object queries Q_k.
+        text: ``(B, L, C)`` text features T_k.
+        text_mask: ``(B, L)`` bool, True = padding token (the text encoder's ``pad_mask``);
+            padding tokens get weight exactly 0.
+    Returns:
+        ``(B, N, L)``, each row sums to 1 over the valid tokens.
+    """
+    _check_text_mask(text, text_mask)
+    affinity = torch.einsum("bnc,blc->bnl", queries, text) / queries.shape[-1] ** 0.5
+    # finfo.min rather than -inf: a (malformed) all-padding expression gives uniform weights, not NaN.
+    affinity = affinity.masked_fill(text_mask[:, None, :], torch.finfo(affinity.dtype).min)
+    return affinity.softmax(dim=-1)  # Eq. 1
+
+
+def phrase_alignment_loss(queries: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+    """L_phrase(i) of Eq. 3 for every query: ``1 - cos(P_i, Q_i)`` with ``P = R T`` (Eq. 2).
+
+    Args:
+        queries: ``(B, N, C)``; text: ``(B, L, C)``; text_mask: ``(B, L)`` bool, True = padding.
+    Returns:
+        ``(B, N)`` losses in [0, 2].
+    """
+    weights = phrase_token_weights(queries, text, text_mask)
+    phrases = torch.einsum("bnl,blc->bnc", weights, text)  # Eq. 2
+    return 1.0 - F.cosine_similarity(phrases, queries, dim=-1)  # Eq. 3
+
+
+def bce_dice_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """L_mask of the paper per row: mean sigmoid BCE over the points plus the Dice loss.
+
+    ``logits``, ``targets``: ``(K, P)`` -> ``(K,)``. An empty target gives ``1 - 1/(|p| + 1)``, which
+    pushes the prediction to empty.
+    """
+    bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none").mean(dim=1)
+    probs = logits.sigmoid()
+    dice = 1.0 - (2.0 * (probs * targets).sum(1) + 1.0) / (probs.sum(1) + targets.sum(1) + 1.0)
+    return bce + dice
+
+
+def _uncertainty(logits: torch.Tensor) -> torch.Tensor:
+    # Points whose logit is near 0 are the uncertain ones (PointRend / Mask2Former).
+    return -logits.abs()
+
+
+class InstAlignCriterion(nn.Module):
+    """Eq. 13 over every decoder prediction (deep supervision); returns named, weighted losses.
+
+    The returned dict's values sum to L_total. Keys: ``loss_merged``, ``loss_score``, ``loss_mask``,
+    ``loss_phrase`` for the last block, the same with ``_{k}`` for the earlier predictions (``_0`` =
+    the initial queries, ``_k`` = after block k), and ``loss_no_target``.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        matcher: PhraseAwareHungarianMatcher,
+        instance_supervision: str = "phrase",
+        score_weight: float = 2.0,
+        mask_weight: float = 5.0,
+        phrase_weight: float = 1.0,
+        merged_weight: float = 5.0,
+        instance_weight: float = 1.0,
+        no_target_weight: float = 0.1,
+        num_points: int = 12544,
+        oversample_ratio: float = 3.0,
+        importance_sample_ratio: float = 0.75,
+        deep_supervision: bool = True,
+    ):
+        """
+        Args:
+            matcher: the Hungarian matcher (its costs use the same lambdas, Eq. 6).
+            instance_supervision: Table 3(a): "phrase" (Eq. 6-7), "standard" (no phrase term) or
+                "none" (no instance loss: only merged and no-target losses).
+            score_weight, mask_weight, phrase_weight: lambda_score, lambda_mask, lambda_phrase in L_match.
+            merged_weight, instance_weight, no_target_weight: the lambdas of Eq. 13.
+            num_points, oversample_ratio, importance_sample_ratio: importance sampling of the points
+                on which instance mask losses are computed (Mask2Former's setting).
+            deep_supervision: losses on every block's prediction, not only the last.
+        """
+        super().__init__()
+        if instance_supervision not in INSTANCE_SUPERVISION_MODES:
+            raise ValueError(
+                f"MODEL.INSTALIGN.INSTANCE_SUPERVISION={instance_supervision!r}: choose one of {INSTANCE_SUPERVISION_MODES}."
+            )
+        self.matcher = matcher
+        self.instance_supervision = instance_supervision
+        self.score_weight = score_weight
+        self.mask_weight = mask_weight
+        self.phrase_weight = phrase_weight
+        self.merged_weight = merged_weight
+        self.instance_weight = instance_weight
+        self.no_target_weight = no_target_weight
+        self.num_points = num_points
+        self.oversample_ratio = oversample_ratio
+        self.importance_sample_ratio = importance_sample_ratio
+        self.deep_supervision = deep_supervision
+
+    @classmethod
+    def from_config(cls, cfg):
+        c = cfg.MODEL.INSTALIGN
+        return {
+            "matcher": PhraseAwareHungarianMatcher(cfg),
+            "instance_supervision": c.INSTANCE_SUPERVISION,
+            "score_weight": c.COST_SCORE,
+            "mask_weight": c.COST_MASK,
+            "phrase_weight": c.COST_PHRASE,
+            "merged_weight": c.MERGED_WEIGHT,
+            "instance_weight": c.INSTANCE_WEIGHT,
+            "no_target_weight": c.NO_TARGET_WEIGHT,
+            "num_points": c.TRAIN_NUM_POINTS,
+            "oversample_ratio": c.OVERSAMPLE_RATIO,
+            "importance_sample_ratio": c.IMPORTANCE_SAMPLE_RATIO,
+            "deep_supervision": c.DEEP_SUPERVISION,
+        }
+
+    # ------------------------------------------------------------------ the three objectives
+    def merged_loss(self, merged_logits: torch.Tensor, gt_merged: torch.Tensor) -> torch.Tensor:
+        """L_merged of Eq. 9: ``(B, h, w)`` merged logits vs ``(B, H, W)`` union masks."""
+        logits = F.interpolate(merged_logits[:, None].float(), size=gt_merged.shape[-2:], mode="bilinear", align_corners=False)
+        return bce_dice_loss(logits.flatten(1), gt_merged.flatten(1).float()).mean()
+
+    def instance_losses(
+        self,
+        prediction: Dict[str, torch.Tensor],
+        gt_masks: Sequence[torch.Tensor],
+        text_pad_mask: torch.Tensor,
+        num_instances: float,
+    ) -> Dict[str, torch.Tensor]:
+        """L_inst of Eq. 7 for one block's prediction, split into its score / mask / phrase terms."""
+        relevance_logits = prediction["relevance_logits"].float()
+        mask_logits = prediction["mask_logits"]
+        use_phrase = self.instance_supervision == "phrase"
+        phrase = phrase_alignment_loss(prediction["queries"], prediction["text"], text_pad_mask) if use_phrase else None
+        matches = self.matcher(relevance_logits.detach(), mask_logits.detach(), gt_masks, None if phrase is None else phrase.detach())
+
+        batch_index = torch.cat([torch.full_like(pred, b) for b, (pred, _) in enumerate(matches)]).to(relevance_logits.device)
+        pred_index = torch.cat([pred for pred, _ in matches]).to(relevance_logits.device)
+
+        # Score terms of Eq. 7: matched -> l_score * BCE(p, 1), unmatched -> BCE(p, 0); weighted mean.
+        labels = torch.zeros_like(relevance_logits)
+        labels[batch_index, pred_index] = 1.0
+        weights = torch.ones_like(relevance_logits)
+        weights[batch_index, pred_index] = self.score_weight
+        score_bce = F.binary_cross_entropy_with_logits(relevance_logits, labels, reduction="none")
+        losses = {"loss_score": (weights * score_bce).sum() / weights.sum()}
+
+        if pred_index.numel() == 0:  # every expression of the batch is no-target: nothing to match
+            zero = mask_logits.sum() * 0.0  # keeps the graph connected for DDP
+            losses["loss_mask"] = zero
+            if use_phrase:
+                losses["loss_phrase"] = zero + phrase.sum() * 0.0
+        else:
+            matched_gt = torch.cat([gt_masks[b][gt] for b, (_, gt) in enumerate(matches)]).to(mask_logits.device)
+            losses["loss_mask"] = self.mask_weight * self.point_sampled_mask_loss(
+                mask_logits[batch_index, pred_index], matched_gt
+            ).sum() / num_instances
+            if use_phrase:
+                losses["loss_phrase"] = self.phrase_weight * phrase[batch_index, pred_index].sum() / num_instances
+        return {k: self.instance_weight * v for k, v in losses.items()}
+
+    def point_sampled_mask_loss(self, mask_logits: torch.Tensor, gt_masks: torch.Tensor) -> torch.Tensor:
+        """(BCE + Dice) of matched ``(K, h, w)`` logits vs ``(K, H, W)`` masks on importance-sampled points -> ``(K,)``."""
+        logits = mask_logits[:, None].float()
+        with torch.no_grad():
+            points = get_uncertain_point_coords_with_randomness(
+                logits, _uncertainty, self.num_points, self.oversample_ratio, self.importance_sample_ratio
+            )
+            point_labels = point_sample(gt_masks[:, None].float(), points, align_corners=False)[:, 0]
+        point_logits = point_sample(logits, points, align_corners=False)[:, 0]
+        return bce_dice_loss(point_logits, point_labels)
+
+    def no_target_loss(self, no_target_logits: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
+        """L_nt: BCE of p_nt against "the expression has no target"."""
+        return F.binary_cross_entropy_with_logits(no_target_logits.float(), empty.float())
+
+    # ------------------------------------------------------------------ Eq. 13
+    def forward(self, outputs: Dict, targets: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+        """
+        Args:
+            outputs: the model's ``decode_expressions`` output: ``predictions`` (list over the K + 1
+                predictions, each with ``relevance_logits (B, N)``, ``mask_logits (B, N, h, w)``,
+                ``queries (B, N, C)``, ``text (B, L, C)``, ``merged_logits (B, h, w)``),
+                ``text_pad_mask (B, L)`` and ``no_target_logits (B,)``.
+            targets: per expression ``masks`` (M, H, W) bool, ``merged_mask`` (H, W) bool, ``empty`` bool.
+        Returns:
+            dict of weighted losses whose sum is L_total (Eq. 13).
+        """
+        predictions = outputs["predictions"] if self.deep_supervision else outputs["predictions"][-1:]
+        gt_masks = [t["masks"] for t in targets]
+        gt_merged = torch.stack([t["merged_mask"] for t in targets])
+        empty = torch.as_tensor([bool(t["empty"]) for t in targets], device=gt_merged.device)
+        num_instances = self._num_instances(gt_masks, gt_merged.device)
+
+        losses: Dict[str, torch.Tensor] = {}
+        for level, prediction in enumerate(predictions):
+            suffix = "" if level == len(predictions) - 1 else f"_{level}"
+            losses["loss_merged" + suffix] = self.merged_weight * self.merged_loss(prediction["merged_logits"], gt_merged)
+            if self.instance_supervision != "none":
+                level_losses = self.instance_losses(prediction, gt_masks, outputs["text_pad_mask"], num_instances)
+                losses.update({k + suffix: v for k, v in level_losses.items()})
+        losses["loss_no_target"] = self.no_target_weight * self.no_target_loss(outputs["no_target_logits"], empty)
+        return losses
+
+    @staticmethod
+    def _num_instances(gt_masks: Sequence[torch.Tensor], device: torch.device) -> float:
+        """Ground-truth instances per worker, averaged over workers, at least 1 (Mask2Former's normaliser)."""
+        total = torch.as_tensor(float(sum(m.shape[0] for m in gt_masks)), device=device)
+        if comm.get_world_size() > 1 and dist.is_available() and dist.is_initialized():
+            dist.all_reduce(total)
+        return max(total.item() / comm.get_world_size(), 1.0)
+
+    def extra_repr(self) -> str:
+        return (
+            f"instance_supervision={self.instance_supervision}, lambdas: score={self.score_weight}, "
+            f"mask={self.mask_weight}, phrase={self.phrase_weight}, merged={self.merged_weight}, "
+            f"inst={self.instance_weight}, nt={self.no_target_weight}, deep_supervision={self.deep_supervision}"
+        )

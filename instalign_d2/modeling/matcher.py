@@ -1,0 +1,125 @@
+"""Phrase-aware Hungarian matching of the N predicted instances to the M ground-truth instances.
+
+Eq. 5 picks the assignment minimising the summed cost of Eq. 6:
+``cost(i, j) = l_score * BCE(p_i, 1) + l_mask * (BCE + Dice)(s_i, s_j) + l_phrase * L_phrase(i)``.
+As Mask2Former's matcher, the mask costs are computed on points drawn uniformly at random (the
+same points for every prediction/ground-truth pair of an image), which is far cheaper than full masks.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from detectron2.config import configurable
+from detectron2.projects.point_rend.point_features import point_sample
+from scipy.optimize import linear_sum_assignment
+from torch import nn
+
+
+def pairwise_bce_cost(pred_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean per-point sigmoid BCE between every prediction ``(N, P)`` and every target ``(M, P)`` -> ``(N, M)``."""
+    loss_if_one = F.softplus(-pred_logits)  # -log(sigmoid(x))
+    loss_if_zero = F.softplus(pred_logits)  # -log(1 - sigmoid(x))
+    return (loss_if_one @ targets.T + loss_if_zero @ (1.0 - targets).T) / pred_logits.shape[1]
+
+
+def pairwise_dice_cost(pred_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Dice loss ``1 - (2|p.t| + 1) / (|p| + |t| + 1)`` between every prediction and every target -> ``(N, M)``."""
+    probs = pred_logits.sigmoid()
+    intersection = 2.0 * probs @ targets.T
+    sizes = probs.sum(-1)[:, None] + targets.sum(-1)[None, :]
+    return 1.0 - (intersection + 1.0) / (sizes + 1.0)
+
+
+class PhraseAwareHungarianMatcher(nn.Module):
+    """One-to-one assignment of predictions to ground-truth instances, per image (Eq. 5-6)."""
+
+    @configurable
+    def __init__(self, *, cost_score: float = 2.0, cost_mask: float = 5.0, cost_phrase: float = 1.0, num_points: int = 12544):
+        """
+        Args:
+            cost_score, cost_mask, cost_phrase: lambda_score, lambda_mask, lambda_phrase of Eq. 6
+                (cost_phrase = 0 is "standard" instance supervision).
+            num_points: points sampled per image for the mask costs.
+        """
+        super().__init__()
+        self.cost_score = cost_score
+        self.cost_mask = cost_mask
+        self.cost_phrase = cost_phrase
+        self.num_points = num_points
+
+    @classmethod
+    def from_config(cls, cfg):
+        phrase_aware = cfg.MODEL.INSTALIGN.INSTANCE_SUPERVISION == "phrase"
+        return {
+            "cost_score": cfg.MODEL.INSTALIGN.COST_SCORE,
+            "cost_mask": cfg.MODEL.INSTALIGN.COST_MASK,
+            "cost_phrase": cfg.MODEL.INSTALIGN.COST_PHRASE if phrase_aware else 0.0,
+            "num_points": cfg.MODEL.INSTALIGN.TRAIN_NUM_POINTS,
+        }
+
+    def cost_matrix(
+        self,
+        relevance_logits: torch.Tensor,
+        mask_logits: torch.Tensor,
+        gt_masks: torch.Tensor,
+        phrase_cost: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Eq. 6 for one image: ``(N,)`` relevance logits, ``(N, h, w)`` mask logits, ``(M, H, W)`` masks,
+        ``(N,)`` L_phrase -> ``(N, M)`` cost."""
+        num_gt = gt_masks.shape[0]
+        relevance_logits, mask_logits = relevance_logits.float(), mask_logits.float()
+        points = torch.rand(1, self.num_points, 2, device=mask_logits.device)
+        pred_points = point_sample(mask_logits[:, None], points.expand(mask_logits.shape[0], -1, -1), align_corners=False)[:, 0]
+        gt_points = point_sample(gt_masks[:, None].float(), points.expand(num_gt, -1, -1), align_corners=False)[:, 0]
+
+        score_cost = F.softplus(-relevance_logits)[:, None]  # BCE(p_i, 1) = -log p_i
+        mask_cost = pairwise_bce_cost(pred_points, gt_points) + pairwise_dice_cost(pred_points, gt_points)
+        cost = self.cost_score * score_cost + self.cost_mask * mask_cost  # Eq. 6
+        if self.cost_phrase and phrase_cost is not None:
+            cost = cost + self.cost_phrase * phrase_cost.float()[:, None]  # Eq. 6, phrase term
+        return cost
+
+    @torch.no_grad()
+    def forward(
+        self,
+        relevance_logits: torch.Tensor,
+        mask_logits: torch.Tensor,
+        gt_masks: Sequence[torch.Tensor],
+        phrase_costs: Optional[torch.Tensor] = None,
+    ) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        """Match every image of the batch.
+
+        Args:
+            relevance_logits: ``(B, N)``.
+            mask_logits: ``(B, N, h, w)``.
+            gt_masks: B tensors ``(M_b, H, W)`` (bool or float); ``M_b = 0`` for a no-target expression.
+            phrase_costs: ``(B, N)`` L_phrase of every query, or None (no phrase term).
+        Returns:
+            B pairs ``(prediction_indices, gt_indices)`` of int64 tensors of length ``min(N, M_b)``
+            (empty for ``M_b = 0``), sorted by prediction index, as ``linear_sum_assignment`` gives them.
+        """
+        matches = []
+        for b, masks in enumerate(gt_masks):
+            if masks.shape[0] == 0:
+                empty = torch.empty(0, dtype=torch.int64)
+                matches.append((empty, empty.clone()))
+                continue
+            cost = self.cost_matrix(
+                relevance_logits[b], mask_logits[b], masks, None if phrase_costs is None else phrase_costs[b]
+            ).cpu()
+            if not torch.isfinite(cost).all():
+                raise FloatingPointError(
+                    "PhraseAwareHungarianMatcher: the matching cost has NaN/inf entries; the model's predictions "
+                    "diverged (lower SOLVER.BASE_LR or enable SOLVER.CLIP_GRADIENTS)."
+                )
+            rows, cols = linear_sum_assignment(cost.numpy())
+            matches.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
+        return matches
+
+    def extra_repr(self) -> str:
+        return (
+            f"cost_score={self.cost_score}, cost_mask={self.cost_mask}, cost_phrase={self.cost_phrase}, "
+            f"num_points={self.num_points}"
+        )
