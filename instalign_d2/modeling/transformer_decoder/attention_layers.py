@@ -1,0 +1,115 @@
+"""The residual sub-layers every decoder block is made of (batch-first: ``(B, N, C)``).
+
+Each is one attention or feed-forward step with its residual connection and LayerNorm, in
+Mask2Former's two flavours: post-norm (``x = norm(x + f(x))``, its default and ours) or pre-norm
+(``x = x + f(norm(x))``). Positional embeddings are added to queries and keys, never to values.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def with_position(x: torch.Tensor, position: Optional[torch.Tensor]) -> torch.Tensor:
+    return x if position is None else x + position
+
+
+def _xavier_init(module: nn.Module) -> None:
+    for p in module.parameters():
+        if p.dim() > 1:
+            nn.init.xavier_uniform_(p)
+
+
+class CrossAttentionLayer(nn.Module):
+    """Queries attend to a memory (visual tokens, or text tokens in the ReLA-style decoder).
+
+    ``attn_mask`` ``(B * nheads, N, S)`` bool, True = may not attend (the masked attention of
+    Mask2Former); ``memory_pad_mask`` ``(B, S)`` bool, True = padding.
+    """
+
+    def __init__(self, dim: int, nheads: int, dropout: float = 0.0, pre_norm: bool = False):
+        super().__init__()
+        self.attention = nn.MultiheadAttention(dim, nheads, dropout=dropout, batch_first=True)
+        self.norm = nn.LayerNorm(dim)
+        self.dropout = nn.Dropout(dropout)
+        self.pre_norm = pre_norm
+        _xavier_init(self)
+
+    def forward(
+        self,
+        queries: torch.Tensor,
+        memory: torch.Tensor,
+        *,
+        attn_mask: Optional[torch.Tensor] = None,
+        memory_pad_mask: Optional[torch.Tensor] = None,
+        memory_pos: Optional[torch.Tensor] = None,
+        query_pos: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        x = self.norm(queries) if self.pre_norm else queries
+        update = self.attention(
+            query=with_position(x, query_pos),
+            key=with_position(memory, memory_pos),
+            value=memory,
+            attn_mask=attn_mask,
+            key_padding_mask=memory_pad_mask,
+            need_weights=False,
+        )[0]
+        out = queries + self.dropout(update)
+        return out if self.pre_norm else self.norm(out)
+
+
+class SelfAttentionLayer(nn.Module):
+    """Queries attend to each other (lets them compete for objects and avoid duplicates)."""
+
+    def __init__(self, dim: int, nheads: int, dropout: float = 0.0, pre_norm: bool = False):
+        super().__init__()
+        self.attention = nn.MultiheadAttention(dim, nheads, dropout=dropout, batch_first=True)
+        self.norm = nn.LayerNorm(dim)
+        self.dropout = nn.Dropout(dropout)
+        self.pre_norm = pre_norm
+        _xavier_init(self)
+
+    def forward(self, queries: torch.Tensor, query_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = self.norm(queries) if self.pre_norm else queries
+        q = k = with_position(x, query_pos)
+        update = self.attention(q, k, value=x, need_weights=False)[0]
+        out = queries + self.dropout(update)
+        return out if self.pre_norm else self.norm(out)
+
+
+class FeedForwardLayer(nn.Module):
+    """Linear -> ReLU -> Linear with residual and LayerNorm."""
+
+    def __init__(self, dim: int, hidden_dim: int, dropout: float = 0.0, pre_norm: bool = False):
+        super().__init__()
+        self.linear1 = nn.Linear(dim, hidden_dim)
+        self.linear2 = nn.Linear(hidden_dim, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.dropout = nn.Dropout(dropout)
+        self.pre_norm = pre_norm
+        _xavier_init(self)
+
+    def forward(self, queries: torch.Tensor) -> torch.Tensor:
+        x = self.norm(queries) if self.pre_norm else queries
+        update = self.linear2(self.dropout(F.relu(self.linear1(x))))
+        out = queries + self.dropout(update)
+        return out if self.pre_norm else self.norm(out)
+
+
+class MLP(nn.Module):
+    """``num_layers`` linear layers with ReLU between them (the mask-embedding head)."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int):
+        super().__init__()
+        dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = F.relu(x)
+        return x

@@ -1,0 +1,214 @@
+"""Query decoders: the Phrase-Object Transformer (paper §3.3) and the Table 3(e) ablations.
+
+All three share Mask2Former's skeleton: N learned query features with learned positional
+embeddings; K blocks, block k reading the visual level ``V_{k mod 3}`` (strides 32, 16, 8 in turn,
+sine positions + a level embedding) through masked cross-attention; prediction heads on the initial
+queries and after every block (deep supervision). They differ in how the text enters a block:
+
+================================  ===========================================================
+``PhraseObjectTransformer`` POT   bidirectional Object-Text Cross Attention: refines Q and T
+``ReLAStyleDecoder``        RELA  queries read the text (cross-attention); T unchanged
+``Mask2FormerDecoder``      M2F   no text in the decoder; T unchanged
+================================  ===========================================================
+
+Block k: ``Q <- CrossAttn(Q, V_k, mask)``, ``(Q, T) <- TextLayer(Q, T)``, ``Q <- SelfAttn(Q)``,
+``Q <- FFN(Q)``.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import fvcore.nn.weight_init as weight_init
+import torch
+from detectron2.config import configurable
+from torch import nn
+
+from ..position_encoding import PositionEmbeddingSine
+from .attention_layers import CrossAttentionLayer, FeedForwardLayer, SelfAttentionLayer
+from .build import TRANSFORMER_DECODER_REGISTRY
+from .prediction_heads import InstancePredictionHeads, masked_attention_mask
+from .text_attention import ObjectTextCrossAttention, QueriesReadText
+
+
+class DecoderBlock(nn.Module):
+    """One block: visual cross-attention, optional text interaction, self-attention, FFN."""
+
+    def __init__(self, dim: int, nheads: int, dim_feedforward: int, dropout: float, pre_norm: bool, text_layer: Optional[nn.Module]):
+        super().__init__()
+        self.visual_cross_attention = CrossAttentionLayer(dim, nheads, dropout=dropout, pre_norm=pre_norm)
+        self.text_interaction = text_layer
+        self.self_attention = SelfAttentionLayer(dim, nheads, dropout=dropout, pre_norm=pre_norm)
+        self.ffn = FeedForwardLayer(dim, dim_feedforward, dropout=dropout, pre_norm=pre_norm)
+
+    def forward(
+        self,
+        queries: torch.Tensor,
+        text: torch.Tensor,
+        text_pad_mask: torch.Tensor,
+        visual: torch.Tensor,
+        visual_pos: torch.Tensor,
+        attn_mask: Optional[torch.Tensor],
+        query_pos: torch.Tensor,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        queries = self.visual_cross_attention(queries, visual, attn_mask=attn_mask, memory_pos=visual_pos, query_pos=query_pos)
+        if self.text_interaction is not None:
+            queries, text = self.text_interaction(queries, text, text_pad_mask, query_pos)
+        queries = self.self_attention(queries, query_pos)
+        return self.ffn(queries), text
+
+
+class QueryDecoder(nn.Module):
+    """Mask2Former-style multi-scale masked query decoder; subclasses choose ``text_layer_class``."""
+
+    text_layer_class: Optional[type] = None  # None: the decoder ignores the text
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        in_channels: int,
+        mask_dim: int,
+        text_dim: int,
+        hidden_dim: int = 256,
+        num_queries: int = 100,
+        nheads: int = 8,
+        dim_feedforward: int = 2048,
+        dec_layers: int = 9,
+        pre_norm: bool = False,
+        enforce_input_proj: bool = False,
+        mask_attention: bool = True,
+        dropout: float = 0.0,
+        num_feature_levels: int = 3,
+    ):
+        """
+        Args:
+            in_channels: channels of V1..V3; mask_dim: channels of V4; text_dim: channels of T0.
+            hidden_dim: C. num_queries: N. nheads: attention heads. dim_feedforward: FFN width.
+            dec_layers: K blocks. pre_norm: pre-norm residual layers instead of post-norm.
+            enforce_input_proj: 1x1 conv on V_k even when its channels equal C.
+            mask_attention: Mask2Former's masked visual cross-attention (else attend everywhere).
+            dropout: dropout of every sub-layer. num_feature_levels: visual levels used in turn.
+        """
+        super().__init__()
+        if hidden_dim % 4:
+            raise ValueError(f"MODEL.INSTALIGN.HIDDEN_DIM={hidden_dim} must be a multiple of 4 (sine positions).")
+        self.num_queries = num_queries
+        self.nheads = nheads
+        self.num_feature_levels = num_feature_levels
+        self.mask_attention = mask_attention
+
+        self.position_encoding = PositionEmbeddingSine(hidden_dim // 2, normalize=True)
+        self.level_embed = nn.Embedding(num_feature_levels, hidden_dim)
+        self.input_proj = nn.ModuleList()
+        for _ in range(num_feature_levels):
+            if in_channels != hidden_dim or enforce_input_proj:
+                conv = nn.Conv2d(in_channels, hidden_dim, kernel_size=1)
+                weight_init.c2_xavier_fill(conv)
+                self.input_proj.append(conv)
+            else:
+                self.input_proj.append(nn.Identity())
+        self.text_proj = nn.Linear(text_dim, hidden_dim) if text_dim != hidden_dim else nn.Identity()
+
+        self.query_feat = nn.Embedding(num_queries, hidden_dim)  # Q0
+        self.query_embed = nn.Embedding(num_queries, hidden_dim)  # positional embedding of the queries
+        self.blocks = nn.ModuleList(
+            DecoderBlock(
+                hidden_dim,
+                nheads,
+                dim_feedforward,
+                dropout,
+                pre_norm,
+                self.text_layer_class(hidden_dim, nheads, dropout=dropout, pre_norm=pre_norm) if self.text_layer_class else None,
+            )
+            for _ in range(dec_layers)
+        )
+        self.heads = InstancePredictionHeads(hidden_dim, mask_dim)
+
+    @classmethod
+    def from_config(cls, cfg, in_channels: int, mask_dim: int, text_dim: int):
+        c = cfg.MODEL.INSTALIGN
+        return {
+            "in_channels": in_channels,
+            "mask_dim": mask_dim,
+            "text_dim": text_dim,
+            "hidden_dim": c.HIDDEN_DIM,
+            "num_queries": c.NUM_OBJECT_QUERIES,
+            "nheads": c.NHEADS,
+            "dim_feedforward": c.DIM_FEEDFORWARD,
+            "dec_layers": c.DEC_LAYERS,
+            "pre_norm": c.PRE_NORM,
+            "enforce_input_proj": c.ENFORCE_INPUT_PROJ,
+            "mask_attention": c.MASK_ATTENTION,
+            "dropout": c.DROPOUT,
+        }
+
+    def _visual_tokens(self, features: Sequence[torch.Tensor]) -> Tuple[List[torch.Tensor], List[torch.Tensor], List[torch.Size]]:
+        """Flatten V1..V3 to ``(B, h*w, C)`` tokens (+ level embedding) and their sine positions."""
+        if len(features) != self.num_feature_levels:
+            raise ValueError(f"{type(self).__name__}: expected {self.num_feature_levels} visual levels, got {len(features)}")
+        tokens, positions, sizes = [], [], []
+        for level, feature in enumerate(features):
+            sizes.append(feature.shape[-2:])
+            positions.append(self.position_encoding(feature).flatten(2).transpose(1, 2))
+            projected = self.input_proj[level](feature).flatten(2).transpose(1, 2)
+            tokens.append(projected + self.level_embed.weight[level])
+        return tokens, positions, sizes
+
+    def _predict(self, queries: torch.Tensor, text: torch.Tensor, mask_features: torch.Tensor) -> Dict[str, torch.Tensor]:
+        relevance_logits, mask_logits = self.heads(queries, mask_features)
+        return {"relevance_logits": relevance_logits, "mask_logits": mask_logits, "queries": queries, "text": text}
+
+    def forward(
+        self,
+        multi_scale_features: Sequence[torch.Tensor],
+        mask_features: torch.Tensor,
+        text: torch.Tensor,
+        text_pad_mask: torch.Tensor,
+    ) -> Dict:
+        """
+        Args:
+            multi_scale_features: [V1, V2, V3], ``(B, in_channels, h_l, w_l)`` at strides 32, 16, 8.
+            mask_features: V4, ``(B, mask_dim, H/4, W/4)``.
+            text: T0 before projection, ``(B, L, text_dim)``.
+            text_pad_mask: ``(B, L)`` bool, True = padding token.
+        Returns:
+            ``{"predictions": [...], "text_pad_mask": (B, L)}``; ``predictions`` holds K + 1 dicts
+            (the initial queries, then after each block) with ``relevance_logits (B, N)``,
+            ``mask_logits (B, N, H/4, W/4)``, ``queries`` Q_k ``(B, N, C)`` and ``text`` T_k ``(B, L, C)``.
+        """
+        batch = mask_features.shape[0]
+        tokens, positions, sizes = self._visual_tokens(multi_scale_features)
+        text = self.text_proj(text)
+        queries = self.query_feat.weight.unsqueeze(0).expand(batch, -1, -1)
+        query_pos = self.query_embed.weight.unsqueeze(0).expand(batch, -1, -1)
+
+        predictions = [self._predict(queries, text, mask_features)]
+        for k, block in enumerate(self.blocks):
+            level = k % self.num_feature_levels
+            attn_mask = (
+                masked_attention_mask(predictions[-1]["mask_logits"], sizes[level], self.nheads) if self.mask_attention else None
+            )
+            queries, text = block(queries, text, text_pad_mask, tokens[level], positions[level], attn_mask, query_pos)
+            predictions.append(self._predict(queries, text, mask_features))
+        return {"predictions": predictions, "text_pad_mask": text_pad_mask}
+
+
+@TRANSFORMER_DECODER_REGISTRY.register()
+class PhraseObjectTransformer(QueryDecoder):
+    """POT (paper §3.3): queries and text refine each other through Object-Text Cross Attention."""
+
+    text_layer_class = ObjectTextCrossAttention
+
+
+@TRANSFORMER_DECODER_REGISTRY.register()
+class ReLAStyleDecoder(QueryDecoder):
+    """Table 3(e) "ReLA": the queries read the text by cross-attention; the text is not refined."""
+
+    text_layer_class = QueriesReadText
+
+
+@TRANSFORMER_DECODER_REGISTRY.register()
+class Mask2FormerDecoder(QueryDecoder):
+    """Table 3(e) "Mask2Former": no text in the decoder (text reaches only the no-target head and POA)."""
+
+    text_layer_class = None
