@@ -1,4 +1,5 @@
 """Two gloo processes give exactly the numbers (and dump) of one process."""
+
 import json
 import os
 
@@ -20,13 +21,24 @@ def make_samples(seed=0, count=41):
     samples = []
     for n in range(count):
         kind = KINDS[n % 3]
-        gt = torch.from_numpy(rng.random((SIZE, SIZE)) < 0.3) if kind != "no_target" else torch.zeros(SIZE, SIZE, dtype=torch.bool)
-        inp = {"image_id": int(n // 4), "sentence": {"raw": "", "sent_id": n, "ref_id": n}, "empty": kind == "no_target",
-               "gt_mask_merged": gt, "expression_kind": kind}
+        gt = (
+            torch.from_numpy(rng.random((SIZE, SIZE)) < 0.3)
+            if kind != "no_target"
+            else torch.zeros(SIZE, SIZE, dtype=torch.bool)
+        )
+        inp = {
+            "image_id": int(n // 4),
+            "sentence": {"raw": "", "sent_id": n, "ref_id": n},
+            "empty": kind == "no_target",
+            "gt_mask_merged": gt,
+            "expression_kind": kind,
+        }
         if n == 17:
             inp["skipped_reason"] = "unreadable image"
-        out = {"ref_seg_input": torch.from_numpy(rng.random((SIZE, SIZE))).float(),
-               "nt_prob": torch.tensor(float(rng.random()))}
+        out = {
+            "ref_seg_input": torch.from_numpy(rng.random((SIZE, SIZE))).float(),
+            "nt_prob": torch.tensor(float(rng.random())),
+        }
         samples.append((inp, out))
     return samples
 
@@ -48,7 +60,7 @@ def evaluate_shard(dataset_name, evaluator_type, output_dir, result_file):
     evaluator = GRESEvaluator(dataset_name, output_dir=output_dir, dump_predictions=True)
     evaluator.reset()
     for i in range(0, len(mine), 3):  # batches of 3, as a test loader might give them
-        batch = mine[i:i + 3]
+        batch = mine[i : i + 3]
         evaluator.process([b[0] for b in batch], [b[1] for b in batch])
     results = evaluator.evaluate()
     if comm.is_main_process():
@@ -62,8 +74,12 @@ def test_two_processes_equal_one(tmp_path):
     families = ("grefcoco", "refzom")
 
     def job(evaluator_type, processes):
-        return (f"test_eval_dist_{evaluator_type}", evaluator_type, str(tmp_path / f"{evaluator_type}_{processes}"),
-                str(tmp_path / f"{evaluator_type}_{processes}.json"))
+        return (
+            f"test_eval_dist_{evaluator_type}",
+            evaluator_type,
+            str(tmp_path / f"{evaluator_type}_{processes}"),
+            str(tmp_path / f"{evaluator_type}_{processes}.json"),
+        )
 
     evaluate_shards([job(t, 1) for t in families])
     # one launch for both families: starting gloo workers is the slow part
@@ -74,7 +90,10 @@ def test_two_processes_equal_one(tmp_path):
         single = json.load(open(tmp_path / f"{evaluator_type}_1.json"))
         double = json.load(open(tmp_path / f"{evaluator_type}_2.json"))
         assert single == double  # exact, not approximate
-        assert single[evaluator_type]["num_expressions"] == 40 and single[evaluator_type]["num_skipped"] == 1
+        assert (
+            single[evaluator_type]["num_expressions"] == 40
+            and single[evaluator_type]["num_skipped"] == 1
+        )
         assert 0 < single[evaluator_type]["oIoU" if evaluator_type == "refzom" else "cIoU"] < 100
         dump_1 = json.load(open(predictions_path(str(one), name)))
         dump_2 = json.load(open(predictions_path(str(two), name)))

@@ -1,4 +1,5 @@
 """GRESEvaluator through Detectron2's API: mapper-like inputs, model-like outputs, files, errors."""
+
 import json
 import logging
 import os
@@ -35,16 +36,25 @@ def box(y0, y1, x0, x1, size=S):
 
 def make_input(sent_id, gt, empty=None, image_id=1, **extra):
     empty = (not bool(gt.any())) if empty is None else empty
-    d = {"image_id": image_id, "sentence": {"raw": "x", "sent_id": sent_id, "ref_id": sent_id},
-         "empty": empty, "gt_mask_merged": gt, "height": 2 * S, "width": 2 * S}
+    d = {
+        "image_id": image_id,
+        "sentence": {"raw": "x", "sent_id": sent_id, "ref_id": sent_id},
+        "empty": empty,
+        "gt_mask_merged": gt,
+        "height": 2 * S,
+        "width": 2 * S,
+    }
     d.update(extra)
     return d
 
 
 def make_output(pred, nt_prob=0.1, original=None):
     prob = pred.float() * 0.9  # a probability map whose > 0.5 region is ``pred``
-    return {"ref_seg_input": prob, "ref_seg": original if original is not None else torch.zeros(2 * S, 2 * S),
-            "nt_prob": torch.tensor(nt_prob)}
+    return {
+        "ref_seg_input": prob,
+        "ref_seg": original if original is not None else torch.zeros(2 * S, 2 * S),
+        "nt_prob": torch.tensor(nt_prob),
+    }
 
 
 def run(evaluator, pairs):
@@ -61,10 +71,15 @@ def test_grefcoco_end_to_end(tmp_path):
         # 4x4 target, 4x2 of it predicted: I = 8, U = 16
         (make_input(1, box(0, 4, 0, 4), expression_kind="single"), make_output(box(0, 4, 0, 2))),
         # two objects, exact: I = U = 8
-        (make_input(2, box(0, 2, 0, 2) | box(4, 6, 4, 6), expression_kind="multi"),
-         make_output(box(0, 2, 0, 2) | box(4, 6, 4, 6))),
+        (
+            make_input(2, box(0, 2, 0, 2) | box(4, 6, 4, 6), expression_kind="multi"),
+            make_output(box(0, 2, 0, 2) | box(4, 6, 4, 6)),
+        ),
         # no-target caught although the mask has pixels: the prediction is emptied
-        (make_input(3, box(0, 0, 0, 0), expression_kind="no_target"), make_output(box(0, 8, 0, 8), nt_prob=0.9)),
+        (
+            make_input(3, box(0, 0, 0, 0), expression_kind="no_target"),
+            make_output(box(0, 8, 0, 8), nt_prob=0.9),
+        ),
         # no-target missed with 3 predicted pixels
         (make_input(4, box(0, 0, 0, 0), expression_kind="no_target"), make_output(box(7, 8, 0, 3))),
     ]
@@ -85,14 +100,24 @@ def test_grefcoco_end_to_end(tmp_path):
     assert saved["results"]["grefcoco"] == pytest.approx(m)
     assert saved["counts"]["by_kind"] == {"single": 1, "multi": 1, "no_target": 2}
     per_sample = json.load(open(per_sample_path(str(tmp_path), name)))
-    assert [(r["sent_id"], r["intersection"], r["union"]) for r in per_sample] == [(1, 8, 16), (2, 8, 8), (3, 0, 0), (4, 0, 3)]
-    assert sorted(os.listdir(tmp_path)) == sorted([f"{name}_results.json", f"{name}_per_sample.json"])
+    assert [(r["sent_id"], r["intersection"], r["union"]) for r in per_sample] == [
+        (1, 8, 16),
+        (2, 8, 8),
+        (3, 0, 0),
+        (4, 0, 3),
+    ]
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        [f"{name}_results.json", f"{name}_per_sample.json"]
+    )
 
 
 def test_thresholds_are_strict():
     name = register("grefcoco")
     gt = box(0, 2, 0, 2)
-    half = {"ref_seg_input": gt.float() * 0.5, "nt_prob": torch.tensor(0.5)}  # exactly 0.5: neither fires
+    half = {
+        "ref_seg_input": gt.float() * 0.5,
+        "nt_prob": torch.tensor(0.5),
+    }  # exactly 0.5: neither fires
     m = run(GRESEvaluator(name), [(make_input(1, gt), half)])["grefcoco"]
     assert m["cIoU"] == 0.0 and m["T_acc"] == 100.0
     lower = GRESEvaluator(name, mask_threshold=0.4, no_target_threshold=0.6)
@@ -103,23 +128,36 @@ def test_refzom_end_to_end_with_table(caplog):
     name = register("refzom")
     pairs = [
         (make_input(1, box(0, 4, 0, 4), refzom_kind="one_to_one"), make_output(box(0, 4, 0, 4))),
-        (make_input(2, box(0, 4, 0, 2) | box(0, 4, 4, 6), refzom_kind="one_to_many"), make_output(box(0, 4, 0, 2))),
-        (make_input(3, box(0, 0, 0, 0), refzom_kind="one_to_zero"), make_output(box(5, 6, 5, 6))),  # one stray pixel
-        (make_input(4, box(0, 0, 0, 0), refzom_kind="one_to_zero"), make_output(box(0, 8, 0, 8), nt_prob=0.7)),
+        (
+            make_input(2, box(0, 4, 0, 2) | box(0, 4, 4, 6), refzom_kind="one_to_many"),
+            make_output(box(0, 4, 0, 2)),
+        ),
+        (
+            make_input(3, box(0, 0, 0, 0), refzom_kind="one_to_zero"),
+            make_output(box(5, 6, 5, 6)),
+        ),  # one stray pixel
+        (
+            make_input(4, box(0, 0, 0, 0), refzom_kind="one_to_zero"),
+            make_output(box(0, 8, 0, 8), nt_prob=0.7),
+        ),
     ]
     with caplog.at_level(logging.INFO):
         m = run(GRESEvaluator(name), pairs)["refzom"]
     assert m["oIoU"] == pytest.approx(100 * (16 + 8) / (16 + 16))
     assert m["mIoU"] == pytest.approx(100 * (1 + 0.5) / 2)
     assert m["Acc"] == pytest.approx(50.0)
-    assert m["oIoU_one_to_one"] == pytest.approx(100.0) and m["mIoU_one_to_many"] == pytest.approx(50.0)
+    assert m["oIoU_one_to_one"] == pytest.approx(100.0) and m["mIoU_one_to_many"] == pytest.approx(
+        50.0
+    )
     assert "one-to-zero Acc" in caplog.text and "one-to-many mIoU" in caplog.text
 
 
 def test_refcoco_family():
     name = register("refcoco")
-    pairs = [(make_input(1, box(0, 4, 0, 4)), make_output(box(0, 4, 0, 2))),
-             (make_input(2, box(0, 2, 0, 2)), make_output(box(0, 2, 0, 2)))]
+    pairs = [
+        (make_input(1, box(0, 4, 0, 4)), make_output(box(0, 4, 0, 2))),
+        (make_input(2, box(0, 2, 0, 2)), make_output(box(0, 2, 0, 2))),
+    ]
     m = run(GRESEvaluator(name), pairs)["refcoco"]
     assert m["oIoU"] == pytest.approx(100 * 12 / 20) and m["mIoU"] == pytest.approx(75.0)
     assert m["Pr@0.5"] == 100.0 and m["Pr@0.6"] == 50.0
@@ -131,10 +169,14 @@ def test_original_resolution_uses_original_masks():
     inp = make_input(1, box(0, 1, 0, 1), gt_mask_merged_original=gt_original)
     # the input-resolution mask would score 0; the original-resolution one scores 32/64
     out = make_output(box(4, 8, 4, 8), original=box(0, 4, 0, 8, size=2 * S).float())
-    assert run(GRESEvaluator(name, eval_resolution="original"), [(inp, out)])["grefcoco"]["cIoU"] == pytest.approx(50.0)
+    assert run(GRESEvaluator(name, eval_resolution="original"), [(inp, out)])["grefcoco"][
+        "cIoU"
+    ] == pytest.approx(50.0)
     assert run(GRESEvaluator(name), [(inp, out)])["grefcoco"]["cIoU"] == 0.0
     with pytest.raises(SampleError, match="gt_mask_merged_original.*EVAL_RESOLUTION"):
-        run(GRESEvaluator(name, eval_resolution="original"), [(make_input(1, box(0, 1, 0, 1)), out)])
+        run(
+            GRESEvaluator(name, eval_resolution="original"), [(make_input(1, box(0, 1, 0, 1)), out)]
+        )
     with pytest.raises(ValueError, match="TEST.EVAL_RESOLUTION"):
         GRESEvaluator(name, eval_resolution="480")
 
@@ -156,7 +198,10 @@ def test_built_from_config(tmp_path):
 def test_skipped_samples_are_counted_not_scored():
     name = register("grefcoco")
     broken = make_input(9, box(0, 8, 0, 8), skipped_reason="missing image a.jpg")
-    pairs = [(make_input(1, box(0, 2, 0, 2)), make_output(box(0, 2, 0, 2))), (broken, {})]  # outputs not even checked
+    pairs = [
+        (make_input(1, box(0, 2, 0, 2)), make_output(box(0, 2, 0, 2))),
+        (broken, {}),
+    ]  # outputs not even checked
     m = run(GRESEvaluator(name), pairs)["grefcoco"]
     assert m["num_skipped"] == 1 and m["num_expressions"] == 1 and m["cIoU"] == 100.0
 
@@ -202,7 +247,10 @@ def test_bad_setup_errors():
         GRESEvaluator(register("grefcoco"), dump_predictions=True)
     ev = GRESEvaluator(register("grefcoco"))
     with pytest.raises(ValueError, match="sent_id"):
-        ev.process([{"image_id": 5, "gt_mask_merged": box(0, 1, 0, 1), "empty": False}], [make_output(box(0, 1, 0, 1))])
+        ev.process(
+            [{"image_id": 5, "gt_mask_merged": box(0, 1, 0, 1), "empty": False}],
+            [make_output(box(0, 1, 0, 1))],
+        )
     with pytest.raises(ValueError, match="2 inputs but 1 outputs"):
         ev.process([make_input(1, box(0, 1, 0, 1))] * 2, [make_output(box(0, 1, 0, 1))])
 
@@ -210,13 +258,20 @@ def test_bad_setup_errors():
 def test_prediction_dump_round_trip(tmp_path):
     name = register("grefcoco")
     pred = box(1, 3, 2, 7)
-    pairs = [(make_input(2, box(0, 4, 0, 4)), make_output(pred)),
-             (make_input(1, box(0, 0, 0, 0)), make_output(box(0, 8, 0, 8), nt_prob=0.95))]
+    pairs = [
+        (make_input(2, box(0, 4, 0, 4)), make_output(pred)),
+        (make_input(1, box(0, 0, 0, 0)), make_output(box(0, 8, 0, 8), nt_prob=0.95)),
+    ]
     run(GRESEvaluator(name, output_dir=str(tmp_path), dump_predictions=True), pairs)
     dump = read_dump(predictions_path(str(tmp_path), name))
     assert dump["dataset"] == name and dump["eval_resolution"] == "input"
     by_id = {p["sent_id"]: p for p in dump["predictions"]}
     assert np.array_equal(decode_mask(by_id[2]["segmentation"]), pred.numpy())
-    assert not decode_mask(by_id[1]["segmentation"]).any()  # a no-target prediction is the empty mask
+    assert not decode_mask(
+        by_id[1]["segmentation"]
+    ).any()  # a no-target prediction is the empty mask
     assert by_id[1]["pred_no_target"] and by_id[1]["nt_prob"] == pytest.approx(0.95)
-    assert [p["sent_id"] for p in dump["predictions"]] == [1, 2]  # sorted, whatever the process order
+    assert [p["sent_id"] for p in dump["predictions"]] == [
+        1,
+        2,
+    ]  # sorted, whatever the process order

@@ -1,4 +1,5 @@
 """Hand-computed cases for every metric and branch of DESIGN.md §6, and a naive-recompute property test."""
+
 import math
 
 import numpy as np
@@ -21,7 +22,17 @@ from instalign_d2.evaluation.metrics import (
 from instalign_d2.evaluation.scoring import score_sample
 
 
-def sample(sent_id, i, u, gt_empty=False, nt=False, pred_empty=None, kind=None, refzom_kind=None, image_id=1):
+def sample(
+    sent_id,
+    i,
+    u,
+    gt_empty=False,
+    nt=False,
+    pred_empty=None,
+    kind=None,
+    refzom_kind=None,
+    image_id=1,
+):
     """A record as the scorer makes it. ``pred_empty`` (read only for no-target expressions, where
     U is the predicted area) defaults to "no-target predicted or nothing predicted"."""
     if pred_empty is None:
@@ -34,11 +45,17 @@ GREFCOCO_CASES = [
     sample(1, 6, 8, kind="single"),  # target found: IoU 0.75
     sample(2, 9, 10, kind="multi"),  # target found: IoU 0.9 (exactly at Pr@0.9)
     sample(3, 0, 5, nt=True, kind="single"),  # FP no-target: I = 0, U = |G| = 5, IoU 0
-    sample(4, 0, 0, kind="single"),  # target that vanished at this resolution, nothing predicted: U = 0 -> IoU 0
+    sample(
+        4, 0, 0, kind="single"
+    ),  # target that vanished at this resolution, nothing predicted: U = 0 -> IoU 0
     # TP no-target: IoU 1 and nothing added to ΣU, even with stray pixels behind the decision (U = 7)
     sample(5, 0, 7, gt_empty=True, nt=True, pred_empty=False, kind="no_target"),
-    sample(6, 0, 4, gt_empty=True, kind="no_target"),  # FN no-target with 4 predicted pixels: U = 4, IoU 0
-    sample(7, 0, 0, gt_empty=True, pred_empty=True, kind="no_target"),  # FN, empty mask: still IoU 0 (flag-based)
+    sample(
+        6, 0, 4, gt_empty=True, kind="no_target"
+    ),  # FN no-target with 4 predicted pixels: U = 4, IoU 0
+    sample(
+        7, 0, 0, gt_empty=True, pred_empty=True, kind="no_target"
+    ),  # FN, empty mask: still IoU 0 (flag-based)
 ]
 
 
@@ -83,7 +100,11 @@ def test_grefcoco_all_empty_predictions():
 
 
 def test_grefcoco_all_no_target_predictions():
-    results = [sample(1, 0, 12, nt=True), sample(2, 0, 0, gt_empty=True, nt=True), sample(3, 0, 0, gt_empty=True, nt=True)]
+    results = [
+        sample(1, 0, 12, nt=True),
+        sample(2, 0, 0, gt_empty=True, nt=True),
+        sample(3, 0, 0, gt_empty=True, nt=True),
+    ]
     m = grefcoco_metrics(results)
     assert m["gIoU"] == pytest.approx(100 * 2 / 3)
     assert m["cIoU"] == 0.0  # ΣI = 0 over ΣU = 12
@@ -105,8 +126,12 @@ REFZOM_CASES = [
     sample(3, 8, 10, refzom_kind="one_to_many"),  # IoU 0.8 (exactly at Pr@0.8)
     sample(4, 0, 6, nt=True, refzom_kind="one_to_many"),  # called no-target: empty mask, IoU 0
     sample(5, 0, 0, gt_empty=True, nt=True, refzom_kind="one_to_zero"),  # right
-    sample(6, 0, 1, gt_empty=True, pred_empty=False, refzom_kind="one_to_zero"),  # one stray pixel: wrong
-    sample(7, 0, 0, gt_empty=True, pred_empty=True, refzom_kind="one_to_zero"),  # empty mask, no flag: right
+    sample(
+        6, 0, 1, gt_empty=True, pred_empty=False, refzom_kind="one_to_zero"
+    ),  # one stray pixel: wrong
+    sample(
+        7, 0, 0, gt_empty=True, pred_empty=True, refzom_kind="one_to_zero"
+    ),  # empty mask, no flag: right
 ]
 
 
@@ -126,16 +151,23 @@ def test_refzom_every_branch():
 
 
 def test_refzom_one_stray_pixel_differs_from_grefcoco():
-    stray = [sample(1, 0, 1, gt_empty=True, pred_empty=False, refzom_kind="one_to_zero"), sample(2, 5, 5)]
+    stray = [
+        sample(1, 0, 1, gt_empty=True, pred_empty=False, refzom_kind="one_to_zero"),
+        sample(2, 5, 5),
+    ]
     assert refzom_metrics(stray)["Acc"] == 0.0
     assert refzom_metrics(stray)["oIoU"] == 100.0  # the stray pixel does not enter oIoU (DMMI)
-    assert grefcoco_metrics(stray)["cIoU"] == pytest.approx(100 * 5 / 6)  # but it does enter cIoU (ReLA)
+    assert grefcoco_metrics(stray)["cIoU"] == pytest.approx(
+        100 * 5 / 6
+    )  # but it does enter cIoU (ReLA)
 
 
 def test_refzom_kind_falls_back_to_expression_kind():
     results = [sample(1, 1, 2, kind="single"), sample(2, 3, 4, kind="multi")]
     m = refzom_metrics(results)
-    assert m["oIoU_one_to_one"] == pytest.approx(50.0) and m["oIoU_one_to_many"] == pytest.approx(75.0)
+    assert m["oIoU_one_to_one"] == pytest.approx(50.0) and m["oIoU_one_to_many"] == pytest.approx(
+        75.0
+    )
     assert count_by_kind(results, "refzom") == {"one_to_one": 1, "one_to_many": 1}
 
 
@@ -199,8 +231,16 @@ def test_metrics_equal_naive_recompute(samples):
     results, ious, cum_i, cum_u, ref_ious, ref_i, ref_u, zero_right = [], [], 0, 0, [], 0, 0, []
     for n, (pred, gt, gt_empty, says_nt) in enumerate(samples):
         gt = np.zeros_like(gt) if gt_empty else gt
-        inputs = {"image_id": 7, "sentence": {"sent_id": n}, "empty": gt_empty, "gt_mask_merged": torch.from_numpy(gt)}
-        outputs = {"ref_seg_input": torch.from_numpy(pred).float() * 0.9, "nt_prob": torch.tensor(0.8 if says_nt else 0.2)}
+        inputs = {
+            "image_id": 7,
+            "sentence": {"sent_id": n},
+            "empty": gt_empty,
+            "gt_mask_merged": torch.from_numpy(gt),
+        }
+        outputs = {
+            "ref_seg_input": torch.from_numpy(pred).float() * 0.9,
+            "nt_prob": torch.tensor(0.8 if says_nt else 0.2),
+        }
         results.append(score_sample(inputs, outputs)[0])
         # the definitions, written out per expression (DESIGN.md §6)
         shown = np.zeros_like(pred) if says_nt else pred

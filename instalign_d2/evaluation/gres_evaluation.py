@@ -1,4 +1,5 @@
 """``GRESEvaluator``: gRefCOCO / Ref-ZOM / RefCOCO metrics through Detectron2's evaluator API."""
+
 import itertools
 import logging
 import os
@@ -61,17 +62,23 @@ class GRESEvaluator(DatasetEvaluator):
         self._mask_threshold = float(mask_threshold)
         self._no_target_threshold = float(no_target_threshold)
         if dump_predictions and not output_dir:
-            raise ValueError("GRESEvaluator: dump_predictions needs an output_dir to write the dump to")
+            raise ValueError(
+                "GRESEvaluator: dump_predictions needs an output_dir to write the dump to"
+            )
         self._dump_predictions = dump_predictions
         self._evaluator_type = self._metric_family(dataset_name)
         self.reset()
 
     @classmethod
-    def from_config(cls, cfg, dataset_name: str, output_dir: Optional[str] = None, distributed: bool = True):
+    def from_config(
+        cls, cfg, dataset_name: str, output_dir: Optional[str] = None, distributed: bool = True
+    ):
         return {
             "dataset_name": dataset_name,
             "distributed": distributed,
-            "output_dir": output_dir if output_dir is not None else os.path.join(cfg.OUTPUT_DIR, "inference"),
+            "output_dir": (
+                output_dir if output_dir is not None else os.path.join(cfg.OUTPUT_DIR, "inference")
+            ),
             "eval_resolution": cfg.TEST.EVAL_RESOLUTION,
             "dump_predictions": cfg.TEST.DUMP_PREDICTIONS,
             # the model's own thresholds, so the evaluator binarises exactly as the model does
@@ -101,19 +108,27 @@ class GRESEvaluator(DatasetEvaluator):
 
     def process(self, inputs, outputs):
         if len(inputs) != len(outputs):
-            raise ValueError(f"GRESEvaluator.process: {len(inputs)} inputs but {len(outputs)} outputs")
+            raise ValueError(
+                f"GRESEvaluator.process: {len(inputs)} inputs but {len(outputs)} outputs"
+            )
         for sample, output in zip(inputs, outputs):
             if sample.get("skipped_reason"):  # the mapper could not read it: counted, not scored
                 image_id, sent_id = sample_ids(sample)
                 self._skipped.append((image_id, sent_id, str(sample["skipped_reason"])))
                 continue
             result, pred_mask, nt_prob = score_sample(
-                sample, output, self._eval_resolution, self._mask_threshold, self._no_target_threshold
+                sample,
+                output,
+                self._eval_resolution,
+                self._mask_threshold,
+                self._no_target_threshold,
             )
             self._results.append(result)
             if self._dump_predictions:
                 self._predictions.append(
-                    prediction_record(result.image_id, result.sent_id, pred_mask, nt_prob, result.pred_no_target)
+                    prediction_record(
+                        result.image_id, result.sent_id, pred_mask, nt_prob, result.pred_no_target
+                    )
                 )
 
     def evaluate(self):
@@ -128,7 +143,7 @@ class GRESEvaluator(DatasetEvaluator):
             predictions = list(itertools.chain.from_iterable(g[2] for g in gathered))
 
         if self._dump_predictions:
-            self._write_dump(predictions)
+            self._write_dump(predictions, skipped)
         return summarize_results(
             self._dataset_name,
             self._evaluator_type,
@@ -139,7 +154,7 @@ class GRESEvaluator(DatasetEvaluator):
             logger=self._logger,
         )
 
-    def _write_dump(self, predictions: List[dict]) -> None:
+    def _write_dump(self, predictions: List[dict], skipped: List[SkippedSample]) -> None:
         # one record per expression, in a fixed order whatever the number of processes
         unique = OrderedDict()
         for p in sorted(predictions, key=lambda p: (str(p["image_id"]), str(p["sent_id"]))):
@@ -151,5 +166,6 @@ class GRESEvaluator(DatasetEvaluator):
             self._mask_threshold,
             self._no_target_threshold,
             list(unique.values()),
+            sorted(set(skipped), key=lambda s: (str(s[0]), str(s[1]))),
         )
         self._logger.info(f"Wrote {len(unique)} RLE predictions to {path}")

@@ -14,6 +14,7 @@ Every value is a percentage. A ratio whose denominator is zero (no expressions o
 reported as 0, as ReLA does for N-acc / T-acc; the counts reported beside the metrics tell such
 a 0 apart from a real one.
 """
+
 import math
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
@@ -59,7 +60,9 @@ class SampleResult:
 def mask_intersection_union(pred: np.ndarray, gt: np.ndarray) -> Tuple[int, int]:
     """``(|pred ∩ gt|, |pred ∪ gt|)`` of two boolean masks of the same shape."""
     if pred.shape != gt.shape:
-        raise ValueError(f"prediction {tuple(pred.shape)} and ground truth {tuple(gt.shape)} differ in shape")
+        raise ValueError(
+            f"prediction {tuple(pred.shape)} and ground truth {tuple(gt.shape)} differ in shape"
+        )
     pred = np.asarray(pred, dtype=bool)
     gt = np.asarray(gt, dtype=bool)
     return int(np.logical_and(pred, gt).sum()), int(np.logical_or(pred, gt).sum())
@@ -141,7 +144,9 @@ def grefcoco_kind_metrics(results: Sequence[SampleResult]) -> Dict[str, float]:
 
 
 # ----------------------------------------------------------------------------- Ref-ZOM (DMMI)
-def _targeted_metrics(results: Sequence[SampleResult], thresholds: Sequence[float]) -> Dict[str, float]:
+def _targeted_metrics(
+    results: Sequence[SampleResult], thresholds: Sequence[float]
+) -> Dict[str, float]:
     """oIoU = ΣI/ΣU, mIoU = mean IoU (0 when U = 0) and Pr@ over ``results``, as DMMI / LAVT."""
     ious = [_iou(r.intersection, r.union) for r in results]
     metrics = {
@@ -184,7 +189,11 @@ def refcoco_metrics(results: Sequence[SampleResult]) -> Dict[str, float]:
     return _targeted_metrics(results, RES_PR_THRESHOLDS)
 
 
-_FAMILY_METRICS = {"grefcoco": grefcoco_metrics, "refzom": refzom_metrics, "refcoco": refcoco_metrics}
+_FAMILY_METRICS = {
+    "grefcoco": grefcoco_metrics,
+    "refzom": refzom_metrics,
+    "refcoco": refcoco_metrics,
+}
 
 
 def compute_metrics(evaluator_type: str, results: Sequence[SampleResult]) -> Dict[str, float]:

@@ -2,10 +2,12 @@
 
 A dump is one JSON file: the settings the predictions were made with and, per expression,
 ``image_id``, ``sent_id``, the no-target probability and decision and the binary predicted mask
-(empty when no-target was predicted) as pycocotools RLE at the evaluation resolution.
+(empty when no-target was predicted) as pycocotools RLE at the evaluation resolution; and the
+expressions left out because the mapper could not read their image.
 """
+
 import json
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
 import numpy as np
 from pycocotools import mask as mask_util
@@ -29,7 +31,9 @@ def decode_mask(rle: Dict[str, object]) -> np.ndarray:
     return mask_util.decode({"size": list(rle["size"]), "counts": counts}).astype(bool)
 
 
-def prediction_record(image_id, sent_id, mask: np.ndarray, no_target_prob: float, pred_no_target: bool) -> dict:
+def prediction_record(
+    image_id, sent_id, mask: np.ndarray, no_target_prob: float, pred_no_target: bool
+) -> dict:
     return {
         "image_id": image_id,
         "sent_id": sent_id,
@@ -39,8 +43,15 @@ def prediction_record(image_id, sent_id, mask: np.ndarray, no_target_prob: float
     }
 
 
-def write_dump(path: str, dataset_name: str, eval_resolution: str, mask_threshold: float,
-               no_target_threshold: float, predictions: List[dict]) -> str:
+def write_dump(
+    path: str,
+    dataset_name: str,
+    eval_resolution: str,
+    mask_threshold: float,
+    no_target_threshold: float,
+    predictions: List[dict],
+    skipped: Sequence[tuple] = (),
+) -> str:
     return atomic_write_json(
         path,
         {
@@ -51,6 +62,7 @@ def write_dump(path: str, dataset_name: str, eval_resolution: str, mask_threshol
             "mask_threshold": mask_threshold,
             "no_target_threshold": no_target_threshold,
             "predictions": predictions,
+            "skipped": [{"image_id": i, "sent_id": s, "reason": r} for i, s, r in skipped],
         },
         indent=None,  # tens of thousands of records: keep the file compact
     )
@@ -69,5 +81,7 @@ def read_dump(path: str) -> dict:
             "write one with TEST.DUMP_PREDICTIONS True"
         )
     if dump.get("version") != DUMP_VERSION:
-        raise ValueError(f"{path} is dump version {dump.get('version')}; this code reads version {DUMP_VERSION}")
+        raise ValueError(
+            f"{path} is dump version {dump.get('version')}; this code reads version {DUMP_VERSION}"
+        )
     return dump

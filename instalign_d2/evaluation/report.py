@@ -2,6 +2,7 @@
 
 Shared by :class:`GRESEvaluator` and ``tools/eval_predictions.py`` so both report alike.
 """
+
 import logging
 import os
 from collections import OrderedDict
@@ -50,9 +51,13 @@ def summarize_results(
     """
     logger = logger or logging.getLogger(__name__)
     unique, duplicates = dedupe(results)
-    skipped_unique = sorted({(s[0], s[1]): s for s in skipped}.values(), key=lambda s: (str(s[0]), str(s[1])))
+    skipped_unique = sorted(
+        {(s[0], s[1]): s for s in skipped}.values(), key=lambda s: (str(s[0]), str(s[1]))
+    )
     if duplicates:
-        logger.warning(f"{dataset_name}: dropped {duplicates} repeated predictions of the same expression")
+        logger.warning(
+            f"{dataset_name}: dropped {duplicates} repeated predictions of the same expression"
+        )
     if skipped_unique:
         examples = "; ".join(f"image_id={i} sent_id={s}: {r}" for i, s, r in skipped_unique[:5])
         logger.warning(
@@ -73,7 +78,8 @@ def summarize_results(
         by_kind = count_by_kind(unique, evaluator_type)
         logger.info(
             f"Evaluation of {dataset_name} ({evaluator_type} metrics, {eval_resolution} resolution, "
-            f"{len(unique)} expressions):\n" + format_table(evaluator_type, metrics, len(unique), by_kind)
+            f"{len(unique)} expressions):\n"
+            + format_table(evaluator_type, metrics, len(unique), by_kind)
         )
     else:
         by_kind = {}
@@ -86,10 +92,14 @@ def summarize_results(
                 "eval_resolution": eval_resolution,
                 "results": output,
                 "counts": {**counts, "duplicates_dropped": duplicates, "by_kind": by_kind},
-                "skipped": [{"image_id": i, "sent_id": s, "reason": r} for i, s, r in skipped_unique],
+                "skipped": [
+                    {"image_id": i, "sent_id": s, "reason": r} for i, s, r in skipped_unique
+                ],
             },
         )
-        atomic_write_json(per_sample_path(output_dir, dataset_name), [asdict(r) for r in unique], indent=None)
+        atomic_write_json(
+            per_sample_path(output_dir, dataset_name), [asdict(r) for r in unique], indent=None
+        )
     return output
 
 
@@ -97,19 +107,26 @@ def _cell(metrics: Dict[str, float], name: str) -> str:
     return f"{metrics[name]:.2f}" if name in metrics else "-"
 
 
-def format_table(evaluator_type: str, metrics: Dict[str, float], num_expressions: int,
-                 by_kind: Dict[str, int]) -> str:
+def format_table(
+    evaluator_type: str, metrics: Dict[str, float], num_expressions: int, by_kind: Dict[str, int]
+) -> str:
     """A readable table of one family's metrics with its per-kind break-down."""
     if evaluator_type == "grefcoco":
         return _grefcoco_table(metrics, num_expressions, by_kind)
     if evaluator_type == "refzom":
         return _refzom_table(metrics, num_expressions, by_kind)
     names = ["oIoU", "mIoU"] + [f"Pr@{t:.1f}" for t in RES_PR_THRESHOLDS]
-    return tabulate([[num_expressions] + [_cell(metrics, n) for n in names]], headers=["expressions"] + names,
-                    tablefmt="pipe", disable_numparse=True)
+    return tabulate(
+        [[num_expressions] + [_cell(metrics, n) for n in names]],
+        headers=["expressions"] + names,
+        tablefmt="pipe",
+        disable_numparse=True,
+    )
 
 
-def _grefcoco_table(metrics: Dict[str, float], num_expressions: int, by_kind: Dict[str, int]) -> str:
+def _grefcoco_table(
+    metrics: Dict[str, float], num_expressions: int, by_kind: Dict[str, int]
+) -> str:
     names = ["cIoU", "gIoU", "N_acc", "T_acc"] + [f"Pr@{t:.1f}" for t in GREFCOCO_PR_THRESHOLDS]
     rows: List[list] = [["all", num_expressions] + [_cell(metrics, n) for n in names]]
     for kind in EXPRESSION_KINDS:
@@ -119,19 +136,29 @@ def _grefcoco_table(metrics: Dict[str, float], num_expressions: int, by_kind: Di
     return tabulate(rows, headers=headers, tablefmt="pipe", disable_numparse=True)
 
 
+# The paper's Table 4: oIoU / mIoU per one-to-one and one-to-many, Acc for one-to-zero.
+_REFZOM_TABLE4_COLUMNS = [
+    ("one-to-one oIoU", "oIoU_one_to_one"),
+    ("one-to-one mIoU", "mIoU_one_to_one"),
+    ("one-to-many oIoU", "oIoU_one_to_many"),
+    ("one-to-many mIoU", "mIoU_one_to_many"),
+    ("one-to-zero Acc", "Acc"),
+]
+
+
 def _refzom_table(metrics: Dict[str, float], num_expressions: int, by_kind: Dict[str, int]) -> str:
-    # The paper's Table 4: oIoU / mIoU per one-to-one and one-to-many, Acc for one-to-zero.
     table4 = tabulate(
-        [[
-            _cell(metrics, "oIoU_one_to_one"), _cell(metrics, "mIoU_one_to_one"),
-            _cell(metrics, "oIoU_one_to_many"), _cell(metrics, "mIoU_one_to_many"),
-            _cell(metrics, "Acc"),
-        ]],
-        headers=["one-to-one oIoU", "one-to-one mIoU", "one-to-many oIoU", "one-to-many mIoU", "one-to-zero Acc"],
-        tablefmt="pipe", disable_numparse=True,
+        [[_cell(metrics, key) for _, key in _REFZOM_TABLE4_COLUMNS]],
+        headers=[header for header, _ in _REFZOM_TABLE4_COLUMNS],
+        tablefmt="pipe",
+        disable_numparse=True,
     )
     names = ["oIoU", "mIoU", "Acc"] + [f"Pr@{t:.1f}" for t in RES_PR_THRESHOLDS]
-    overall = tabulate([[num_expressions] + [_cell(metrics, n) for n in names]],
-                       headers=["expressions"] + names, tablefmt="pipe", disable_numparse=True)
+    overall = tabulate(
+        [[num_expressions] + [_cell(metrics, n) for n in names]],
+        headers=["expressions"] + names,
+        tablefmt="pipe",
+        disable_numparse=True,
+    )
     kinds = ", ".join(f"{k}: {by_kind[k]}" for k in sorted(by_kind))
     return f"{overall}\n\nBy case ({kinds}):\n{table4}"

@@ -5,6 +5,7 @@ compared with ``gt_mask_merged`` (the mapper's resolution, as ReLA and DMMI eval
 ``ref_seg`` with ``gt_mask_merged_original`` at the original image size; ``nt_prob`` above its
 threshold means no target, and the prediction is then the empty mask.
 """
+
 from typing import Optional, Tuple
 
 import numpy as np
@@ -79,13 +80,17 @@ def score_sample(
         raise fail("the mapper input has no 'empty' flag (copied from the dataset dict)")
     for key in (pred_key, "nt_prob"):
         if key not in outputs:
-            raise fail(f"the model output has no {key!r} (docs/interfaces.md §3); it has {sorted(outputs)}")
+            raise fail(
+                f"the model output has no {key!r} (docs/interfaces.md §3); it has {sorted(outputs)}"
+            )
 
     no_target_prob = _scalar_probability(outputs["nt_prob"], fail)
     gt = torch.as_tensor(inputs[gt_key]).to(device="cpu", dtype=torch.bool)
     prob = outputs[pred_key]
     if not isinstance(prob, (torch.Tensor, np.ndarray)):
-        raise fail(f"outputs[{pred_key!r}] is a {type(prob).__name__}, expected a float mask tensor")
+        raise fail(
+            f"outputs[{pred_key!r}] is a {type(prob).__name__}, expected a float mask tensor"
+        )
     prob = torch.as_tensor(prob)
     if tuple(prob.shape) != tuple(gt.shape):
         raise fail(
