@@ -169,7 +169,7 @@ def test_original_resolution_uses_original_masks():
     inp = make_input(1, box(0, 1, 0, 1), gt_mask_merged_original=gt_original)
     # the input-resolution mask would score 0; the original-resolution one scores 32/64
     out = make_output(box(4, 8, 4, 8), original=box(0, 4, 0, 8, size=2 * S).float())
-    assert run(GRESEvaluator(name, eval_resolution="original"), [(inp, out)])["grefcoco"][
+    assert run(GRESEvaluator(name, eval_resolution="original"), [(inp, out)])["grefcoco_original"][
         "cIoU"
     ] == pytest.approx(50.0)
     assert run(GRESEvaluator(name), [(inp, out)])["grefcoco"]["cIoU"] == 0.0
@@ -190,7 +190,7 @@ def test_built_from_config(tmp_path):
     cfg.MODEL.INSTALIGN.TEST.NO_TARGET_THRESHOLD = 0.3
     ev = GRESEvaluator(cfg, name)
     inp = make_input(1, box(0, 0, 0, 0), gt_mask_merged_original=box(0, 0, 0, 0, size=2 * S))
-    m = run(ev, [(inp, make_output(box(0, 1, 0, 1), nt_prob=0.4))])["grefcoco"]
+    m = run(ev, [(inp, make_output(box(0, 1, 0, 1), nt_prob=0.4))])["grefcoco_original"]
     assert m["N_acc"] == 100.0  # 0.4 > the configured 0.3
     assert os.path.exists(predictions_path(os.path.join(str(tmp_path), "inference"), name))
 

@@ -28,6 +28,9 @@ class GRESEvaluator(DatasetEvaluator):
     (``"grefcoco"``, ``"refzom"`` or ``"refcoco"``); definitions in :mod:`.metrics`. Masks are
     never kept -- only per-sample counts, and RLE predictions when ``dump_predictions`` is set.
 
+    ``evaluate()`` returns ``{"grefcoco": {"cIoU": ..., ...}}`` (the family's name; with
+    ``_original`` appended when scoring at the original resolution).
+
     Build it from a config with ``GRESEvaluator(cfg, dataset_name, output_dir=...)`` or from
     plain arguments.
     """

@@ -34,6 +34,11 @@ def per_sample_path(output_dir: str, dataset_name: str) -> str:
     return os.path.join(output_dir, f"{dataset_name}_per_sample.json")
 
 
+def result_task_name(evaluator_type: str, eval_resolution: str) -> str:
+    """Top-level key of the results: ``grefcoco`` or, at the original resolution, ``grefcoco_original``."""
+    return evaluator_type if eval_resolution == "input" else f"{evaluator_type}_{eval_resolution}"
+
+
 def summarize_results(
     dataset_name: str,
     evaluator_type: str,
@@ -45,9 +50,11 @@ def summarize_results(
 ) -> "OrderedDict[str, Dict[str, float]]":
     """Dedupe, score, log and (with ``output_dir``) write ``<dataset>_results.json``.
 
-    Returns ``{evaluator_type: {metric: percent, ..., "num_expressions": n, "num_skipped": k}}``,
-    the nested dict of floats that Detectron2's ``print_csv_format`` and ``EvalHook`` expect
-    (metric names carry no '-', which ``print_csv_format`` would hide).
+    Returns ``{task: {metric: percent, ..., "num_expressions": n, "num_skipped": k}}``, the
+    nested dict of floats that Detectron2's ``print_csv_format`` and ``EvalHook`` expect (metric
+    names carry no '-', which ``print_csv_format`` would hide). ``task`` is the evaluator type, with
+    ``_original`` appended at the original resolution so those numbers are never taken for the
+    public evaluators' (which compare at the mapper's resolution).
     """
     logger = logger or logging.getLogger(__name__)
     unique, duplicates = dedupe(results)
@@ -72,7 +79,7 @@ def summarize_results(
         metrics = {}
     family_results = dict(metrics)
     family_results.update(counts)
-    output = OrderedDict([(evaluator_type, family_results)])
+    output = OrderedDict([(result_task_name(evaluator_type, eval_resolution), family_results)])
 
     if unique:
         by_kind = count_by_kind(unique, evaluator_type)
