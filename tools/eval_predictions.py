@@ -37,6 +37,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     logger = logging.getLogger("instalign_d2.eval_predictions")
 
     import instalign_d2  # noqa: F401  (registers the datasets)
+    from instalign_d2.evaluation.metrics import EVALUATOR_TYPES
     from instalign_d2.evaluation.prediction_dump import read_dump
     from instalign_d2.evaluation.report import summarize_results
     from instalign_d2.evaluation.rescoring import results_from_dump
@@ -45,16 +46,17 @@ def main(argv: Optional[List[str]] = None) -> dict:
     dataset_name = args.dataset or dump["dataset"]
     if dataset_name != dump["dataset"]:
         logger.warning(f"scoring a dump made on {dump['dataset']!r} against {dataset_name!r}")
-    if dataset_name not in DatasetCatalog.list():
+    gres_names = sorted(
+        n
+        for n in DatasetCatalog.list()
+        if MetadataCatalog.get(n).get("evaluator_type") in EVALUATOR_TYPES
+    )
+    if dataset_name not in gres_names:
         raise SystemExit(
-            f"dataset {dataset_name!r} is not registered; names registered by instalign_d2: "
-            f"{sorted(n for n in DatasetCatalog.list() if MetadataCatalog.get(n).get('evaluator_type'))}"
+            f"{dataset_name!r} is not a registered GRES dataset (metadata evaluator_type in "
+            f"{EVALUATOR_TYPES}); registered ones: {gres_names}"
         )
-    evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type")
-    if evaluator_type is None:
-        raise SystemExit(
-            f"dataset {dataset_name!r} has no evaluator_type in its metadata; it is not a GRES dataset"
-        )
+    evaluator_type = MetadataCatalog.get(dataset_name).evaluator_type
 
     results, skipped = results_from_dump(dump, DatasetCatalog.get(dataset_name))
     metrics = summarize_results(
