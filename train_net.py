@@ -84,18 +84,8 @@ class Trainer(DefaultTrainer):
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         from instalign_d2.evaluation import GRESEvaluator
 
-        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference")
-        return DatasetEvaluators(
-            [
-                GRESEvaluator(
-                    dataset_name,
-                    distributed=True,
-                    output_dir=output_folder,
-                    eval_resolution=cfg.TEST.EVAL_RESOLUTION,
-                    dump_predictions=cfg.TEST.DUMP_PREDICTIONS,
-                )
-            ]
-        )
+        # Built from cfg so that its thresholds are the model's (MODEL.INSTALIGN.TEST.*).
+        return DatasetEvaluators([GRESEvaluator(cfg, dataset_name, output_dir=output_folder)])
 
 
 def build_config(args):
