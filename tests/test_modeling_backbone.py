@@ -96,6 +96,8 @@ def test_gradient_reaches_the_first_layer():
     first = backbone.body.patch_embed.proj.weight.grad
     assert first is not None and first.abs().sum() > 0
     assert backbone.output_norms["res2"].weight.grad.abs().sum() > 0
+    # No parameter left out (timm's unused classifier is dropped): DDP needs no unused-parameter search.
+    assert [name for name, p in backbone.named_parameters() if p.grad is None] == []
 
 
 def test_freeze_fixes_timm_weights_and_keeps_them_in_eval_mode():
