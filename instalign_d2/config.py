@@ -26,6 +26,8 @@ def add_instalign_config(cfg: CN) -> CN:
     cfg.DATASETS.SYNTHETIC.NUM_VAL_IMAGES = 300
     cfg.DATASETS.SYNTHETIC.NUM_TEST_IMAGES = 300
     cfg.DATASETS.SYNTHETIC.IMAGE_SIZE = 160  # side of the generated images (pixels)
+    cfg.DATASETS.SYNTHETIC.EXPRESSIONS_PER_IMAGE = 6  # expressions drawn per image (repeats dropped)
+    cfg.DATASETS.SYNTHETIC.KIND_WEIGHTS = (0.4, 0.3, 0.3)  # shares of single / multi / no-target expressions
 
     cfg.DATALOADER.GROUP_EXPRESSIONS_BY_IMAGE = True  # test loader: one batch = one image's expressions
 
@@ -74,6 +76,7 @@ def add_instalign_config(cfg: CN) -> CN:
     cfg.MODEL.INSTALIGN.PRE_NORM = False  # post-norm residual blocks, as Mask2Former
     cfg.MODEL.INSTALIGN.ENFORCE_INPUT_PROJ = False
     cfg.MODEL.INSTALIGN.MASK_ATTENTION = True  # masked cross-attention to V_k, as Mask2Former
+    cfg.MODEL.INSTALIGN.SIZE_DIVISIBILITY = 32  # images are zero-padded to a multiple of this (backbone stride)
     # Table 3(a): "none" (merged mask loss only) | "standard" (no phrase term) | "phrase" (ours)
     cfg.MODEL.INSTALIGN.INSTANCE_SUPERVISION = "phrase"
     # Table 3(b): "AIA" (Eq. 8) | "AIA_NO_PRELU" | "THRESHOLD" (fixed score threshold)

@@ -1,0 +1,349 @@
+"""The InstAlign meta-architecture: training losses, gradients, the inference contract
+(docs/interfaces.md §2-4), image/expression grouping, configs, and overfitting one batch."""
+import glob
+import os
+
+import pytest
+import torch
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+from detectron2.structures import Instances
+
+import instalign_d2.instalign_model  # noqa: F401  (registers InstAlign)
+from instalign_d2.config import add_instalign_config
+from instalign_d2.instalign_model import InstAlign
+from instalign_d2.modeling.language import write_local_text_encoder
+
+SIZE = 64  # input side (the mapper's INPUT.IMAGE_SIZE)
+MAX_TOKENS = 12
+CORPUS = [
+    "the red square",
+    "both blue circles",
+    "the green triangle on the left",
+    "all yellow things",
+    "the small red circle and the blue square",
+    "the purple cone",
+]
+
+
+@pytest.fixture(scope="module")
+def text_encoder_dir(tmp_path_factory):
+    return write_local_text_encoder(
+        str(tmp_path_factory.mktemp("text") / "encoder"), CORPUS * 4, vocab_size=300, hidden_size=32, num_layers=1,
+        num_heads=2, intermediate_size=64, max_tokens=MAX_TOKENS,
+    )
+
+
+def tiny_cfg(text_encoder_dir, **instalign):
+    cfg = add_instalign_config(get_cfg())
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.META_ARCHITECTURE = "InstAlign"
+    cfg.MODEL.BACKBONE.NAME = "TimmBackbone"
+    cfg.MODEL.TIMM.NAME = "test_efficientnet"  # timm's 80k-parameter test model, strides 4..32
+    cfg.MODEL.TIMM.PRETRAINED_WEIGHTS = ""
+    cfg.MODEL.TIMM.DROP_PATH_RATE = 0.0
+    cfg.MODEL.TEXT_ENCODER.NAME = text_encoder_dir
+    cfg.MODEL.TEXT_ENCODER.PRETRAINED = False
+    cfg.MODEL.TEXT_ENCODER.MAX_TOKENS = MAX_TOKENS
+    head = cfg.MODEL.SEM_SEG_HEAD
+    head.CONVS_DIM, head.MASK_DIM, head.TRANSFORMER_ENC_LAYERS, head.DIM_FEEDFORWARD, head.NHEADS = 32, 32, 1, 64, 4
+    c = cfg.MODEL.INSTALIGN
+    c.HIDDEN_DIM, c.NUM_OBJECT_QUERIES, c.DEC_LAYERS, c.NHEADS, c.DIM_FEEDFORWARD, c.TRAIN_NUM_POINTS = 32, 6, 3, 4, 64, 256
+    for key, value in instalign.items():
+        c[key] = value
+    cfg.INPUT.IMAGE_SIZE = SIZE
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def model(text_encoder_dir):
+    torch.manual_seed(0)
+    return build_model(tiny_cfg(text_encoder_dir))
+
+
+def draw_scene(seed):
+    """A uint8 image with coloured rectangles and their instance masks, by colour name."""
+    g = torch.Generator().manual_seed(seed)
+    image = torch.full((3, SIZE, SIZE), 40, dtype=torch.uint8)
+    colours = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30)}
+    masks = {}
+    for k, (name, rgb) in enumerate(colours.items()):
+        for j in range(2 if name == "blue" else 1):
+            top, left = int(torch.randint(0, SIZE - 20, (1,), generator=g)), 4 + 20 * k
+            mask = torch.zeros(SIZE, SIZE, dtype=torch.bool)
+            mask[top : top + 14 + 4 * j, left + 8 * j : left + 12 + 8 * j] = True
+            image[:, mask] = torch.tensor(rgb, dtype=torch.uint8)[:, None]
+            masks.setdefault(name, []).append(mask)
+    return image, masks
+
+
+def make_input(model, image, sentence, masks=(), file_name="scene.png", height=80, width=96, tokenized=True):
+    instances = Instances((SIZE, SIZE))
+    gt = torch.stack(list(masks)) if masks else torch.zeros(0, SIZE, SIZE, dtype=torch.bool)
+    instances.gt_masks = gt
+    instances.gt_classes = torch.zeros(len(gt), dtype=torch.long)
+    x = {
+        "image": image, "height": height, "width": width, "file_name": file_name, "image_id": 1,
+        "instances": instances, "gt_mask_merged": gt.any(0) if len(gt) else torch.zeros(SIZE, SIZE, dtype=torch.bool),
+        "empty": len(gt) == 0, "sentence": {"raw": sentence, "sent_id": 0, "ref_id": 0},
+    }
+    if tokenized:
+        encoded = model.text_encoder.tokenize([sentence])
+        x["input_ids"], x["attention_mask"] = encoded["input_ids"][0], encoded["attention_mask"][0]
+    return x
+
+
+def training_batch(model):
+    image_a, masks_a = draw_scene(0)
+    image_b, masks_b = draw_scene(1)
+    return [
+        make_input(model, image_a, "the red square", masks_a["red"]),
+        make_input(model, image_a, "both blue circles", masks_a["blue"]),
+        make_input(model, image_b, "the purple cone", (), file_name="other.png"),
+        make_input(model, image_b, "all yellow things", (), file_name="other.png"),
+    ]
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def test_training_losses_are_finite_and_gradients_reach_every_part(model):
+    model.train()
+    model.zero_grad()
+    losses = model(training_batch(model))
+    assert "loss_merged" in losses and "loss_no_target" in losses and "loss_phrase_0" in losses
+    assert all(torch.isfinite(v) and v.dim() == 0 for v in losses.values())
+    sum(losses.values()).backward()
+
+    def grad_norm(module_params):
+        return sum(p.grad.abs().sum().item() for p in module_params if p.grad is not None)
+
+    assert grad_norm(model.backbone.parameters()) > 0
+    assert grad_norm(model.pixel_decoder.parameters()) > 0
+    assert grad_norm(model.text_encoder.transformer.parameters()) > 0
+    assert model.transformer_decoder.query_feat.weight.grad.abs().sum() > 0
+    assert model.transformer_decoder.query_embed.weight.grad.abs().sum() > 0
+    assert model.aggregation.prelu.weight.grad.abs().sum() > 0
+    assert grad_norm(model.no_target_head.parameters()) > 0
+
+
+def test_training_on_an_all_no_target_batch_is_finite(model):
+    model.train()
+    image, _ = draw_scene(3)
+    batch = [make_input(model, image, "the purple cone"), make_input(model, image, "all yellow things")]
+    losses = model(batch)
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert losses["loss_mask"].item() == 0.0
+    sum(losses.values()).backward()
+
+
+def test_prepare_targets_pads_and_checks(model):
+    image, masks = draw_scene(0)
+    x = make_input(model, image, "the red square", masks["red"])
+    del x["gt_mask_merged"]  # derived from the instances when absent
+    (target,) = model.prepare_targets([x], (96, 64))
+    assert target["masks"].shape == (1, 96, 64) and target["merged_mask"].shape == (96, 64)
+    assert torch.equal(target["merged_mask"][:SIZE], masks["red"][0]) and not target["merged_mask"][SIZE:].any()
+    assert target["empty"] is False
+    bad = dict(x, empty=True)
+    with pytest.raises(ValueError, match="marked empty"):
+        model.prepare_targets([bad], (SIZE, SIZE))
+    with pytest.raises(ValueError, match="instances"):
+        model.prepare_targets([{"image": image}], (SIZE, SIZE))
+
+
+# ----------------------------------------------------------------------------- inference contract
+
+
+def test_inference_output_contract(model):
+    model.eval()
+    image, _ = draw_scene(0)
+    model.instance_score_threshold = 0.0  # list every query, to check sorting and the cap
+    model.max_instances = 4
+    try:
+        (out,) = model([make_input(model, image, "the red square", height=80, width=96)])
+    finally:
+        model.instance_score_threshold, model.max_instances = 0.5, 10
+    assert set(out) == {"ref_seg", "ref_seg_input", "nt_prob", "instances"}
+    assert out["ref_seg"].shape == (80, 96) and out["ref_seg_input"].shape == (SIZE, SIZE)
+    assert out["ref_seg"].dtype == torch.float32 and 0 <= out["ref_seg"].min() and out["ref_seg"].max() <= 1
+    assert out["nt_prob"].dim() == 0 and 0 <= out["nt_prob"].item() <= 1
+    instances = out["instances"]
+    assert instances.image_size == (80, 96) and len(instances) == 4
+    assert instances.pred_masks.dtype == torch.bool and instances.pred_masks.shape == (4, 80, 96)
+    assert torch.all(instances.scores[:-1] >= instances.scores[1:])
+    weights = instances.token_weights
+    valid = int(model.text_encoder.tokenize(["the red square"])["attention_mask"].sum())
+    assert weights.shape == (4, MAX_TOKENS)
+    assert torch.allclose(weights.sum(1), torch.ones(4), atol=1e-5) and (weights[:, valid:] == 0).all()
+
+
+def test_ref_seg_is_the_input_size_map_when_sizes_agree(model):
+    model.eval()
+    image, _ = draw_scene(0)
+    (out,) = model([make_input(model, image, "the red square", height=SIZE, width=SIZE)])
+    assert torch.allclose(out["ref_seg"], out["ref_seg_input"], atol=1e-6)
+
+
+def test_no_target_threshold_empties_the_answer(model):
+    model.eval()
+    image, _ = draw_scene(0)
+    x = make_input(model, image, "the red square")
+    try:
+        model.no_target_threshold = -1.0  # every expression is called no-target
+        (out,) = model([x])
+        assert not out["ref_seg"].any() and not out["ref_seg_input"].any() and len(out["instances"]) == 0
+        model.no_target_threshold, model.instance_score_threshold = 2.0, 0.0  # never no-target
+        (out,) = model([x])
+        assert out["ref_seg"].max() > 0 and len(out["instances"]) == 6
+    finally:
+        model.no_target_threshold, model.instance_score_threshold = 0.5, 0.5
+
+
+def test_unpadded_sizes_are_cropped_back(model):
+    model.eval()
+    image = torch.randint(0, 255, (3, 60, 50), dtype=torch.uint8)  # padded to 64x64 inside
+    (out,) = model([make_input(model, image, "the red square", height=120, width=100)])
+    assert out["ref_seg_input"].shape == (60, 50) and out["ref_seg"].shape == (120, 100)
+
+
+def test_grouped_inference_equals_one_expression_at_a_time(model):
+    model.eval()
+    image_a, _ = draw_scene(0)
+    image_b, _ = draw_scene(1)
+    batch = [
+        make_input(model, image_a, "the red square", file_name="a.png"),
+        make_input(model, image_b, "both blue circles", file_name="b.png", height=64, width=64),
+        make_input(model, image_a.clone(), "all yellow things", file_name="a.png"),
+        make_input(model, image_b, "the purple cone", file_name="a.png"),  # same name, other image
+    ]
+    representatives, image_index = model.group_by_image(batch)
+    assert representatives == [0, 1, 3] and image_index.tolist() == [0, 1, 0, 2]
+
+    calls = []
+    hook = model.backbone.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    try:
+        grouped = model(batch)
+        assert calls == [3]  # one backbone pass over the three distinct images
+        single = [model([x])[0] for x in batch]
+    finally:
+        hook.remove()
+    for a, b in zip(grouped, single):
+        assert torch.allclose(a["ref_seg"], b["ref_seg"], atol=1e-5)
+        assert torch.allclose(a["nt_prob"], b["nt_prob"], atol=1e-6)
+        assert torch.equal(a["instances"].pred_masks, b["instances"].pred_masks)
+        assert torch.allclose(a["instances"].token_weights, b["instances"].token_weights, atol=1e-5)
+
+
+def test_raw_sentences_are_tokenised(model):
+    model.eval()
+    image, _ = draw_scene(0)
+    tokenized = make_input(model, image, "both blue circles")
+    as_dict = make_input(model, image, "both blue circles", tokenized=False)
+    as_string = dict(as_dict, sentence="both blue circles")
+    outs = model([tokenized, as_dict, as_string])
+    for other in outs[1:]:
+        assert torch.allclose(outs[0]["ref_seg"], other["ref_seg"], atol=1e-6)
+    with pytest.raises(ValueError, match="sentence"):
+        model([{"image": image}])
+
+
+def test_encode_images_and_decode_expressions_for_a_demo(model):
+    model.eval()
+    image, _ = draw_scene(0)
+    encoded = model.text_encoder.tokenize(["the red square", "both blue circles"])
+    with torch.no_grad():
+        visual = model.encode_images([{"image": image}])
+        outputs = model.decode_expressions(visual, torch.tensor([0, 0]), encoded["input_ids"], encoded["attention_mask"])
+    assert visual.mask_features.shape == (1, 32, SIZE // 4, SIZE // 4) and len(visual.multi_scale_features) == 3
+    assert outputs["predictions"][-1]["merged_logits"].shape == (2, SIZE // 4, SIZE // 4)
+    assert outputs["no_target_logits"].shape == (2,)
+    with pytest.raises(ValueError, match="no tokens"):
+        model.decode_expressions(visual, torch.tensor([0]), encoded["input_ids"][:1], torch.zeros(1, MAX_TOKENS, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"\(3, H, W\)"):
+        model.encode_images([{"image": image[:1]}])
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        {"DECODER": "M2F"},
+        {"DECODER": "RELA", "INSTANCE_SUPERVISION": "standard"},
+        {"AGGREGATION": "THRESHOLD", "NO_TARGET_INPUT": "MEAN_QUERIES", "INSTANCE_SUPERVISION": "none"},
+        {"AGGREGATION": "AIA_NO_PRELU", "NO_TARGET_INPUT": "TSEN", "DEEP_SUPERVISION": False},
+    ],
+)
+def test_ablation_settings_train_and_infer(text_encoder_dir, override):
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg(text_encoder_dir, **override))
+    model.train()
+    losses = model(training_batch(model))
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert ("loss_phrase" in losses) == (override.get("INSTANCE_SUPERVISION", "phrase") == "phrase")
+    assert ("loss_merged_0" in losses) == override.get("DEEP_SUPERVISION", True)
+    sum(losses.values()).backward()
+    model.eval()
+    assert model(training_batch(model)[:1])[0]["ref_seg"].shape == (80, 96)
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def test_every_config_loads():
+    files = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "**", "*.yaml"), recursive=True))
+    assert len(files) >= 17
+    seen = set()
+    for path in files:
+        cfg = add_instalign_config(get_cfg())
+        cfg.merge_from_file(path)
+        c = cfg.MODEL.INSTALIGN
+        assert cfg.MODEL.META_ARCHITECTURE == "InstAlign", path
+        seen.add((c.DECODER, c.INSTANCE_SUPERVISION, c.AGGREGATION, c.NO_TARGET_INPUT, c.NUM_OBJECT_QUERIES))
+    for setting in ("M2F", "RELA", "none", "standard", "AIA_NO_PRELU", "THRESHOLD", "QGLOBAL", "TSEN", "MEAN_QUERIES", 20, 50, 200):
+        assert any(setting in s for s in seen), setting
+
+
+def test_r50_config_builds_with_detectron2_resnet(text_encoder_dir):
+    cfg = add_instalign_config(get_cfg())
+    cfg.merge_from_file(os.path.join(os.path.dirname(__file__), "..", "configs", "grefcoco", "instalign_R50.yaml"))
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.TEXT_ENCODER.NAME, cfg.MODEL.TEXT_ENCODER.PRETRAINED, cfg.MODEL.TEXT_ENCODER.MAX_TOKENS = text_encoder_dir, False, MAX_TOKENS
+    cfg.MODEL.RESNETS.DEPTH = 18  # the same builder; a smaller depth keeps the test fast
+    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
+    cfg.MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS, cfg.MODEL.INSTALIGN.DEC_LAYERS = 1, 2
+    model = build_model(cfg).eval()
+    assert type(model) is InstAlign and model.input_format == "BGR"
+    assert torch.allclose(model.pixel_mean.flatten(), torch.tensor([103.530, 116.280, 123.675]))
+    image, _ = draw_scene(0)
+    (out,) = model([make_input(model, image, "the red square")])
+    assert out["ref_seg"].shape == (80, 96) and torch.isfinite(out["ref_seg"]).all()
+
+
+# ----------------------------------------------------------------------------- learning
+
+
+@pytest.mark.slow
+def test_tiny_model_overfits_one_batch(text_encoder_dir):
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg(text_encoder_dir))
+    model.train()
+    batch = training_batch(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    history = []
+    for _ in range(300):
+        losses = model(batch)
+        total = sum(losses.values())
+        optimizer.zero_grad()
+        total.backward()
+        optimizer.step()
+        history.append(total.item())
+    first, last = sum(history[:5]) / 5, sum(history[-10:]) / 10
+    assert last * 5 <= first, (first, last)
+    model.eval()
+    outs = model(batch)
+    # The memorised answers: the red square found, the no-target expressions recognised.
+    red = batch[0]["gt_mask_merged"]
+    iou = ((outs[0]["ref_seg_input"] > 0.5) & red).sum() / ((outs[0]["ref_seg_input"] > 0.5) | red).sum()
+    assert iou > 0.5
+    assert outs[2]["nt_prob"] > 0.5 and outs[3]["nt_prob"] > 0.5
+    assert outs[0]["nt_prob"] < 0.5 and outs[1]["nt_prob"] < 0.5
