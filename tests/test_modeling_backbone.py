@@ -1,4 +1,5 @@
 """TimmBackbone: timm features_only models as Detectron2 backbones (tiny widths, random init)."""
+
 import logging
 import re
 
@@ -40,7 +41,12 @@ def test_swin_returns_nchw_maps_at_strides_4_to_32(size):
     assert list(outputs) == ["res2", "res3", "res4", "res5"]
     for name, feature in outputs.items():
         assert shapes[name].stride == STRIDES[name]
-        assert feature.shape == (2, shapes[name].channels, size[0] // STRIDES[name], size[1] // STRIDES[name])
+        assert feature.shape == (
+            2,
+            shapes[name].channels,
+            size[0] // STRIDES[name],
+            size[1] // STRIDES[name],
+        )
         assert torch.isfinite(feature).all()
     assert [shapes[n].channels for n in STRIDES] == [8, 16, 32, 64]
     # NCHW means timm's NHWC map with its channel axis moved, values untouched.
@@ -52,7 +58,10 @@ def test_swin_is_built_for_img_size_and_keeps_its_window():
     backbone = tiny_swin(img_size=96)
     assert tuple(backbone.body.patch_embed.img_size) == (96, 96)
     assert tuple(backbone.body.layers_0.blocks[1].window_size) == (4, 4)
-    assert tuple(backbone.body.layers_0.blocks[1].shift_size) == (2, 2)  # the shifted block stays shifted
+    assert tuple(backbone.body.layers_0.blocks[1].shift_size) == (
+        2,
+        2,
+    )  # the shifted block stays shifted
 
 
 def test_norm_outputs_layer_normalises_every_pixel_over_channels():
@@ -61,12 +70,16 @@ def test_norm_outputs_layer_normalises_every_pixel_over_channels():
     for name, feature in backbone(torch.randn(1, 3, 64, 96)).items():
         per_pixel = feature.permute(0, 2, 3, 1)
         assert torch.allclose(per_pixel.mean(-1), torch.zeros(()), atol=1e-5), name
-        assert torch.allclose(per_pixel.var(-1, unbiased=False), torch.ones(()), atol=1e-2), name  # eps of LayerNorm
+        assert torch.allclose(
+            per_pixel.var(-1, unbiased=False), torch.ones(()), atol=1e-2
+        ), name  # eps of LayerNorm
     assert set(backbone.output_norms) == set(STRIDES)
 
 
 def test_resnet_skips_the_stride_2_stem_and_returns_nchw():
-    backbone = TimmBackbone(model_name="resnet18", out_features=["res2", "res3", "res4", "res5"]).eval()
+    backbone = TimmBackbone(
+        model_name="resnet18", out_features=["res2", "res3", "res4", "res5"]
+    ).eval()
     shapes = backbone.output_shape()
     assert [shapes[n].channels for n in STRIDES] == [64, 128, 256, 512]
     assert [shapes[n].stride for n in STRIDES] == [4, 8, 16, 32]
@@ -112,9 +125,15 @@ def test_freeze_fixes_timm_weights_and_keeps_them_in_eval_mode():
 
 
 def test_drop_path_rate_reaches_timm():
-    rates = [m.drop_prob for m in tiny_swin(drop_path_rate=0.3).modules() if type(m).__name__ == "DropPath"]
+    rates = [
+        m.drop_prob
+        for m in tiny_swin(drop_path_rate=0.3).modules()
+        if type(m).__name__ == "DropPath"
+    ]
     assert rates and max(rates) == pytest.approx(0.3)
-    assert not [m for m in tiny_swin(drop_path_rate=0.0).modules() if type(m).__name__ == "DropPath"]
+    assert not [
+        m for m in tiny_swin(drop_path_rate=0.0).modules() if type(m).__name__ == "DropPath"
+    ]
 
 
 @pytest.mark.parametrize("suffix", ["pth", "safetensors"])
@@ -141,12 +160,17 @@ def test_original_swin_release_layout_is_converted_by_timm(tmp_path):
     source = full_tiny_swin(seed=3)
     original = {}
     for key, value in source.state_dict().items():
-        key = re.sub(r"layers\.(\d+)\.downsample", lambda m: f"layers.{int(m.group(1)) - 1}.downsample", key)
+        key = re.sub(
+            r"layers\.(\d+)\.downsample", lambda m: f"layers.{int(m.group(1)) - 1}.downsample", key
+        )
         original[key.replace("head.fc.", "head.")] = value
     path = tmp_path / "swin_original.pth"
     torch.save({"model": original}, path)
     loaded = tiny_swin(pretrained_weights=str(path))
-    assert torch.equal(loaded.body.layers_1.downsample.reduction.weight, source.layers[1].downsample.reduction.weight)
+    assert torch.equal(
+        loaded.body.layers_1.downsample.reduction.weight,
+        source.layers[1].downsample.reduction.weight,
+    )
 
 
 def test_unmatched_checkpoint_keys_are_reported(tmp_path, caplog):
@@ -157,8 +181,14 @@ def test_unmatched_checkpoint_keys_are_reported(tmp_path, caplog):
     torch.save(state, path)
     with caplog.at_level(logging.INFO, logger="instalign_d2"):
         tiny_swin(pretrained_weights=str(path))
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name.startswith("instalign_d2")]
-    assert any("1 missing key" in m and "layers.3.blocks.0.mlp.fc1.weight" in m for m in warnings), warnings
+    warnings = [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.WARNING and r.name.startswith("instalign_d2")
+    ]
+    assert any(
+        "1 missing key" in m and "layers.3.blocks.0.mlp.fc1.weight" in m for m in warnings
+    ), warnings
     assert any("1 unexpected key" in m and "extra.weight" in m for m in warnings), warnings
     assert not any("head.fc" in m for m in warnings)  # the dropped classifier is not news
 
@@ -175,7 +205,9 @@ def test_build_backbone_from_config():
     cfg.MODEL.BACKBONE.NAME = "TimmBackbone"
     cfg.MODEL.TIMM.NAME = SWIN
     # As a YAML file gives them: lists, not tuples.
-    cfg.MODEL.TIMM.KWARGS = CfgNode({k: list(v) if isinstance(v, tuple) else v for k, v in TINY_SWIN.items()})
+    cfg.MODEL.TIMM.KWARGS = CfgNode(
+        {k: list(v) if isinstance(v, tuple) else v for k, v in TINY_SWIN.items()}
+    )
     cfg.MODEL.TIMM.DROP_PATH_RATE = 0.0
     cfg.INPUT.IMAGE_SIZE = 96
     backbone = build_backbone(cfg).eval()

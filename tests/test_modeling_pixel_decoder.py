@@ -1,4 +1,5 @@
 """Sine position encoding, the deformable encoder and the MSDeformAttn pixel decoder (tiny widths)."""
+
 import math
 
 import pytest
@@ -22,13 +23,22 @@ SHAPES = {
     "res4": ShapeSpec(channels=40, stride=16),
     "res5": ShapeSpec(channels=48, stride=32),
 }
-TINY = dict(conv_dim=32, mask_dim=20, transformer_enc_layers=2, transformer_nheads=4, transformer_dim_feedforward=64, msda_impl="pytorch")
+TINY = dict(
+    conv_dim=32,
+    mask_dim=20,
+    transformer_enc_layers=2,
+    transformer_nheads=4,
+    transformer_dim_feedforward=64,
+    msda_impl="pytorch",
+)
 
 
 def features_for(height, width, batch=2, shapes=SHAPES, seed=0):
     generator = torch.Generator().manual_seed(seed)
     return {
-        name: torch.randn(batch, s.channels, height // s.stride, width // s.stride, generator=generator)
+        name: torch.randn(
+            batch, s.channels, height // s.stride, width // s.stride, generator=generator
+        )
         for name, s in shapes.items()
     }
 
@@ -40,12 +50,22 @@ def test_sine_encoding_matches_the_formula_by_hand():
     assert pos.shape == (1, 8, 2, 3)
     # Pixel (row 1, column 2): 1-based coordinates y = 2, x = 3; wavelengths 1, 1, 10, 10.
     expected = [
-        math.sin(2), math.cos(2), math.sin(0.2), math.cos(0.2),
-        math.sin(3), math.cos(3), math.sin(0.3), math.cos(0.3),
+        math.sin(2),
+        math.cos(2),
+        math.sin(0.2),
+        math.cos(0.2),
+        math.sin(3),
+        math.cos(3),
+        math.sin(0.3),
+        math.cos(0.3),
     ]
     assert torch.allclose(pos[0, :, 1, 2], torch.tensor(expected), atol=1e-6)
     # Pixel (0, 0): y = x = 1.
-    assert torch.allclose(pos[0, :, 0, 0], torch.tensor([math.sin(1), math.cos(1), math.sin(0.1), math.cos(0.1)] * 2), atol=1e-6)
+    assert torch.allclose(
+        pos[0, :, 0, 0],
+        torch.tensor([math.sin(1), math.cos(1), math.sin(0.1), math.cos(0.1)] * 2),
+        atol=1e-6,
+    )
 
 
 def test_normalised_encoding_ignores_padding():
@@ -54,15 +74,24 @@ def test_normalised_encoding_ignores_padding():
     mask[..., 2:] = True  # the last two columns are padding
     pos = encoding(torch.zeros(1, 3, 1, 4), mask)
     # Two valid columns: x = 1/2 and 2/2 of 2*pi; the single row is at y = 2*pi.
-    assert torch.allclose(pos[0, 2, 0, :2], torch.tensor([math.sin(math.pi), math.sin(2 * math.pi)]), atol=1e-5)
-    assert torch.allclose(pos[0, 3, 0, :2], torch.tensor([math.cos(math.pi), math.cos(2 * math.pi)]), atol=1e-5)
+    assert torch.allclose(
+        pos[0, 2, 0, :2], torch.tensor([math.sin(math.pi), math.sin(2 * math.pi)]), atol=1e-5
+    )
+    assert torch.allclose(
+        pos[0, 3, 0, :2], torch.tensor([math.cos(math.pi), math.cos(2 * math.pi)]), atol=1e-5
+    )
     assert torch.allclose(pos[0, 1, 0, :], torch.full((4,), math.cos(2 * math.pi)), atol=1e-5)
     # A map twice as large spans the same range: normalised positions depend on relative place only.
     encoding = PositionEmbeddingSine(num_pos_feats=4, temperature=100, normalize=True)
     small = encoding(torch.zeros(1, 1, 2, 2))
     large = encoding(torch.zeros(1, 1, 4, 4))
     # Pixel (0, 0) of a 2x2 map and (1, 1) of a 4x4 map both sit at half of 2*pi.
-    half = [math.sin(math.pi), math.cos(math.pi), math.sin(math.pi / 10), math.cos(math.pi / 10)] * 2
+    half = [
+        math.sin(math.pi),
+        math.cos(math.pi),
+        math.sin(math.pi / 10),
+        math.cos(math.pi / 10),
+    ] * 2
     assert torch.allclose(small[0, :, 0, 0], torch.tensor(half), atol=1e-5)
     assert torch.allclose(large[0, :, 1, 1], torch.tensor(half), atol=1e-5)
 
@@ -78,7 +107,9 @@ def test_sine_encoding_refuses_bad_arguments():
 
 # --------------------------------------------------------------------------- encoder pieces
 def test_reference_points_are_pixel_centres_on_every_level():
-    points = token_reference_points([(1, 2), (2, 1)], batch=3, device=torch.device("cpu"), dtype=torch.float32)
+    points = token_reference_points(
+        [(1, 2), (2, 1)], batch=3, device=torch.device("cpu"), dtype=torch.float32
+    )
     assert points.shape == (3, 4, 2, 2)
     expected = torch.tensor([[0.25, 0.5], [0.75, 0.5], [0.5, 0.25], [0.5, 0.75]])
     assert torch.equal(points[2, :, 0], expected) and torch.equal(points[0, :, 1], expected)
@@ -92,9 +123,13 @@ def test_pixel_decoder_output_shapes_and_strides(size):
     height, width = size
     mask_features, multi_scale = decoder.forward_features(features_for(height, width))
     assert mask_features.shape == (2, 20, height // 4, width // 4)
-    assert [tuple(f.shape) for f in multi_scale] == [(2, 32, height // s, width // s) for s in (32, 16, 8)]
+    assert [tuple(f.shape) for f in multi_scale] == [
+        (2, 32, height // s, width // s) for s in (32, 16, 8)
+    ]
     assert torch.isfinite(mask_features).all() and all(torch.isfinite(f).all() for f in multi_scale)
-    assert decoder.transformer_in_features == ["res5", "res4", "res3"] and decoder.fpn_features == ["res2"]
+    assert decoder.transformer_in_features == ["res5", "res4", "res3"] and decoder.fpn_features == [
+        "res2"
+    ]
 
 
 def test_levels_exchange_information_in_the_encoder():
@@ -104,11 +139,15 @@ def test_levels_exchange_information_in_the_encoder():
     features = features_for(64, 64)
     _, before = decoder(features)
     # (A constant shift would vanish in the input projection's GroupNorm: perturb with noise.)
-    features["res5"] = features["res5"] + torch.randn(features["res5"].shape, generator=torch.Generator().manual_seed(1))
+    features["res5"] = features["res5"] + torch.randn(
+        features["res5"].shape, generator=torch.Generator().manual_seed(1)
+    )
     _, after = decoder(features)
     assert not torch.allclose(before[2], after[2], atol=1e-4)  # stride 8 saw the stride-32 change
     # Without the encoder (input projection alone) the stride-8 level ignores res5 entirely.
-    assert torch.equal(decoder.input_proj[2](features["res3"]), decoder.input_proj[2](features_for(64, 64)["res3"]))
+    assert torch.equal(
+        decoder.input_proj[2](features["res3"]), decoder.input_proj[2](features_for(64, 64)["res3"])
+    )
 
 
 def test_gradient_reaches_every_input_and_parameter():
@@ -136,7 +175,9 @@ def test_positions_steer_sampling_once_the_offsets_have_learned():
             layer.self_attn.attention_weights.weight.normal_(std=0.1)
     mask_features, _ = decoder(features_for(64, 64))
     mask_features.square().mean().backward()
-    assert decoder.level_embed.grad[0].abs().sum() > 0 and decoder.level_embed.grad[2].abs().sum() > 0
+    assert (
+        decoder.level_embed.grad[0].abs().sum() > 0 and decoder.level_embed.grad[2].abs().sum() > 0
+    )
 
 
 def test_msda_impl_reaches_every_encoder_layer():
@@ -145,7 +186,9 @@ def test_msda_impl_reaches_every_encoder_layer():
     assert [layer.self_attn.n_levels for layer in decoder.encoder.layers] == [3, 3]
 
 
-@pytest.mark.skipif(msda_extension_info() == "missing", reason="the compiled ms_deform_attn extension is not built")
+@pytest.mark.skipif(
+    msda_extension_info() == "missing", reason="the compiled ms_deform_attn extension is not built"
+)
 def test_compiled_kernel_and_reference_give_the_same_decoder_output():
     torch.manual_seed(0)
     reference = MSDeformAttnPixelDecoder(SHAPES, **dict(TINY, msda_impl="pytorch")).eval()

@@ -1,4 +1,5 @@
 """TextEncoder: a tiny RoBERTa written offline into tmp_path (no download anywhere)."""
+
 import pytest
 import torch
 from detectron2.config import get_cfg
@@ -25,8 +26,16 @@ HIDDEN = 32
 def encoder_dir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("text") / "tiny_roberta"
     write_local_text_encoder(
-        str(directory), CORPUS, vocab_size=300, hidden_size=HIDDEN, num_layers=1, num_heads=2,
-        intermediate_size=64, max_tokens=20, save_weights=True, seed=0,
+        str(directory),
+        CORPUS,
+        vocab_size=300,
+        hidden_size=HIDDEN,
+        num_layers=1,
+        num_heads=2,
+        intermediate_size=64,
+        max_tokens=20,
+        save_weights=True,
+        seed=0,
     )
     return str(directory)
 
@@ -69,7 +78,9 @@ def test_padding_does_not_change_the_real_tokens_features(encoder_dir):
     batch = encoder.tokenize(["two green spheres"])
     length = int(batch["attention_mask"].sum())
     padded, _ = encoder(batch["input_ids"], batch["attention_mask"])
-    unpadded, pad_mask = encoder(batch["input_ids"][:, :length], batch["attention_mask"][:, :length])
+    unpadded, pad_mask = encoder(
+        batch["input_ids"][:, :length], batch["attention_mask"][:, :length]
+    )
     assert not pad_mask.any()
     assert torch.allclose(padded[:, :length], unpadded, atol=1e-5)
 
@@ -103,11 +114,17 @@ def test_freeze_keeps_the_transformer_fixed_and_the_projection_trainable(encoder
 def test_pretrained_loads_the_directory_weights_and_random_does_not(encoder_dir):
     from transformers import AutoModel
 
-    saved = AutoModel.from_pretrained(encoder_dir, local_files_only=True).embeddings.word_embeddings.weight
+    saved = AutoModel.from_pretrained(
+        encoder_dir, local_files_only=True
+    ).embeddings.word_embeddings.weight
     torch.manual_seed(123)
-    pretrained = make_encoder(encoder_dir, pretrained=True).transformer.embeddings.word_embeddings.weight
+    pretrained = make_encoder(
+        encoder_dir, pretrained=True
+    ).transformer.embeddings.word_embeddings.weight
     torch.manual_seed(123)
-    random = make_encoder(encoder_dir, pretrained=False).transformer.embeddings.word_embeddings.weight
+    random = make_encoder(
+        encoder_dir, pretrained=False
+    ).transformer.embeddings.word_embeddings.weight
     assert torch.equal(pretrained, saved)
     assert random.shape == saved.shape and not torch.allclose(random, saved)
 

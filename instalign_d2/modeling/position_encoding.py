@@ -10,6 +10,7 @@ normalised to ``(0, scale]``) and channel ``i``,
 The row channels come first, then the column channels. Both the pixel decoder and the POT
 decoder use it for their visual tokens.
 """
+
 from __future__ import annotations
 
 import math
@@ -42,7 +43,9 @@ class PositionEmbeddingSine(nn.Module):
     ):
         super().__init__()
         if scale is not None and not normalize:
-            raise ValueError("PositionEmbeddingSine: scale only applies with normalize=True; pass normalize=True or drop scale.")
+            raise ValueError(
+                "PositionEmbeddingSine: scale only applies with normalize=True; pass normalize=True or drop scale."
+            )
         if num_pos_feats <= 0 or num_pos_feats % 2:
             raise ValueError(
                 f"PositionEmbeddingSine: num_pos_feats must be a positive even number (sin/cos pairs), got {num_pos_feats}"
@@ -56,7 +59,9 @@ class PositionEmbeddingSine(nn.Module):
         """``x`` (B, C, H, W) gives the size, device and dtype; ``mask`` (B, H, W) bool marks
         padding (True) and is all False when None. Returns (B, 2 * num_pos_feats, H, W)."""
         if x.dim() != 4:
-            raise ValueError(f"PositionEmbeddingSine: x must be (B, C, H, W), got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"PositionEmbeddingSine: x must be (B, C, H, W), got shape {tuple(x.shape)}"
+            )
         batch, _, height, width = x.shape
         if mask is None:
             mask = torch.zeros((batch, height, width), dtype=torch.bool, device=x.device)

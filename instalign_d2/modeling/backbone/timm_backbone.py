@@ -13,6 +13,7 @@ Three things timm does differently from Mask2Former's Swin, handled here:
   as Mask2Former's Swin does.
 * Mask2Former adds a LayerNorm after each returned Swin stage; ``norm_outputs`` does the same.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -72,7 +73,7 @@ def _resolve_weights_path(path: str, model_name: str) -> str:
         raise FileNotFoundError(
             f"MODEL.TIMM.PRETRAINED_WEIGHTS={path!r}: no such file ({os.path.abspath(resolved)}). Give the path "
             f"of a local .pth / .safetensors checkpoint of {model_name!r} (timm's or the original release), "
-            "or \"\" for random initialisation."
+            'or "" for random initialisation.'
         )
     return resolved
 
@@ -135,14 +136,18 @@ class TimmBackbone(Backbone):
             kwargs.setdefault("img_size", img_size)
             # Build the attention masks for the actual input size, so sizes other than img_size run too.
             kwargs.setdefault("dynamic_img_size", True)
-        weights = _resolve_weights_path(pretrained_weights, model_name) if pretrained_weights else ""
+        weights = (
+            _resolve_weights_path(pretrained_weights, model_name) if pretrained_weights else ""
+        )
         if weights:
             # timm's own loader: it reads .pth/.safetensors, unwraps {"model": ...}, and applies the
             # model's checkpoint filter (Swin: original-release key names, window-size resizing).
             kwargs["pretrained_cfg_overlay"] = dict(file=weights)
         try:
             with _collect_timm_load_messages() as load_messages:
-                self.body = timm.create_model(model_name, pretrained=bool(weights), features_only=True, **kwargs)
+                self.body = timm.create_model(
+                    model_name, pretrained=bool(weights), features_only=True, **kwargs
+                )
         except TypeError as error:
             raise TypeError(
                 f"TimmBackbone: timm.create_model({model_name!r}, features_only=True, **{sorted(kwargs)}) failed: "
@@ -165,12 +170,16 @@ class TimmBackbone(Backbone):
                 )
             self._stage_index[name] = matches[-1]
         self._out_feature_strides = {name: FEATURE_STRIDES[name] for name in self._out_features}
-        self._out_feature_channels = {name: channels[self._stage_index[name]] for name in self._out_features}
+        self._out_feature_channels = {
+            name: channels[self._stage_index[name]] for name in self._out_features
+        }
         self._channels_last = str(getattr(self.body, "output_fmt", "NCHW")).endswith("NHWC")
         self._size_divisibility = max(reductions)
 
         self.output_norms = nn.ModuleDict(
-            {name: nn.LayerNorm(self._out_feature_channels[name]) for name in self._out_features} if norm_outputs else {}
+            {name: nn.LayerNorm(self._out_feature_channels[name]) for name in self._out_features}
+            if norm_outputs
+            else {}
         )
         if freeze:
             # Only the timm trunk: the output norms are new layers with nothing pretrained to keep.
@@ -195,7 +204,9 @@ class TimmBackbone(Backbone):
             "freeze": timm_cfg.FREEZE,
             "drop_path_rate": timm_cfg.DROP_PATH_RATE,
             # YAML gives lists where timm's signatures say tuples (depths, num_heads, ...).
-            "model_kwargs": {k: tuple(v) if isinstance(v, list) else v for k, v in timm_cfg.KWARGS.items()},
+            "model_kwargs": {
+                k: tuple(v) if isinstance(v, list) else v for k, v in timm_cfg.KWARGS.items()
+            },
         }
 
     def _report_weight_loading(self, path: str, records: List[logging.LogRecord]) -> None:
@@ -210,16 +221,28 @@ class TimmBackbone(Backbone):
             message = record.getMessage()
             parsed = _UNMATCHED_KEYS.match(message)
             if parsed is None:
-                if record.levelno >= logging.WARNING:  # timm changed its wording: pass its warnings on as is
+                if (
+                    record.levelno >= logging.WARNING
+                ):  # timm changed its wording: pass its warnings on as is
                     logger.warning("TimmBackbone (%s): %s", os.path.basename(path), message[:2000])
                 continue
-            keys = [key for key in parsed.group(2).split(", ") if not key.startswith(tuple(c + "." for c in classifier))]
+            keys = [
+                key
+                for key in parsed.group(2).split(", ")
+                if not key.startswith(tuple(c + "." for c in classifier))
+            ]
             if keys:
                 # Missing keys leave random weights behind: the user should see them.
-                shown = ", ".join(keys[:20]) + (f", ... ({len(keys) - 20} more)" if len(keys) > 20 else "")
+                shown = ", ".join(keys[:20]) + (
+                    f", ... ({len(keys) - 20} more)" if len(keys) > 20 else ""
+                )
                 logger.warning(
                     "TimmBackbone: %d %s key(s) when loading %s into %s: %s",
-                    len(keys), parsed.group(1).lower(), path, self.model_name, shown,
+                    len(keys),
+                    parsed.group(1).lower(),
+                    path,
+                    self.model_name,
+                    shown,
                 )
 
     @property
@@ -239,7 +262,9 @@ class TimmBackbone(Backbone):
     def forward(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
         """``images`` (B, 3, H, W) with H and W divisible by 32 -> dict of NCHW maps."""
         if images.dim() != 4:
-            raise ValueError(f"TimmBackbone: expects images (B, 3, H, W), got shape {tuple(images.shape)}")
+            raise ValueError(
+                f"TimmBackbone: expects images (B, 3, H, W), got shape {tuple(images.shape)}"
+            )
         height, width = images.shape[-2:]
         if height % self._size_divisibility or width % self._size_divisibility:
             raise ValueError(
@@ -253,7 +278,9 @@ class TimmBackbone(Backbone):
             if name in self.output_norms:
                 if not self._channels_last:
                     feature = feature.permute(0, 2, 3, 1)
-                feature = self.output_norms[name](feature)  # LayerNorm runs over the last (channel) axis
+                feature = self.output_norms[name](
+                    feature
+                )  # LayerNorm runs over the last (channel) axis
                 feature = feature.permute(0, 3, 1, 2)
             elif self._channels_last:
                 feature = feature.permute(0, 3, 1, 2)

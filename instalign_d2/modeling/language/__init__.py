@@ -1,4 +1,5 @@
 """Text encoder (transformers AutoModel) and its tokenizer."""
+
 from .local_encoder import is_text_encoder_dir, write_local_text_encoder
 from .text_encoder import TextEncoder, build_text_encoder
 from .tokenizer import TextEncoderNotFoundError, load_tokenizer, resolve_text_encoder, tokenize

@@ -4,6 +4,7 @@ Paper §3.2: RoBERTa embeds the expression into word features ``T0 in R^{L x C}`
 transformer comes from a local directory (``MODEL.TEXT_ENCODER.NAME``) -- never a download --
 and a linear layer maps its hidden size to the decoder's C.
 """
+
 from __future__ import annotations
 
 import logging
@@ -47,12 +48,22 @@ class TextEncoder(nn.Module):
     """
 
     @configurable
-    def __init__(self, *, name: str, out_dim: int, max_tokens: int = 20, pretrained: bool = True, freeze: bool = False):
+    def __init__(
+        self,
+        *,
+        name: str,
+        out_dim: int,
+        max_tokens: int = 20,
+        pretrained: bool = True,
+        freeze: bool = False,
+    ):
         super().__init__()
         from transformers import AutoConfig, AutoModel
 
         if max_tokens < 3:
-            raise ValueError(f"TextEncoder: MODEL.TEXT_ENCODER.MAX_TOKENS={max_tokens} leaves no room for words next to <s> and </s>")
+            raise ValueError(
+                f"TextEncoder: MODEL.TEXT_ENCODER.MAX_TOKENS={max_tokens} leaves no room for words next to <s> and </s>"
+            )
         path = resolve_text_encoder(name)
         self.name = name
         self.max_tokens = int(max_tokens)
@@ -71,7 +82,10 @@ class TextEncoder(nn.Module):
             self.transformer = AutoModel.from_pretrained(path, local_files_only=True)
         else:
             self.transformer = AutoModel.from_config(config)
-            logger.info("TextEncoder: %s built from its config with random weights (PRETRAINED: False)", name)
+            logger.info(
+                "TextEncoder: %s built from its config with random weights (PRETRAINED: False)",
+                name,
+            )
         # The sentence pooler is never used; left in, its weights get no gradient, which
         # DistributedDataParallel rejects unless it searches for unused parameters every step.
         if getattr(self.transformer, "pooler", None) is not None:
@@ -111,7 +125,9 @@ class TextEncoder(nn.Module):
             raise TypeError("TextEncoder.tokenize: pass a list of sentences, not one string")
         return tokenize(self.tokenizer, sentences, self.max_tokens)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
         """``input_ids`` (B, L) int64 and ``attention_mask`` (B, L), 1 = real token ->
         ``(features (B, L, out_dim), pad_mask (B, L) bool, True = padding)``."""
         if input_ids.dim() != 2 or tuple(attention_mask.shape) != tuple(input_ids.shape):
@@ -120,13 +136,19 @@ class TextEncoder(nn.Module):
                 f"and {tuple(attention_mask.shape)}"
             )
         if input_ids.is_floating_point():
-            raise TypeError(f"TextEncoder: input_ids must be integer token ids, got {input_ids.dtype}")
+            raise TypeError(
+                f"TextEncoder: input_ids must be integer token ids, got {input_ids.dtype}"
+            )
         mask = attention_mask.long()
         if self.freeze:
             with torch.no_grad():  # no activations kept for a backward that never reaches it
-                hidden = self.transformer(input_ids=input_ids.long(), attention_mask=mask).last_hidden_state
+                hidden = self.transformer(
+                    input_ids=input_ids.long(), attention_mask=mask
+                ).last_hidden_state
         else:
-            hidden = self.transformer(input_ids=input_ids.long(), attention_mask=mask).last_hidden_state
+            hidden = self.transformer(
+                input_ids=input_ids.long(), attention_mask=mask
+            ).last_hidden_state
         return self.projection(hidden), mask == 0
 
 

@@ -1,4 +1,5 @@
 """Registry of pixel decoders, chosen by ``MODEL.SEM_SEG_HEAD.NAME`` (Mask2Former's key)."""
+
 from __future__ import annotations
 
 from typing import Dict
@@ -21,7 +22,9 @@ def build_pixel_decoder(cfg, input_shape: Dict[str, ShapeSpec]):
     name = cfg.MODEL.SEM_SEG_HEAD.NAME
     if name not in PIXEL_DECODER_REGISTRY:
         known = sorted(entry for entry, _ in PIXEL_DECODER_REGISTRY)
-        raise KeyError(f"MODEL.SEM_SEG_HEAD.NAME={name!r} is not a registered pixel decoder; choose one of {known}")
+        raise KeyError(
+            f"MODEL.SEM_SEG_HEAD.NAME={name!r} is not a registered pixel decoder; choose one of {known}"
+        )
     decoder = PIXEL_DECODER_REGISTRY.get(name)(cfg, input_shape)
     if not callable(getattr(decoder, "forward_features", None)):
         raise TypeError(f"pixel decoder {name!r} has no forward_features(features) method")

@@ -4,6 +4,7 @@ Every token of every level attends, through multi-scale deformable attention, to
 points around its own position on all levels; then an FFN. Post-norm residual blocks, as in
 Deformable DETR and Mask2Former.
 """
+
 from __future__ import annotations
 
 from typing import List, Optional, Sequence, Tuple
@@ -49,7 +50,9 @@ class DeformableEncoderLayer(nn.Module):
         msda_impl: str = "auto",
     ):
         super().__init__()
-        self.self_attn = MSDeformAttn(d_model=d_model, n_levels=n_levels, n_heads=n_heads, n_points=n_points, impl=msda_impl)
+        self.self_attn = MSDeformAttn(
+            d_model=d_model, n_levels=n_levels, n_heads=n_heads, n_points=n_points, impl=msda_impl
+        )
         self.dropout1 = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
         self.ffn = nn.Sequential(
@@ -75,7 +78,9 @@ class DeformableEncoderLayer(nn.Module):
         padding_mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         # Positions steer where to sample (the query), not what is read (the values).
-        attended = self.self_attn(tokens + pos, reference_points, tokens, spatial_shapes, level_start_index, padding_mask)
+        attended = self.self_attn(
+            tokens + pos, reference_points, tokens, spatial_shapes, level_start_index, padding_mask
+        )
         tokens = self.norm1(tokens + self.dropout1(attended))
         return self.norm2(tokens + self.dropout2(self.ffn(tokens)))
 
@@ -86,8 +91,12 @@ class DeformableEncoder(nn.Module):
     def __init__(self, num_layers: int = 6, **layer_kwargs):
         super().__init__()
         if num_layers < 1:
-            raise ValueError(f"DeformableEncoder: needs at least one layer (MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS), got {num_layers}")
-        self.layers = nn.ModuleList(DeformableEncoderLayer(**layer_kwargs) for _ in range(num_layers))
+            raise ValueError(
+                f"DeformableEncoder: needs at least one layer (MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS), got {num_layers}"
+            )
+        self.layers = nn.ModuleList(
+            DeformableEncoderLayer(**layer_kwargs) for _ in range(num_layers)
+        )
 
     def forward(
         self,
@@ -98,9 +107,14 @@ class DeformableEncoder(nn.Module):
         padding_mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """``tokens``, ``pos`` (B, S, C): the levels' flattened maps and their positions;
-        ``spatial_shapes`` (levels, 2) int64 (H, W); ``level_start_index`` (levels,). -> (B, S, C)."""
+        ``spatial_shapes`` (levels, 2) int64 (H, W); ``level_start_index`` (levels,). -> (B, S, C).
+        """
         shapes = [tuple(int(v) for v in hw) for hw in spatial_shapes.tolist()]
-        reference_points = token_reference_points(shapes, tokens.shape[0], tokens.device, tokens.dtype)
+        reference_points = token_reference_points(
+            shapes, tokens.shape[0], tokens.device, tokens.dtype
+        )
         for layer in self.layers:
-            tokens = layer(tokens, pos, reference_points, spatial_shapes, level_start_index, padding_mask)
+            tokens = layer(
+                tokens, pos, reference_points, spatial_shapes, level_start_index, padding_mask
+            )
         return tokens

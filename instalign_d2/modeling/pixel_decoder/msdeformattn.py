@@ -8,6 +8,7 @@ The stride-4 map joins FPN-style: a lateral 1x1 conv plus the upsampled stride-8
 In the paper's notation (DESIGN.md §1.2): the encoder outputs at strides 32, 16, 8 are
 ``V1, V2, V3`` -- the maps the POT blocks attend to in turn -- and the mask features are ``V4``.
 """
+
 from __future__ import annotations
 
 import math
@@ -82,7 +83,9 @@ class MSDeformAttnPixelDecoder(nn.Module):
         by_stride = sorted(input_shape.items(), key=lambda item: item[1].stride)
         self.in_features = [name for name, _ in by_stride]
         # The encoder's levels run from coarse to fine (res5, res4, res3): the order of V1..V3.
-        self.transformer_in_features = sorted(transformer_in_features, key=lambda name: -input_shape[name].stride)
+        self.transformer_in_features = sorted(
+            transformer_in_features, key=lambda name: -input_shape[name].stride
+        )
         self.common_stride = common_stride
         self.conv_dim = conv_dim
         self.mask_dim = mask_dim
@@ -114,9 +117,15 @@ class MSDeformAttnPixelDecoder(nn.Module):
         )
 
         # FPN levels: the backbone maps finer than the encoder's finest, down to common_stride.
-        finest_encoder_stride = min(input_shape[name].stride for name in self.transformer_in_features)
-        num_fpn_levels = max(0, int(round(math.log2(finest_encoder_stride) - math.log2(common_stride))))
-        fpn_candidates = [name for name in self.in_features if input_shape[name].stride < finest_encoder_stride]
+        finest_encoder_stride = min(
+            input_shape[name].stride for name in self.transformer_in_features
+        )
+        num_fpn_levels = max(
+            0, int(round(math.log2(finest_encoder_stride) - math.log2(common_stride)))
+        )
+        fpn_candidates = [
+            name for name in self.in_features if input_shape[name].stride < finest_encoder_stride
+        ]
         if len(fpn_candidates) < num_fpn_levels:
             raise ValueError(
                 f"MSDeformAttnPixelDecoder: mask features at stride {common_stride} (MODEL.SEM_SEG_HEAD.COMMON_STRIDE) "
@@ -129,9 +138,21 @@ class MSDeformAttnPixelDecoder(nn.Module):
         self.lateral_convs = nn.ModuleList()
         self.output_convs = nn.ModuleList()
         for name in self.fpn_features:
-            lateral = Conv2d(input_shape[name].channels, conv_dim, kernel_size=1, bias=use_bias, norm=get_norm(norm, conv_dim))
+            lateral = Conv2d(
+                input_shape[name].channels,
+                conv_dim,
+                kernel_size=1,
+                bias=use_bias,
+                norm=get_norm(norm, conv_dim),
+            )
             output = Conv2d(
-                conv_dim, conv_dim, kernel_size=3, padding=1, bias=use_bias, norm=get_norm(norm, conv_dim), activation=F.relu
+                conv_dim,
+                conv_dim,
+                kernel_size=3,
+                padding=1,
+                bias=use_bias,
+                norm=get_norm(norm, conv_dim),
+                activation=F.relu,
             )
             weight_init.c2_xavier_fill(lateral)
             weight_init.c2_xavier_fill(output)
@@ -171,36 +192,52 @@ class MSDeformAttnPixelDecoder(nn.Module):
         tokens, positions, shapes = [], [], []
         for level, name in enumerate(self.transformer_in_features):
             projected = self.input_proj[level](features[name])
-            position = self.position_embedding(projected) + self.level_embed[level].view(1, -1, 1, 1)
+            position = self.position_embedding(projected) + self.level_embed[level].view(
+                1, -1, 1, 1
+            )
             shapes.append(projected.shape[-2:])
             tokens.append(projected.flatten(2).transpose(1, 2))  # (B, h*w, C)
             positions.append(position.flatten(2).transpose(1, 2))
         device = tokens[0].device
-        spatial_shapes = torch.as_tensor([tuple(shape) for shape in shapes], dtype=torch.long, device=device)
+        spatial_shapes = torch.as_tensor(
+            [tuple(shape) for shape in shapes], dtype=torch.long, device=device
+        )
         sizes = [int(h) * int(w) for h, w in shapes]
-        level_start_index = torch.as_tensor([sum(sizes[:i]) for i in range(len(sizes))], dtype=torch.long, device=device)
+        level_start_index = torch.as_tensor(
+            [sum(sizes[:i]) for i in range(len(sizes))], dtype=torch.long, device=device
+        )
 
-        memory = self.encoder(torch.cat(tokens, 1), torch.cat(positions, 1), spatial_shapes, level_start_index)
+        memory = self.encoder(
+            torch.cat(tokens, 1), torch.cat(positions, 1), spatial_shapes, level_start_index
+        )
         batch = memory.shape[0]
         return [
             level_tokens.transpose(1, 2).reshape(batch, self.conv_dim, int(h), int(w))
             for level_tokens, (h, w) in zip(memory.split(sizes, dim=1), shapes)
         ]
 
-    def forward_features(self, features: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    def forward_features(
+        self, features: Dict[str, torch.Tensor]
+    ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """``features``: backbone maps by name (NCHW). Returns ``mask_features``
         (B, mask_dim, H/common_stride, W/common_stride) and ``multi_scale_features``, the
         ``num_decoder_levels`` (3) maps (B, conv_dim, h, w) at strides 32, 16, 8 in that order."""
         needed = self.transformer_in_features + self.fpn_features
         absent = [name for name in needed if name not in features]
         if absent:
-            raise KeyError(f"MSDeformAttnPixelDecoder: backbone features {absent} missing; got {sorted(features)}")
+            raise KeyError(
+                f"MSDeformAttnPixelDecoder: backbone features {absent} missing; got {sorted(features)}"
+            )
 
         outputs = self._encode(features)
-        for name, lateral_conv, output_conv in zip(self.fpn_features, self.lateral_convs, self.output_convs):
+        for name, lateral_conv, output_conv in zip(
+            self.fpn_features, self.lateral_convs, self.output_convs
+        ):
             lateral = lateral_conv(features[name])
             # Interpolate to the exact size: odd map sizes do not halve evenly.
-            upsampled = F.interpolate(outputs[-1], size=lateral.shape[-2:], mode="bilinear", align_corners=False)
+            upsampled = F.interpolate(
+                outputs[-1], size=lateral.shape[-2:], mode="bilinear", align_corners=False
+            )
             outputs.append(output_conv(lateral + upsampled))
         return self.mask_features(outputs[-1]), outputs[: self.num_decoder_levels]
 
