@@ -1,0 +1,190 @@
+"""The GRES mapper: one dataset dict (one expression) -> the model's input (docs/interfaces.md §2).
+
+Reads the image (3-channel uint8, EXIF applied), resizes it to S x S (``INPUT.IMAGE_SIZE``,
+bilinear) and the instance masks with it (nearest, through :mod:`instalign_d2.data.masks`, so
+they equal pycocotools' decode bit for bit), and tokenises the expression with the text
+encoder's own tokenizer (its pad id, e.g. RoBERTa's 1, and its attention mask).
+
+A sample whose image is missing or unreadable is logged with its ref id. The train mapper
+returns None (Detectron2's ``MapDataset`` then draws another sample); the test mapper returns
+the sample with ``skipped_reason`` and an all-zero image, so the evaluator can count it.
+"""
+from __future__ import annotations
+
+import logging
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from detectron2.config import configurable
+from detectron2.data import transforms as T
+from detectron2.structures import Instances
+from PIL import Image
+
+from instalign_d2.data.augmentation import CROP_TRIES, MIN_TARGET_KEPT, build_gres_augmentations
+from instalign_d2.data.image_io import read_image_uint8
+from instalign_d2.data.masks import instance_masks, transform_masks
+from instalign_d2.modeling.language.tokenizer import load_tokenizer, tokenize
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["GRESDatasetMapper"]
+
+# Dataset-dict fields copied to the output unchanged (when present).
+PASSTHROUGH_KEYS = (
+    "file_name", "height", "width", "image_id", "sentence", "empty", "expression_kind", "source",
+    "refzom_kind", "expression_template",
+)
+EVAL_RESOLUTIONS = ("input", "original")
+
+
+class GRESDatasetMapper:
+    """Map a GRES dataset dict to ``image``, ``instances``, ``gt_mask_merged``, tokens, ...
+
+    Build it from a config (``GRESDatasetMapper(cfg, is_train)``) or from plain arguments.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        is_train: bool = True,
+        *,
+        image_size: int,
+        text_encoder_name: str,
+        max_tokens: int,
+        image_format: str = "RGB",
+        augmentations: Sequence[T.Augmentation] = (),
+        eval_resolution: str = "input",
+    ):
+        """
+        Args:
+            is_train: train mapper (bad samples -> None, augmentation) or test mapper.
+            image_size: S, the side of the square model input.
+            text_encoder_name: MODEL.TEXT_ENCODER.NAME (a local transformers directory).
+            max_tokens: MODEL.TEXT_ENCODER.MAX_TOKENS.
+            image_format: INPUT.FORMAT, "RGB" or "BGR".
+            augmentations: train-time augmentations applied before the resize.
+            eval_resolution: TEST.EVAL_RESOLUTION; "original" adds ``gt_mask_merged_original``
+                to the test mapper's output.
+        """
+        if eval_resolution not in EVAL_RESOLUTIONS:
+            raise ValueError(f"TEST.EVAL_RESOLUTION={eval_resolution!r}: expected one of {EVAL_RESOLUTIONS}")
+        if int(image_size) <= 0:
+            raise ValueError(f"INPUT.IMAGE_SIZE={image_size}: expected a positive size")
+        self.is_train = bool(is_train)
+        self.image_size = int(image_size)
+        self.text_encoder_name = text_encoder_name
+        self.max_tokens = int(max_tokens)
+        self.image_format = image_format
+        self.augmentations = list(augmentations) if self.is_train else []
+        self.eval_resolution = eval_resolution
+        self.num_skipped = 0  # samples of this worker whose image could not be read
+        mode = "train" if self.is_train else "test"
+        logger.info(f"[GRESDatasetMapper] {mode}: {self.image_size}x{self.image_size}, augmentations {self.augmentations}")
+
+    @classmethod
+    def from_config(cls, cfg, is_train: bool = True):
+        augment = cfg.INPUT.AUGMENT
+        return {
+            "is_train": is_train,
+            "image_size": cfg.INPUT.IMAGE_SIZE,
+            "image_format": cfg.INPUT.FORMAT,
+            "text_encoder_name": cfg.MODEL.TEXT_ENCODER.NAME,
+            "max_tokens": cfg.MODEL.TEXT_ENCODER.MAX_TOKENS,
+            "augmentations": build_gres_augmentations(
+                enabled=bool(augment.ENABLED) and is_train,
+                scale_range=tuple(augment.SCALE_RANGE),
+                brightness=augment.BRIGHTNESS,
+                contrast=augment.CONTRAST,
+                saturation=augment.SATURATION,
+            ),
+            "eval_resolution": cfg.TEST.EVAL_RESOLUTION,
+        }
+
+    @property
+    def tokenizer(self):
+        # Loaded on first use (cached per name), so the mapper stays cheap to build and to pickle.
+        return load_tokenizer(self.text_encoder_name)
+
+    # ------------------------------------------------------------------------- steps
+    def _read_image(self, dataset_dict: dict) -> Tuple[Optional[np.ndarray], str]:
+        """The image, or None and a one-line reason."""
+        file_name = dataset_dict["file_name"]
+        try:
+            image = read_image_uint8(file_name, self.image_format)
+        except FileNotFoundError:
+            return None, f"image not found: {file_name}"
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            return None, f"unreadable image {file_name}: {type(e).__name__}: {e}"
+        expected = (dataset_dict["height"], dataset_dict["width"])
+        if image.shape[:2] != expected:
+            return None, (
+                f"image {file_name} is {image.shape[1]}x{image.shape[0]} but its annotation says "
+                f"{expected[1]}x{expected[0]} (wrong file or EXIF rotation)"
+            )
+        return image, ""
+
+    def _augment(self, image: np.ndarray, masks: np.ndarray) -> T.Transform:
+        """Train-time transforms at the original size; a crop must keep most of every target."""
+        if not self.augmentations:
+            return T.TransformList([])
+        areas = masks.reshape(len(masks), -1).sum(1)
+        for _ in range(CROP_TRIES):
+            transforms = T.AugmentationList(self.augmentations)(T.AugInput(image))
+            kept = transform_masks(masks, transforms).reshape(len(masks), -1).sum(1)
+            if np.all(kept >= MIN_TARGET_KEPT * areas):
+                return transforms
+        # No crop kept the targets: keep only the photometric part.
+        photometric = [a for a in self.augmentations if not isinstance(a, T.RandomCrop)]
+        return T.AugmentationList(photometric)(T.AugInput(image))
+
+    def _skip(self, dataset_dict: dict, reason: str) -> None:
+        self.num_skipped += 1
+        sentence = dataset_dict.get("sentence", {})
+        logger.warning(
+            "skipping ref %s (sentence %s): %s [%d skipped by this %s mapper]",
+            sentence.get("ref_id"), sentence.get("sent_id"), reason, self.num_skipped,
+            "train" if self.is_train else "test",
+        )
+
+    # ------------------------------------------------------------------------- call
+    def __call__(self, dataset_dict: dict) -> Optional[dict]:
+        """The model input of one expression (the input dict is not modified)."""
+        height, width = dataset_dict["height"], dataset_dict["width"]
+        annotations = dataset_dict.get("annotations") or []
+        image, reason = self._read_image(dataset_dict)
+        if image is None:
+            self._skip(dataset_dict, reason)
+            if self.is_train:
+                return None
+            image = np.zeros((height, width, 3), dtype=np.uint8)
+        masks = instance_masks(annotations, height, width)  # bool (M, H, W)
+
+        size = self.image_size
+        transforms = self._augment(image, masks) if self.is_train else T.TransformList([])
+        image = transforms.apply_image(image)
+        resize = T.ResizeTransform(image.shape[0], image.shape[1], size, size, interp=Image.BILINEAR)
+        transforms = transforms + resize
+        image = resize.apply_image(image)
+        gt_masks = transform_masks(masks, transforms)  # bool (M, S, S), nearest
+
+        record = {key: dataset_dict[key] for key in PASSTHROUGH_KEYS if key in dataset_dict}
+        record["empty"] = bool(dataset_dict.get("empty", not annotations))
+        record["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        instances = Instances((size, size))
+        instances.gt_masks = torch.from_numpy(np.ascontiguousarray(gt_masks))
+        instances.gt_classes = torch.tensor([a["category_id"] for a in annotations], dtype=torch.int64)
+        record["instances"] = instances
+        record["gt_mask_merged"] = torch.from_numpy(gt_masks.any(axis=0)) if len(gt_masks) else torch.zeros(
+            (size, size), dtype=torch.bool
+        )
+        if not self.is_train and self.eval_resolution == "original":
+            record["gt_mask_merged_original"] = torch.from_numpy(masks.any(axis=0)) if len(masks) else torch.zeros(
+                (height, width), dtype=torch.bool
+            )
+        tokens = tokenize(self.tokenizer, [dataset_dict["sentence"]["raw"]], self.max_tokens)
+        record["input_ids"] = tokens["input_ids"][0]
+        record["attention_mask"] = tokens["attention_mask"][0]
+        if reason:  # test mapper only (the train mapper returned None); the image is all zeros
+            record["skipped_reason"] = reason
+        return record

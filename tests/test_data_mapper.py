@@ -1,0 +1,207 @@
+"""GRESDatasetMapper: shapes, dtypes and values of train and test outputs, bad samples, image modes."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+from detectron2.config import get_cfg
+from detectron2.data import transforms as T
+from PIL import Image
+
+from instalign_d2.config import add_instalign_config
+from instalign_d2.data.dataset_mapper import GRESDatasetMapper
+from instalign_d2.data.image_io import read_image_uint8
+from instalign_d2.data.masks import instance_masks, mask_to_rle, merged_mask
+from instalign_d2.modeling.language.local_encoder import write_local_text_encoder
+from instalign_d2.modeling.language.tokenizer import load_tokenizer
+
+H, W, S, MAX_TOKENS = 24, 36, 16, 12
+CORPUS = ["the red circle", "the blue square and the red circle", "all triangles", "the green star on the left"]
+
+
+@pytest.fixture(scope="module")
+def text_encoder(tmp_path_factory):
+    return write_local_text_encoder(str(tmp_path_factory.mktemp("enc") / "text_encoder"), CORPUS, max_tokens=MAX_TOKENS)
+
+
+@pytest.fixture(scope="module")
+def sample_image(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, size=(H, W, 3), dtype=np.uint8)
+    path = tmp_path_factory.mktemp("img") / "image.png"
+    Image.fromarray(pixels).save(path)
+    return str(path), pixels
+
+
+def _box(y0, y1, x0, x1):
+    mask = np.zeros((H, W), bool)
+    mask[y0:y1, x0:x1] = True
+    return mask
+
+
+ANNOTATIONS = [
+    {"id": 1, "category_id": 7, "bbox": [2, 3, 10, 9], "segmentation": [[2.0, 3.0, 12.0, 3.0, 12.0, 12.0, 2.0, 12.0]]},
+    {"id": 2, "category_id": 9, "bbox": [20, 10, 15, 12], "segmentation": mask_to_rle(_box(10, 22, 20, 35))},
+]
+
+
+def _dict(file_name, annotations, raw="the blue square and the red circle", **extra):
+    return {
+        "file_name": file_name, "height": H, "width": W, "image_id": 5, "annotations": annotations,
+        "sentence": {"raw": raw, "sent_id": 11, "ref_id": 3}, "empty": not annotations,
+        "expression_kind": "multi" if len(annotations) > 1 else ("single" if annotations else "no_target"),
+        "source": "grefcoco", **extra,
+    }
+
+
+def _mapper(text_encoder, is_train=True, **kwargs):
+    return GRESDatasetMapper(is_train, image_size=S, text_encoder_name=text_encoder, max_tokens=MAX_TOKENS, **kwargs)
+
+
+@pytest.mark.parametrize("is_train", [True, False])
+def test_output_fields_shapes_and_values(text_encoder, sample_image, is_train):
+    path, pixels = sample_image
+    record = _dict(path, ANNOTATIONS, expression_template="conjunction")
+    before = copy.deepcopy(record)
+    out = _mapper(text_encoder, is_train)(record)
+    assert record == before  # the dataset dict is not modified
+
+    assert out["image"].dtype == torch.uint8 and out["image"].shape == (3, S, S)
+    expected_image = np.asarray(Image.fromarray(pixels).resize((S, S), Image.BILINEAR))
+    np.testing.assert_array_equal(out["image"].permute(1, 2, 0).numpy(), expected_image)
+
+    inst = out["instances"]
+    assert inst.image_size == (S, S)
+    assert inst.gt_masks.dtype == torch.bool and inst.gt_masks.shape == (2, S, S)
+    assert inst.gt_classes.dtype == torch.int64 and inst.gt_classes.tolist() == [7, 9]
+    for i, ann in enumerate(ANNOTATIONS):
+        np.testing.assert_array_equal(inst.gt_masks[i].numpy(), merged_mask([ann], H, W, out_size=S))
+    assert out["gt_mask_merged"].dtype == torch.bool and out["gt_mask_merged"].shape == (S, S)
+    np.testing.assert_array_equal(out["gt_mask_merged"].numpy(), merged_mask(ANNOTATIONS, H, W, out_size=S))
+    assert out["gt_mask_merged"].any() and not out["empty"]
+
+    tokenizer = load_tokenizer(text_encoder)
+    real_ids = tokenizer("the blue square and the red circle")["input_ids"]
+    assert tokenizer.pad_token_id == 1 and tokenizer.unk_token_id not in real_ids
+    assert out["input_ids"].dtype == torch.int64 and out["input_ids"].shape == (MAX_TOKENS,)
+    assert out["input_ids"].tolist() == real_ids + [1] * (MAX_TOKENS - len(real_ids))
+    assert out["attention_mask"].tolist() == [1] * len(real_ids) + [0] * (MAX_TOKENS - len(real_ids))
+
+    for key in ("height", "width", "file_name", "image_id", "sentence", "expression_kind", "source", "expression_template"):
+        assert out[key] == record[key]
+    assert (out["height"], out["width"]) == (H, W)
+    assert "skipped_reason" not in out and "gt_mask_merged_original" not in out
+
+
+def test_no_target_sample_has_no_instances_and_an_empty_mask(text_encoder, sample_image):
+    out = _mapper(text_encoder)(_dict(sample_image[0], [], raw="the red circle", refzom_kind="one_to_zero"))
+    assert out["empty"] is True and out["expression_kind"] == "no_target" and out["refzom_kind"] == "one_to_zero"
+    assert out["instances"].gt_masks.shape == (0, S, S) and out["instances"].gt_classes.shape == (0,)
+    assert out["gt_mask_merged"].shape == (S, S) and not out["gt_mask_merged"].any()
+
+
+def test_original_resolution_mask_for_evaluation(text_encoder, sample_image):
+    out = _mapper(text_encoder, False, eval_resolution="original")(_dict(sample_image[0], ANNOTATIONS))
+    original = out["gt_mask_merged_original"]
+    assert original.dtype == torch.bool and original.shape == (H, W)
+    np.testing.assert_array_equal(original.numpy(), _box(3, 12, 2, 12) | _box(10, 22, 20, 35))
+    np.testing.assert_array_equal(original.numpy(), merged_mask(ANNOTATIONS, H, W))
+    empty = _mapper(text_encoder, False, eval_resolution="original")(_dict(sample_image[0], []))
+    assert empty["gt_mask_merged_original"].shape == (H, W) and not empty["gt_mask_merged_original"].any()
+
+
+@pytest.mark.parametrize("content", [None, b"not an image at all", "wrong_size"])
+def test_bad_image_train_returns_none_test_reports_reason(text_encoder, tmp_path, caplog, content):
+    path = tmp_path / "bad.png"
+    if content == "wrong_size":
+        Image.new("RGB", (W + 1, H)).save(path)
+    elif content is not None:
+        path.write_bytes(content)
+    record = _dict(str(path), ANNOTATIONS)
+    train_mapper = _mapper(text_encoder, True)
+    assert train_mapper(record) is None
+    assert "skipping ref 3" in caplog.text and train_mapper.num_skipped == 1
+    out = _mapper(text_encoder, False)(record)
+    reason = out["skipped_reason"]
+    assert isinstance(reason, str) and "\n" not in reason and str(path) in reason
+    expected_word = {None: "not found", b"not an image at all": "unreadable", "wrong_size": "37x24"}[content]
+    assert expected_word in reason
+    assert out["image"].shape == (3, S, S) and not out["image"].any()
+    # the ground truth is still there; the evaluator decides to leave the sample out
+    np.testing.assert_array_equal(out["gt_mask_merged"].numpy(), merged_mask(ANNOTATIONS, H, W, out_size=S))
+
+
+def test_bgr_format_reverses_channels(text_encoder, sample_image):
+    rgb = _mapper(text_encoder)(_dict(sample_image[0], ANNOTATIONS))["image"]
+    bgr = _mapper(text_encoder, image_format="BGR")(_dict(sample_image[0], ANNOTATIONS))["image"]
+    assert torch.equal(bgr, rgb.flip(0))
+    with pytest.raises(ValueError, match="INPUT.FORMAT"):
+        read_image_uint8(sample_image[0], "L")
+
+
+def test_image_modes_come_out_as_three_channel_uint8(tmp_path):
+    gray = np.tile(np.arange(0, 240, 10, dtype=np.uint8), (4, 1))  # 4 x 24
+    Image.fromarray(gray, mode="L").save(tmp_path / "gray.png")
+    out = read_image_uint8(str(tmp_path / "gray.png"))
+    assert out.shape == (4, 24, 3) and out.dtype == np.uint8
+    np.testing.assert_array_equal(out[..., 1], gray)
+
+    Image.new("RGBA", (5, 3), (10, 20, 30, 0)).save(tmp_path / "rgba.png")
+    np.testing.assert_array_equal(read_image_uint8(str(tmp_path / "rgba.png"))[0, 0], [10, 20, 30])
+
+    sixteen = np.full((3, 5), 32896, dtype=np.uint16)  # 128 * 257: mid grey in 16 bits
+    sixteen[0, 0] = 65535
+    Image.fromarray(sixteen).save(tmp_path / "gray16.png")
+    out = read_image_uint8(str(tmp_path / "gray16.png"))
+    assert out.shape == (3, 5, 3) and out.dtype == np.uint8
+    assert out[1, 1].tolist() == [128, 128, 128] and out[0, 0].tolist() == [255, 255, 255]
+
+    Image.new("CMYK", (4, 4), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg", quality=100)
+    red = read_image_uint8(str(tmp_path / "cmyk.jpg"))[2, 2].astype(int)
+    assert red.shape == (3,) and red[0] > 240 and red[1] < 15 and red[2] < 15
+
+    Image.new("RGB", (4, 4), (0, 200, 0)).convert("P", palette=Image.ADAPTIVE).save(tmp_path / "palette.png")
+    assert read_image_uint8(str(tmp_path / "palette.png"))[0, 0].tolist() == [0, 200, 0]
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    stored = np.zeros((10, 20, 3), np.uint8)  # stored 20 wide, 10 high; left half red
+    stored[:, :10] = (255, 0, 0)
+    image = Image.fromarray(stored)
+    exif = image.getexif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to display"
+    image.save(tmp_path / "rotated.jpg", exif=exif, quality=100)
+    out = read_image_uint8(str(tmp_path / "rotated.jpg"))
+    assert out.shape == (20, 10, 3)  # displayed 10 wide, 20 high
+    assert out[2, 5, 0] > 200 and out[17, 5, 0] < 50  # the red half is now on top
+
+
+def test_from_config_and_augmentation(text_encoder, sample_image):
+    cfg = get_cfg()
+    add_instalign_config(cfg)
+    cfg.INPUT.IMAGE_SIZE = S
+    cfg.MODEL.TEXT_ENCODER.NAME = text_encoder
+    cfg.MODEL.TEXT_ENCODER.MAX_TOKENS = MAX_TOKENS
+    mapper = GRESDatasetMapper(cfg, True)
+    assert (mapper.image_size, mapper.max_tokens, mapper.image_format) == (S, MAX_TOKENS, "RGB")
+    assert mapper.augmentations == []  # off by default, as the paper
+    cfg.INPUT.AUGMENT.ENABLED = True
+    augmented = GRESDatasetMapper(cfg, True)
+    assert [type(a) for a in augmented.augmentations] == [T.RandomCrop, T.RandomBrightness, T.RandomContrast, T.RandomSaturation]
+    assert not any(isinstance(a, T.RandomFlip) for a in augmented.augmentations)  # would swap left/right
+    assert GRESDatasetMapper(cfg, False).augmentations == []  # never at test time
+
+    # every crop the mapper keeps leaves at least 80 % of each target's pixels
+    masks = instance_masks(ANNOTATIONS, H, W)
+    np.random.seed(0)
+    for _ in range(20):
+        transforms = augmented._augment(sample_image[1], masks)
+        kept = np.stack([transforms.apply_segmentation(m.astype(np.uint8)) for m in masks]).reshape(2, -1).sum(1)
+        assert np.all(kept >= 0.8 * masks.reshape(2, -1).sum(1))
+    out = augmented(_dict(sample_image[0], ANNOTATIONS))
+    assert out["image"].shape == (3, S, S) and out["instances"].gt_masks.shape == (2, S, S)
+
+
+def test_bad_settings_are_named(text_encoder):
+    with pytest.raises(ValueError, match="EVAL_RESOLUTION"):
+        _mapper(text_encoder, eval_resolution="native")
