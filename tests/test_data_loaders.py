@@ -1,5 +1,6 @@
 """Loaders of gRefCOCO, Ref-ZOM and RefCOCO/+/g on tiny hand-written files of each format, and
 their registration under $DETECTRON2_DATASETS."""
+
 import json
 import logging
 import os
@@ -22,7 +23,10 @@ H2, W2 = 16, 16  # image 2
 
 def _rle_of(mask, as_str=True):
     rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
-    return {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode() if as_str else rle["counts"]}
+    return {
+        "size": [int(s) for s in rle["size"]],
+        "counts": rle["counts"].decode() if as_str else rle["counts"],
+    }
 
 
 def _uncompressed(mask):
@@ -47,17 +51,63 @@ POLY_101 = [2.0, 2.0, 10.0, 2.0, 10.0, 8.0, 2.0, 8.0]
 POLY_104 = [12.0, 12.0, 18.0, 12.0, 15.0, 18.0]
 
 ANNOTATIONS = [
-    {"id": 101, "image_id": 1, "category_id": 1, "bbox": [2, 2, 8, 6], "iscrowd": 0, "segmentation": [POLY_101]},
-    {"id": 102, "image_id": 1, "category_id": 2, "bbox": [20, 10, 8, 5], "iscrowd": 0, "segmentation": _rle_of(MASK_102)},
-    {"id": 103, "image_id": 1, "category_id": 3, "bbox": [25, 0, 5, 4], "iscrowd": 0, "segmentation": _uncompressed(MASK_103)},
+    {
+        "id": 101,
+        "image_id": 1,
+        "category_id": 1,
+        "bbox": [2, 2, 8, 6],
+        "iscrowd": 0,
+        "segmentation": [POLY_101],
+    },
+    {
+        "id": 102,
+        "image_id": 1,
+        "category_id": 2,
+        "bbox": [20, 10, 8, 5],
+        "iscrowd": 0,
+        "segmentation": _rle_of(MASK_102),
+    },
+    {
+        "id": 103,
+        "image_id": 1,
+        "category_id": 3,
+        "bbox": [25, 0, 5, 4],
+        "iscrowd": 0,
+        "segmentation": _uncompressed(MASK_103),
+    },
     # one invalid polygon (2 points) beside a valid one: the invalid one is dropped
-    {"id": 104, "image_id": 1, "category_id": 1, "bbox": [12, 12, 6, 6], "iscrowd": 0,
-     "segmentation": [[1.0, 1.0, 3.0, 3.0], POLY_104]},
-    {"id": 105, "image_id": 1, "category_id": 4, "bbox": [0, 0, 5, 5], "iscrowd": 1,
-     "segmentation": _rle_of(np.ones((H1, W1), bool))},
-    {"id": 106, "image_id": 2, "category_id": 1, "bbox": [0, 0, 1, 1], "iscrowd": 0, "segmentation": [[0.0, 0.0, 1.0, 1.0]]},
-    {"id": 107, "image_id": 2, "category_id": 1, "bbox": [0, 0, 0, 0], "iscrowd": 0,
-     "segmentation": _rle_of(np.zeros((H2, W2), bool))},
+    {
+        "id": 104,
+        "image_id": 1,
+        "category_id": 1,
+        "bbox": [12, 12, 6, 6],
+        "iscrowd": 0,
+        "segmentation": [[1.0, 1.0, 3.0, 3.0], POLY_104],
+    },
+    {
+        "id": 105,
+        "image_id": 1,
+        "category_id": 4,
+        "bbox": [0, 0, 5, 5],
+        "iscrowd": 1,
+        "segmentation": _rle_of(np.ones((H1, W1), bool)),
+    },
+    {
+        "id": 106,
+        "image_id": 2,
+        "category_id": 1,
+        "bbox": [0, 0, 1, 1],
+        "iscrowd": 0,
+        "segmentation": [[0.0, 0.0, 1.0, 1.0]],
+    },
+    {
+        "id": 107,
+        "image_id": 2,
+        "category_id": 1,
+        "bbox": [0, 0, 0, 0],
+        "iscrowd": 0,
+        "segmentation": _rle_of(np.zeros((H2, W2), bool)),
+    },
 ]
 IMAGES = [
     {"id": 1, "file_name": "COCO_train2014_000000000001.jpg", "height": H1, "width": W1},
@@ -66,29 +116,102 @@ IMAGES = [
 
 
 def _sentences(ref_id, texts):
-    return [{"sent_id": ref_id * 10 + i, "raw": t, "sent": t.lower(), "tokens": t.lower().split()} for i, t in enumerate(texts)]
+    return [
+        {"sent_id": ref_id * 10 + i, "raw": t, "sent": t.lower(), "tokens": t.lower().split()}
+        for i, t in enumerate(texts)
+    ]
 
 
 GREFS = [
-    {"ref_id": 1, "image_id": 1, "split": "train", "ann_id": [101], "category_id": [1], "no_target": False,
-     "sentences": _sentences(1, ["The left box", "box on the left"])},
-    {"ref_id": 2, "image_id": 1, "split": "train", "ann_id": [102, 103], "category_id": [2, 3], "no_target": False,
-     "sentences": _sentences(2, ["both things on the right"])},
-    {"ref_id": 3, "image_id": 1, "split": "train", "ann_id": [-1], "category_id": [-1], "no_target": True,
-     "sentences": _sentences(3, ["a purple elephant", "the dog"])},
-    {"ref_id": 4, "image_id": 1, "split": "train", "ann_id": [104, 105], "category_id": [1, 4], "no_target": False,
-     "sentences": _sentences(4, ["the triangle and the crowd"])},
-    {"ref_id": 5, "image_id": 2, "split": "train", "ann_id": [106], "category_id": [1], "sentences": _sentences(5, ["bad polygon"])},
-    {"ref_id": 6, "image_id": 1, "split": "val", "ann_id": 101, "category_id": 1, "sentences": _sentences(6, ["val box"])},
-    {"ref_id": 7, "image_id": 99, "split": "train", "ann_id": [101], "category_id": [1], "sentences": _sentences(7, ["no image"])},
-    {"ref_id": 8, "image_id": 1, "split": "train", "ann_id": [999], "category_id": [1], "sentences": _sentences(8, ["no ann"])},
-    {"ref_id": 9, "image_id": 2, "split": "train", "ann_id": [107], "category_id": [1], "sentences": _sentences(9, ["zero area"])},
+    {
+        "ref_id": 1,
+        "image_id": 1,
+        "split": "train",
+        "ann_id": [101],
+        "category_id": [1],
+        "no_target": False,
+        "sentences": _sentences(1, ["The left box", "box on the left"]),
+    },
+    {
+        "ref_id": 2,
+        "image_id": 1,
+        "split": "train",
+        "ann_id": [102, 103],
+        "category_id": [2, 3],
+        "no_target": False,
+        "sentences": _sentences(2, ["both things on the right"]),
+    },
+    {
+        "ref_id": 3,
+        "image_id": 1,
+        "split": "train",
+        "ann_id": [-1],
+        "category_id": [-1],
+        "no_target": True,
+        "sentences": _sentences(3, ["a purple elephant", "the dog"]),
+    },
+    {
+        "ref_id": 4,
+        "image_id": 1,
+        "split": "train",
+        "ann_id": [104, 105],
+        "category_id": [1, 4],
+        "no_target": False,
+        "sentences": _sentences(4, ["the triangle and the crowd"]),
+    },
+    {
+        "ref_id": 5,
+        "image_id": 2,
+        "split": "train",
+        "ann_id": [106],
+        "category_id": [1],
+        "sentences": _sentences(5, ["bad polygon"]),
+    },
+    {
+        "ref_id": 6,
+        "image_id": 1,
+        "split": "val",
+        "ann_id": 101,
+        "category_id": 1,
+        "sentences": _sentences(6, ["val box"]),
+    },
+    {
+        "ref_id": 7,
+        "image_id": 99,
+        "split": "train",
+        "ann_id": [101],
+        "category_id": [1],
+        "sentences": _sentences(7, ["no image"]),
+    },
+    {
+        "ref_id": 8,
+        "image_id": 1,
+        "split": "train",
+        "ann_id": [999],
+        "category_id": [1],
+        "sentences": _sentences(8, ["no ann"]),
+    },
+    {
+        "ref_id": 9,
+        "image_id": 2,
+        "split": "train",
+        "ann_id": [107],
+        "category_id": [1],
+        "sentences": _sentences(9, ["zero area"]),
+    },
 ]
 
 
 def _write_instances(path):
     with open(path, "w") as f:
-        json.dump({"images": IMAGES, "annotations": ANNOTATIONS, "categories": [{"id": i, "name": f"c{i}"} for i in range(1, 5)]}, f)
+        json.dump(
+            {
+                "images": IMAGES,
+                "annotations": ANNOTATIONS,
+                "categories": [{"id": i, "name": f"c{i}"} for i in range(1, 5)],
+            },
+            f,
+        )
 
 
 def _write_grefcoco(root, pickled=False):
@@ -118,7 +241,9 @@ def _pycocotools_union(ann_ids, height, width):
         elif isinstance(seg["counts"], list):
             out |= mask_util.decode(mask_util.frPyObjects(seg, height, width)).astype(bool)
         else:
-            out |= mask_util.decode({"size": seg["size"], "counts": seg["counts"].encode()}).astype(bool)
+            out |= mask_util.decode({"size": seg["size"], "counts": seg["counts"].encode()}).astype(
+                bool
+            )
     return out
 
 
@@ -127,38 +252,78 @@ def test_grefcoco_train_split_counts_fields_and_masks(tmp_path, pickled, caplog)
     folder = _write_grefcoco(tmp_path, pickled)
     refs_file = str(folder / ("grefs(unc).p" if pickled else "grefs(unc).json"))
     with caplog.at_level(logging.WARNING):
-        dicts = load_grefcoco_json(refs_file, str(folder / "instances.json"), str(tmp_path / "images" / "train2014"), "train")
+        dicts = load_grefcoco_json(
+            refs_file,
+            str(folder / "instances.json"),
+            str(tmp_path / "images" / "train2014"),
+            "train",
+        )
     # refs 1 (2 sentences), 2, 3 (2 sentences), 4 survive; 5, 7, 8, 9 are skipped, 6 is val
     assert [d["sentence"]["ref_id"] for d in dicts] == [1, 1, 2, 3, 3, 4]
-    assert [d["expression_kind"] for d in dicts] == ["single", "single", "multi", "no_target", "no_target", "single"]
+    assert [d["expression_kind"] for d in dicts] == [
+        "single",
+        "single",
+        "multi",
+        "no_target",
+        "no_target",
+        "single",
+    ]
     assert [d["empty"] for d in dicts] == [False, False, False, True, True, False]
-    assert [[a["id"] for a in d["annotations"]] for d in dicts] == [[101], [101], [102, 103], [], [], [104]]
+    assert [[a["id"] for a in d["annotations"]] for d in dicts] == [
+        [101],
+        [101],
+        [102, 103],
+        [],
+        [],
+        [104],
+    ]
     first = dicts[0]
-    assert first["file_name"] == os.path.join(str(tmp_path / "images" / "train2014"), "COCO_train2014_000000000001.jpg")
-    assert (first["height"], first["width"], first["image_id"], first["source"]) == (H1, W1, 1, "grefcoco")
+    assert first["file_name"] == os.path.join(
+        str(tmp_path / "images" / "train2014"), "COCO_train2014_000000000001.jpg"
+    )
+    assert (first["height"], first["width"], first["image_id"], first["source"]) == (
+        H1,
+        W1,
+        1,
+        "grefcoco",
+    )
     assert first["sentence"] == {"raw": "The left box", "sent_id": 10, "ref_id": 1}
     ann = first["annotations"][0]
-    assert ann["bbox"] == [2, 2, 8, 6] and ann["bbox_mode"] == BoxMode.XYWH_ABS and ann["category_id"] == 1
+    assert (
+        ann["bbox"] == [2, 2, 8, 6]
+        and ann["bbox_mode"] == BoxMode.XYWH_ABS
+        and ann["category_id"] == 1
+    )
     # the sentences of a ref share one annotation list (no per-sentence copies)
     assert dicts[0]["annotations"] is dicts[1]["annotations"]
     # the invalid polygon of annotation 104 is gone, its valid one stays
     assert dicts[5]["annotations"][0]["segmentation"] == [POLY_104]
     for d in dicts:
         ids = {a["id"] for a in d["annotations"]}
-        np.testing.assert_array_equal(merged_mask(d["annotations"], d["height"], d["width"]), _pycocotools_union(ids, H1, W1))
+        np.testing.assert_array_equal(
+            merged_mask(d["annotations"], d["height"], d["width"]), _pycocotools_union(ids, H1, W1)
+        )
     assert merged_mask(dicts[2]["annotations"], H1, W1).sum() == MASK_102.sum() + MASK_103.sum()
     # every skipped ref is logged with its id
     logged = caplog.text
     for ref_id in (5, 7, 8, 9):
         assert f"ref {ref_id}:" in logged
-    assert "crowd_annotation" in logged and "zero_area_mask" in logged and "missing_annotation" in logged
+    assert (
+        "crowd_annotation" in logged
+        and "zero_area_mask" in logged
+        and "missing_annotation" in logged
+    )
 
 
 def test_grefcoco_val_split_and_int_ann_id(tmp_path):
     folder = _write_grefcoco(tmp_path)
-    dicts = load_grefcoco_json(str(folder / "grefs(unc).json"), str(folder / "instances.json"), str(tmp_path), "val")
+    dicts = load_grefcoco_json(
+        str(folder / "grefs(unc).json"), str(folder / "instances.json"), str(tmp_path), "val"
+    )
     assert len(dicts) == 1
-    assert dicts[0]["sentence"]["raw"] == "val box" and [a["id"] for a in dicts[0]["annotations"]] == [101]
+    assert dicts[0]["sentence"]["raw"] == "val box" and [
+        a["id"] for a in dicts[0]["annotations"]
+    ] == [101]
 
 
 def test_registered_grefcoco_reads_the_root_when_loaded(tmp_path, monkeypatch):
@@ -198,20 +363,62 @@ REFZOM_IMAGES = [
 REFZOM_ANNOTATIONS = [
     {**ANNOTATIONS[0]},
     {**ANNOTATIONS[1]},
-    {"id": 301, "image_id": 3, "category_id": 5, "bbox": [20, 10, 8, 5], "iscrowd": 0, "segmentation": _rle_of(MASK_102)},
+    {
+        "id": 301,
+        "image_id": 3,
+        "category_id": 5,
+        "bbox": [20, 10, 8, 5],
+        "iscrowd": 0,
+        "segmentation": _rle_of(MASK_102),
+    },
 ]
 REFZOM_REFS = [
-    {"ref_id": 1, "image_id": 1, "split": "train", "ann_id": 101, "category_id": 1, "source": "one",
-     "sentences": _sentences(1, ["the box"])},
-    {"ref_id": 2, "image_id": 1, "split": "train", "ann_id": [101, 102], "category_id": [1, 2], "source": "many",
-     "sentences": _sentences(2, ["all things", "the two things"])},
+    {
+        "ref_id": 1,
+        "image_id": 1,
+        "split": "train",
+        "ann_id": 101,
+        "category_id": 1,
+        "source": "one",
+        "sentences": _sentences(1, ["the box"]),
+    },
+    {
+        "ref_id": 2,
+        "image_id": 1,
+        "split": "train",
+        "ann_id": [101, 102],
+        "category_id": [1, 2],
+        "source": "many",
+        "sentences": _sentences(2, ["all things", "the two things"]),
+    },
     # one-to-zero: its ann_id is not a target
-    {"ref_id": 3, "image_id": 1, "split": "train", "ann_id": 101, "category_id": 1, "source": "zero",
-     "sentences": _sentences(3, ["a giraffe"])},
-    {"ref_id": 4, "image_id": 3, "split": "train", "ann_id": 301, "category_id": 5, "source": "one",
-     "sentences": _sentences(4, ["the val thing"])},
-    {"ref_id": 5, "image_id": 1, "split": "test", "ann_id": 101, "category_id": 1, "source": "one",
-     "sentences": _sentences(5, ["test box"])},
+    {
+        "ref_id": 3,
+        "image_id": 1,
+        "split": "train",
+        "ann_id": 101,
+        "category_id": 1,
+        "source": "zero",
+        "sentences": _sentences(3, ["a giraffe"]),
+    },
+    {
+        "ref_id": 4,
+        "image_id": 3,
+        "split": "train",
+        "ann_id": 301,
+        "category_id": 5,
+        "source": "one",
+        "sentences": _sentences(4, ["the val thing"]),
+    },
+    {
+        "ref_id": 5,
+        "image_id": 1,
+        "split": "test",
+        "ann_id": 101,
+        "category_id": 1,
+        "source": "one",
+        "sentences": _sentences(5, ["test box"]),
+    },
 ]
 
 
@@ -235,14 +442,32 @@ def test_refzom_kinds_sources_and_image_fallback(tmp_path, monkeypatch, refs_nam
     monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path))
     dicts = DatasetCatalog.get("refzom_final_train")
     assert [d["sentence"]["ref_id"] for d in dicts] == [1, 2, 2, 3, 4]
-    assert [d["refzom_kind"] for d in dicts] == ["one_to_one", "one_to_many", "one_to_many", "one_to_zero", "one_to_one"]
-    assert [d["expression_kind"] for d in dicts] == ["single", "multi", "multi", "no_target", "single"]
+    assert [d["refzom_kind"] for d in dicts] == [
+        "one_to_one",
+        "one_to_many",
+        "one_to_many",
+        "one_to_zero",
+        "one_to_one",
+    ]
+    assert [d["expression_kind"] for d in dicts] == [
+        "single",
+        "multi",
+        "multi",
+        "no_target",
+        "single",
+    ]
     assert [d["source"] for d in dicts] == ["one", "many", "many", "zero", "one"]
     assert dicts[3]["empty"] and dicts[3]["annotations"] == []
     assert not merged_mask(dicts[3]["annotations"], H1, W1).any()
-    np.testing.assert_array_equal(merged_mask(dicts[1]["annotations"], H1, W1), _pycocotools_union({101, 102}, H1, W1))
-    assert dicts[0]["file_name"] == str(tmp_path / "images" / "trainval2014" / "COCO_train2014_000000000001.jpg")
-    assert dicts[4]["file_name"] == str(tmp_path / "images" / "val2014" / "COCO_val2014_000000000003.jpg")
+    np.testing.assert_array_equal(
+        merged_mask(dicts[1]["annotations"], H1, W1), _pycocotools_union({101, 102}, H1, W1)
+    )
+    assert dicts[0]["file_name"] == str(
+        tmp_path / "images" / "trainval2014" / "COCO_train2014_000000000001.jpg"
+    )
+    assert dicts[4]["file_name"] == str(
+        tmp_path / "images" / "val2014" / "COCO_val2014_000000000003.jpg"
+    )
     assert MetadataCatalog.get("refzom_final_train").evaluator_type == "refzom"
     assert [d["sentence"]["raw"] for d in DatasetCatalog.get("refzom_final_test")] == ["test box"]
 
@@ -260,15 +485,35 @@ def test_refzom_without_any_image_folder_names_the_layout(tmp_path, monkeypatch)
 
 # ----------------------------------------------------------------------------- RefCOCO family
 REFCOCO_REFS = [
-    {"ref_id": 1, "image_id": 1, "split": "train", "ann_id": 101, "category_id": 1, "sent_ids": [10, 11],
-     "file_name": "COCO_train2014_000000000001_101.jpg", "sentences": _sentences(1, ["left box", "box at left"])},
-    {"ref_id": 2, "image_id": 1, "split": "testA", "ann_id": 102, "category_id": 2, "sent_ids": [20],
-     "file_name": "COCO_train2014_000000000001_102.jpg", "sentences": _sentences(2, ["right thing"])},
+    {
+        "ref_id": 1,
+        "image_id": 1,
+        "split": "train",
+        "ann_id": 101,
+        "category_id": 1,
+        "sent_ids": [10, 11],
+        "file_name": "COCO_train2014_000000000001_101.jpg",
+        "sentences": _sentences(1, ["left box", "box at left"]),
+    },
+    {
+        "ref_id": 2,
+        "image_id": 1,
+        "split": "testA",
+        "ann_id": 102,
+        "category_id": 2,
+        "sent_ids": [20],
+        "file_name": "COCO_train2014_000000000001_102.jpg",
+        "sentences": _sentences(2, ["right thing"]),
+    },
 ]
 
 
 def test_refcoco_family_names_aliases_and_single_targets(tmp_path, monkeypatch):
-    for folder, refs_name in (("refcoco", "refs(unc).p"), ("refcoco+", "refs(unc).p"), ("refcocog", "refs(umd).p")):
+    for folder, refs_name in (
+        ("refcoco", "refs(unc).p"),
+        ("refcoco+", "refs(unc).p"),
+        ("refcocog", "refs(umd).p"),
+    ):
         (tmp_path / folder).mkdir()
         with open(tmp_path / folder / refs_name, "wb") as f:
             pickle.dump(REFCOCO_REFS, f)
@@ -277,16 +522,35 @@ def test_refcoco_family_names_aliases_and_single_targets(tmp_path, monkeypatch):
     monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path))
     train = DatasetCatalog.get("refcoco_unc_train")
     assert [d["sentence"]["raw"] for d in train] == ["left box", "box at left"]
-    assert all(d["expression_kind"] == "single" and not d["empty"] and d["source"] == "refcoco" for d in train)
+    assert all(
+        d["expression_kind"] == "single" and not d["empty"] and d["source"] == "refcoco"
+        for d in train
+    )
     # the image path comes from instances.json, not from the ref's per-object file name
-    assert train[0]["file_name"].endswith(os.path.join("train2014", "COCO_train2014_000000000001.jpg"))
-    np.testing.assert_array_equal(merged_mask(train[0]["annotations"], H1, W1), _pycocotools_union({101}, H1, W1))
+    assert train[0]["file_name"].endswith(
+        os.path.join("train2014", "COCO_train2014_000000000001.jpg")
+    )
+    np.testing.assert_array_equal(
+        merged_mask(train[0]["annotations"], H1, W1), _pycocotools_union({101}, H1, W1)
+    )
     plus = DatasetCatalog.get("refcoco+_unc_testA")
     alias = DatasetCatalog.get("refcocop_unc_testA")
-    assert [d["sentence"]["raw"] for d in plus] == [d["sentence"]["raw"] for d in alias] == ["right thing"]
+    assert (
+        [d["sentence"]["raw"] for d in plus]
+        == [d["sentence"]["raw"] for d in alias]
+        == ["right thing"]
+    )
     assert plus[0]["source"] == "refcoco+"
-    assert len(DatasetCatalog.get("refcocog_umd_train")) == 2 and DatasetCatalog.get("refcocog_umd_test") == []
-    for name in ("refcoco_unc_val", "refcocop_unc_testB", "refcocog_google_val", "refcocog_umd_test"):
+    assert (
+        len(DatasetCatalog.get("refcocog_umd_train")) == 2
+        and DatasetCatalog.get("refcocog_umd_test") == []
+    )
+    for name in (
+        "refcoco_unc_val",
+        "refcocop_unc_testB",
+        "refcocog_google_val",
+        "refcocog_umd_test",
+    ):
         assert MetadataCatalog.get(name).evaluator_type == "refcoco"
     with pytest.raises(DatasetLayoutError, match=r"refs\(google\)"):
         DatasetCatalog.get("refcocog_google_train")
@@ -296,7 +560,14 @@ def test_every_design_name_is_registered():
     names = set(DatasetCatalog.list())
     expected = {f"grefcoco_unc_{s}" for s in ("train", "val", "testA", "testB")}
     expected |= {"refzom_final_train", "refzom_final_test"}
-    expected |= {f"{p}_unc_{s}" for p in ("refcoco", "refcoco+", "refcocop") for s in ("train", "val", "testA", "testB")}
-    expected |= {f"refcocog_umd_{s}" for s in ("train", "val", "test")} | {"refcocog_google_train", "refcocog_google_val"}
+    expected |= {
+        f"{p}_unc_{s}"
+        for p in ("refcoco", "refcoco+", "refcocop")
+        for s in ("train", "val", "testA", "testB")
+    }
+    expected |= {f"refcocog_umd_{s}" for s in ("train", "val", "test")} | {
+        "refcocog_google_train",
+        "refcocog_google_val",
+    }
     expected |= {f"synthetic_gres_{s}" for s in ("train", "val", "test")}
     assert expected <= names

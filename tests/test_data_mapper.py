@@ -1,4 +1,5 @@
 """GRESDatasetMapper: shapes, dtypes and values of train and test outputs, bad samples, image modes."""
+
 import copy
 
 import numpy as np
@@ -16,12 +17,19 @@ from instalign_d2.modeling.language.local_encoder import write_local_text_encode
 from instalign_d2.modeling.language.tokenizer import load_tokenizer
 
 H, W, S, MAX_TOKENS = 24, 36, 16, 12
-CORPUS = ["the red circle", "the blue square and the red circle", "all triangles", "the green star on the left"]
+CORPUS = [
+    "the red circle",
+    "the blue square and the red circle",
+    "all triangles",
+    "the green star on the left",
+]
 
 
 @pytest.fixture(scope="module")
 def text_encoder(tmp_path_factory):
-    return write_local_text_encoder(str(tmp_path_factory.mktemp("enc") / "text_encoder"), CORPUS, max_tokens=MAX_TOKENS)
+    return write_local_text_encoder(
+        str(tmp_path_factory.mktemp("enc") / "text_encoder"), CORPUS, max_tokens=MAX_TOKENS
+    )
 
 
 @pytest.fixture(scope="module")
@@ -40,22 +48,42 @@ def _box(y0, y1, x0, x1):
 
 
 ANNOTATIONS = [
-    {"id": 1, "category_id": 7, "bbox": [2, 3, 10, 9], "segmentation": [[2.0, 3.0, 12.0, 3.0, 12.0, 12.0, 2.0, 12.0]]},
-    {"id": 2, "category_id": 9, "bbox": [20, 10, 15, 12], "segmentation": mask_to_rle(_box(10, 22, 20, 35))},
+    {
+        "id": 1,
+        "category_id": 7,
+        "bbox": [2, 3, 10, 9],
+        "segmentation": [[2.0, 3.0, 12.0, 3.0, 12.0, 12.0, 2.0, 12.0]],
+    },
+    {
+        "id": 2,
+        "category_id": 9,
+        "bbox": [20, 10, 15, 12],
+        "segmentation": mask_to_rle(_box(10, 22, 20, 35)),
+    },
 ]
 
 
 def _dict(file_name, annotations, raw="the blue square and the red circle", **extra):
     return {
-        "file_name": file_name, "height": H, "width": W, "image_id": 5, "annotations": annotations,
-        "sentence": {"raw": raw, "sent_id": 11, "ref_id": 3}, "empty": not annotations,
-        "expression_kind": "multi" if len(annotations) > 1 else ("single" if annotations else "no_target"),
-        "source": "grefcoco", **extra,
+        "file_name": file_name,
+        "height": H,
+        "width": W,
+        "image_id": 5,
+        "annotations": annotations,
+        "sentence": {"raw": raw, "sent_id": 11, "ref_id": 3},
+        "empty": not annotations,
+        "expression_kind": (
+            "multi" if len(annotations) > 1 else ("single" if annotations else "no_target")
+        ),
+        "source": "grefcoco",
+        **extra,
     }
 
 
 def _mapper(text_encoder, is_train=True, **kwargs):
-    return GRESDatasetMapper(is_train, image_size=S, text_encoder_name=text_encoder, max_tokens=MAX_TOKENS, **kwargs)
+    return GRESDatasetMapper(
+        is_train, image_size=S, text_encoder_name=text_encoder, max_tokens=MAX_TOKENS, **kwargs
+    )
 
 
 @pytest.mark.parametrize("is_train", [True, False])
@@ -75,9 +103,13 @@ def test_output_fields_shapes_and_values(text_encoder, sample_image, is_train):
     assert inst.gt_masks.dtype == torch.bool and inst.gt_masks.shape == (2, S, S)
     assert inst.gt_classes.dtype == torch.int64 and inst.gt_classes.tolist() == [7, 9]
     for i, ann in enumerate(ANNOTATIONS):
-        np.testing.assert_array_equal(inst.gt_masks[i].numpy(), merged_mask([ann], H, W, out_size=S))
+        np.testing.assert_array_equal(
+            inst.gt_masks[i].numpy(), merged_mask([ann], H, W, out_size=S)
+        )
     assert out["gt_mask_merged"].dtype == torch.bool and out["gt_mask_merged"].shape == (S, S)
-    np.testing.assert_array_equal(out["gt_mask_merged"].numpy(), merged_mask(ANNOTATIONS, H, W, out_size=S))
+    np.testing.assert_array_equal(
+        out["gt_mask_merged"].numpy(), merged_mask(ANNOTATIONS, H, W, out_size=S)
+    )
     assert out["gt_mask_merged"].any() and not out["empty"]
 
     tokenizer = load_tokenizer(text_encoder)
@@ -85,29 +117,53 @@ def test_output_fields_shapes_and_values(text_encoder, sample_image, is_train):
     assert tokenizer.pad_token_id == 1 and tokenizer.unk_token_id not in real_ids
     assert out["input_ids"].dtype == torch.int64 and out["input_ids"].shape == (MAX_TOKENS,)
     assert out["input_ids"].tolist() == real_ids + [1] * (MAX_TOKENS - len(real_ids))
-    assert out["attention_mask"].tolist() == [1] * len(real_ids) + [0] * (MAX_TOKENS - len(real_ids))
+    assert out["attention_mask"].tolist() == [1] * len(real_ids) + [0] * (
+        MAX_TOKENS - len(real_ids)
+    )
 
-    for key in ("height", "width", "file_name", "image_id", "sentence", "expression_kind", "source", "expression_template"):
+    for key in (
+        "height",
+        "width",
+        "file_name",
+        "image_id",
+        "sentence",
+        "expression_kind",
+        "source",
+        "expression_template",
+    ):
         assert out[key] == record[key]
     assert (out["height"], out["width"]) == (H, W)
     assert "skipped_reason" not in out and "gt_mask_merged_original" not in out
 
 
 def test_no_target_sample_has_no_instances_and_an_empty_mask(text_encoder, sample_image):
-    out = _mapper(text_encoder)(_dict(sample_image[0], [], raw="the red circle", refzom_kind="one_to_zero"))
-    assert out["empty"] is True and out["expression_kind"] == "no_target" and out["refzom_kind"] == "one_to_zero"
-    assert out["instances"].gt_masks.shape == (0, S, S) and out["instances"].gt_classes.shape == (0,)
+    out = _mapper(text_encoder)(
+        _dict(sample_image[0], [], raw="the red circle", refzom_kind="one_to_zero")
+    )
+    assert (
+        out["empty"] is True
+        and out["expression_kind"] == "no_target"
+        and out["refzom_kind"] == "one_to_zero"
+    )
+    assert out["instances"].gt_masks.shape == (0, S, S) and out["instances"].gt_classes.shape == (
+        0,
+    )
     assert out["gt_mask_merged"].shape == (S, S) and not out["gt_mask_merged"].any()
 
 
 def test_original_resolution_mask_for_evaluation(text_encoder, sample_image):
-    out = _mapper(text_encoder, False, eval_resolution="original")(_dict(sample_image[0], ANNOTATIONS))
+    out = _mapper(text_encoder, False, eval_resolution="original")(
+        _dict(sample_image[0], ANNOTATIONS)
+    )
     original = out["gt_mask_merged_original"]
     assert original.dtype == torch.bool and original.shape == (H, W)
     np.testing.assert_array_equal(original.numpy(), _box(3, 12, 2, 12) | _box(10, 22, 20, 35))
     np.testing.assert_array_equal(original.numpy(), merged_mask(ANNOTATIONS, H, W))
     empty = _mapper(text_encoder, False, eval_resolution="original")(_dict(sample_image[0], []))
-    assert empty["gt_mask_merged_original"].shape == (H, W) and not empty["gt_mask_merged_original"].any()
+    assert (
+        empty["gt_mask_merged_original"].shape == (H, W)
+        and not empty["gt_mask_merged_original"].any()
+    )
 
 
 @pytest.mark.parametrize("content", [None, b"not an image at all", "wrong_size"])
@@ -124,11 +180,17 @@ def test_bad_image_train_returns_none_test_reports_reason(text_encoder, tmp_path
     out = _mapper(text_encoder, False)(record)
     reason = out["skipped_reason"]
     assert isinstance(reason, str) and "\n" not in reason and str(path) in reason
-    expected_word = {None: "not found", b"not an image at all": "unreadable", "wrong_size": "37x24"}[content]
+    expected_word = {
+        None: "not found",
+        b"not an image at all": "unreadable",
+        "wrong_size": "37x24",
+    }[content]
     assert expected_word in reason
     assert out["image"].shape == (3, S, S) and not out["image"].any()
     # the ground truth is still there; the evaluator decides to leave the sample out
-    np.testing.assert_array_equal(out["gt_mask_merged"].numpy(), merged_mask(ANNOTATIONS, H, W, out_size=S))
+    np.testing.assert_array_equal(
+        out["gt_mask_merged"].numpy(), merged_mask(ANNOTATIONS, H, W, out_size=S)
+    )
 
 
 def test_bgr_format_reverses_channels(text_encoder, sample_image):
@@ -160,7 +222,9 @@ def test_image_modes_come_out_as_three_channel_uint8(tmp_path):
     red = read_image_uint8(str(tmp_path / "cmyk.jpg"))[2, 2].astype(int)
     assert red.shape == (3,) and red[0] > 240 and red[1] < 15 and red[2] < 15
 
-    Image.new("RGB", (4, 4), (0, 200, 0)).convert("P", palette=Image.ADAPTIVE).save(tmp_path / "palette.png")
+    Image.new("RGB", (4, 4), (0, 200, 0)).convert("P", palette=Image.ADAPTIVE).save(
+        tmp_path / "palette.png"
+    )
     assert read_image_uint8(str(tmp_path / "palette.png"))[0, 0].tolist() == [0, 200, 0]
 
 
@@ -187,8 +251,15 @@ def test_from_config_and_augmentation(text_encoder, sample_image):
     assert mapper.augmentations == []  # off by default, as the paper
     cfg.INPUT.AUGMENT.ENABLED = True
     augmented = GRESDatasetMapper(cfg, True)
-    assert [type(a) for a in augmented.augmentations] == [T.RandomCrop, T.RandomBrightness, T.RandomContrast, T.RandomSaturation]
-    assert not any(isinstance(a, T.RandomFlip) for a in augmented.augmentations)  # would swap left/right
+    assert [type(a) for a in augmented.augmentations] == [
+        T.RandomCrop,
+        T.RandomBrightness,
+        T.RandomContrast,
+        T.RandomSaturation,
+    ]
+    assert not any(
+        isinstance(a, T.RandomFlip) for a in augmented.augmentations
+    )  # would swap left/right
     assert GRESDatasetMapper(cfg, False).augmentations == []  # never at test time
 
     # every crop the mapper keeps leaves at least 80 % of each target's pixels
@@ -196,7 +267,11 @@ def test_from_config_and_augmentation(text_encoder, sample_image):
     np.random.seed(0)
     for _ in range(20):
         transforms = augmented._augment(sample_image[1], masks)
-        kept = np.stack([transforms.apply_segmentation(m.astype(np.uint8)) for m in masks]).reshape(2, -1).sum(1)
+        kept = (
+            np.stack([transforms.apply_segmentation(m.astype(np.uint8)) for m in masks])
+            .reshape(2, -1)
+            .sum(1)
+        )
         assert np.all(kept >= 0.8 * masks.reshape(2, -1).sum(1))
     out = augmented(_dict(sample_image[0], ANNOTATIONS))
     assert out["image"].shape == (3, S, S) and out["instances"].gt_masks.shape == (2, S, S)

@@ -1,5 +1,6 @@
 """GT masks (instalign_d2.data.masks): pycocotools decode of every segmentation format, union,
 nearest-neighbour resize."""
+
 import numpy as np
 import pycocotools.mask as mask_util
 import pytest

@@ -1,5 +1,6 @@
 """The synthetic GRES generator: determinism, proportions, masks that match the drawn pixels, and
 expressions whose referents an independent reading of the sentence confirms."""
+
 import json
 import os
 
@@ -14,11 +15,25 @@ from instalign_d2.data.datasets.synthetic import ensure_synthetic_gres, generate
 from instalign_d2.data.masks import decode_segmentation
 
 # The closed vocabulary, written out here rather than imported, so the reading below is independent.
-COLOUR_WORDS = {"red": (214, 40, 40), "green": (40, 160, 60), "blue": (40, 85, 220),
-                "yellow": (238, 205, 30), "purple": (145, 60, 185)}
-SHAPE_WORDS = {"circle": "circle", "circles": "circle", "square": "square", "squares": "square",
-               "triangle": "triangle", "triangles": "triangle", "star": "star", "stars": "star",
-               "cross": "cross", "crosses": "cross"}
+COLOUR_WORDS = {
+    "red": (214, 40, 40),
+    "green": (40, 160, 60),
+    "blue": (40, 85, 220),
+    "yellow": (238, 205, 30),
+    "purple": (145, 60, 185),
+}
+SHAPE_WORDS = {
+    "circle": "circle",
+    "circles": "circle",
+    "square": "square",
+    "squares": "square",
+    "triangle": "triangle",
+    "triangles": "triangle",
+    "star": "star",
+    "stars": "star",
+    "cross": "cross",
+    "crosses": "cross",
+}
 SIZE_WORDS = {"big", "small"}
 SPATIAL = {"leftmost": (0, 1), "rightmost": (0, -1), "topmost": (1, 1), "bottommost": (1, -1)}
 
@@ -64,7 +79,9 @@ def referents(sentence, objects, image_size):
             ranked = sorted(matches, key=lambda o: sign * o["center"][axis])
             assert len(ranked) >= 2, f"{sentence!r}: spatial word for a single object"
             gap = sign * (ranked[1]["center"][axis] - ranked[0]["center"][axis])
-            assert gap >= 0.1 * image_size, f"{sentence!r}: extreme not well separated ({gap:.1f} px)"
+            assert (
+                gap >= 0.1 * image_size
+            ), f"{sentence!r}: extreme not well separated ({gap:.1f} px)"
             named.add(ranked[0]["id"])
         elif quantifier == "the":
             assert len(matches) == 1, f"{sentence!r} is ambiguous: {len(matches)} objects match"
@@ -86,7 +103,13 @@ def tiny_dataset(tmp_path_factory):
 
 def test_layout_and_marker(tiny_dataset):
     root, stats = tiny_dataset
-    for name in ("grefs(unc).json", "instances.json", "generator.json", "text_encoder/config.json", "text_encoder/vocab.json"):
+    for name in (
+        "grefs(unc).json",
+        "instances.json",
+        "generator.json",
+        "text_encoder/config.json",
+        "text_encoder/vocab.json",
+    ):
         assert os.path.exists(os.path.join(root, name)), name
     assert len(os.listdir(os.path.join(root, "images", "train"))) == 40
     marker = json.loads(_read(root, "generator.json"))
@@ -105,19 +128,28 @@ def test_masks_are_the_drawn_pixels(tiny_dataset):
         by_image.setdefault(ann["image_id"], []).append(ann)
     for image_id, anns in by_image.items():
         img = images[image_id]
-        pixels = np.asarray(Image.open(os.path.join(root, "images", img["file_name"])).convert("RGB")).astype(float)
+        pixels = np.asarray(
+            Image.open(os.path.join(root, "images", img["file_name"])).convert("RGB")
+        ).astype(float)
         assert pixels.shape == (64, 64, 3)
         covered = np.zeros((64, 64), int)
         for ann in anns:
             mask = decode_segmentation(ann["segmentation"], img["height"], img["width"])
             assert mask.sum() > 0 and mask.sum() == ann["area"]
             ys, xs = np.nonzero(mask)
-            assert ann["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
+            assert ann["bbox"] == [
+                xs.min(),
+                ys.min(),
+                xs.max() - xs.min() + 1,
+                ys.max() - ys.min() + 1,
+            ]
             covered += mask
             # the typical hue under the mask is the annotated colour's (brightness aside: the
             # outline is a darker shade of the same colour)
             median = np.median(pixels[mask], axis=0)
-            nearest = max(COLOUR_WORDS, key=lambda c: _cosine(median, np.asarray(COLOUR_WORDS[c], float)))
+            nearest = max(
+                COLOUR_WORDS, key=lambda c: _cosine(median, np.asarray(COLOUR_WORDS[c], float))
+            )
             assert nearest == ann["colour"], (image_id, ann["id"])
         assert covered.max() == 1  # visible masks never overlap
         assert 2 <= len(anns) <= 6
@@ -141,12 +173,21 @@ def test_every_expression_names_exactly_its_targets(tiny_dataset):
             assert referents(text, objects[ref["image_id"]], 64) == targets, text
             kind = sentence["expression_kind"]
             kinds.add(sentence["expression_template"])
-            assert kind == ("no_target" if not targets else "single" if len(targets) == 1 else "multi")
+            assert kind == (
+                "no_target" if not targets else "single" if len(targets) == 1 else "multi"
+            )
             if kind == "no_target":
                 # really nothing: each phrase of the sentence matches no object at all
                 for part in text.split(" and "):
                     assert read_phrase(part, objects[ref["image_id"]])[1] == [], text
-    assert kinds == {"attribute", "spatial", "conjunction", "all_of_shape", "all_of_colour", "no_target"}
+    assert kinds == {
+        "attribute",
+        "spatial",
+        "conjunction",
+        "all_of_shape",
+        "all_of_colour",
+        "no_target",
+    }
 
 
 def test_loader_reads_the_generated_split(tiny_dataset, monkeypatch):
@@ -156,7 +197,10 @@ def test_loader_reads_the_generated_split(tiny_dataset, monkeypatch):
     assert len(dicts) == stats["val"]["expressions"]
     assert {d["source"] for d in dicts} == {"synthetic_gres"}
     assert all(d["file_name"].startswith(os.path.join(root, "images", "val")) for d in dicts)
-    assert all(d["empty"] == (d["expression_kind"] == "no_target") == (d["annotations"] == []) for d in dicts)
+    assert all(
+        d["empty"] == (d["expression_kind"] == "no_target") == (d["annotations"] == [])
+        for d in dicts
+    )
     assert {d["expression_template"] for d in dicts} <= set(synthetic.TEMPLATE_NAMES)
     meta = MetadataCatalog.get("synthetic_gres_val")
     assert meta.evaluator_type == "grefcoco" and meta.dataset_root == root
@@ -165,8 +209,14 @@ def test_loader_reads_the_generated_split(tiny_dataset, monkeypatch):
 def test_statistics_follow_the_requested_proportions(tmp_path):
     weights = (0.2, 0.2, 0.6)
     stats = generate_synthetic_gres(
-        str(tmp_path / "s"), seed=1, workers=1, num_train_images=150, num_val_images=0, num_test_images=0,
-        image_size=48, kind_weights=weights,
+        str(tmp_path / "s"),
+        seed=1,
+        workers=1,
+        num_train_images=150,
+        num_val_images=0,
+        num_test_images=0,
+        image_size=48,
+        kind_weights=weights,
     )
     train = stats["train"]
     assert train["expressions"] >= 150 * 5.5  # ~6 per image
@@ -175,7 +225,9 @@ def test_statistics_follow_the_requested_proportions(tmp_path):
     refs = json.loads((tmp_path / "s" / "grefs(unc).json").read_text())
     no_target = sum(len(r["sentences"]) for r in refs if r["no_target"])
     assert no_target == round(train["kind_share"]["no_target"] * train["expressions"])
-    assert train["no_target_styles"]["near_miss"] > train["no_target_styles"]["absent"] > 0  # mostly hard ones
+    assert (
+        train["no_target_styles"]["near_miss"] > train["no_target_styles"]["absent"] > 0
+    )  # mostly hard ones
     assert train["occluded_object_share"] > 0.05 and train["touching_object_share"] > 0.05
     assert set(train["objects_histogram"]) == {2, 3, 4, 5, 6}
 
@@ -183,7 +235,9 @@ def test_statistics_follow_the_requested_proportions(tmp_path):
 def test_same_seed_same_bytes_any_worker_count(tmp_path):
     params = dict(num_train_images=70, num_val_images=2, num_test_images=2, image_size=48, seed=3)
     generate_synthetic_gres(str(tmp_path / "a"), workers=1, **params)
-    generate_synthetic_gres(str(tmp_path / "b"), workers=2, **params)  # >= 64 images: a process pool
+    generate_synthetic_gres(
+        str(tmp_path / "b"), workers=2, **params
+    )  # >= 64 images: a process pool
     generate_synthetic_gres(str(tmp_path / "c"), workers=1, **{**params, "seed": 4})
     for name in ("grefs(unc).json", "instances.json", "images/train/000069.png"):
         assert _read(tmp_path / "a", name) == _read(tmp_path / "b", name), name
@@ -212,7 +266,9 @@ def test_foreign_folder_is_never_replaced(tmp_path):
     root.mkdir()
     (root / "precious.txt").write_text("user data")
     with pytest.raises(FileExistsError, match="generator.json"):
-        ensure_synthetic_gres(str(root), num_train_images=1, num_val_images=0, num_test_images=0, image_size=48)
+        ensure_synthetic_gres(
+            str(root), num_train_images=1, num_val_images=0, num_test_images=0, image_size=48
+        )
     assert (root / "precious.txt").read_text() == "user data"
 
 
@@ -224,7 +280,13 @@ def test_interrupted_run_leaves_nothing(tmp_path, monkeypatch):
 
     monkeypatch.setattr(local_encoder, "write_local_text_encoder", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        generate_synthetic_gres(str(tmp_path / "s"), num_train_images=2, num_val_images=0, num_test_images=0, image_size=48)
+        generate_synthetic_gres(
+            str(tmp_path / "s"),
+            num_train_images=2,
+            num_val_images=0,
+            num_test_images=0,
+            image_size=48,
+        )
     assert os.listdir(tmp_path) == []
 
 
@@ -237,8 +299,24 @@ def test_bad_parameters_are_named():
 
 def test_cli_writes_the_dataset(tmp_path):
     root = tmp_path / "cli"
-    synthetic.main(["--root", str(root), "--seed", "2", "--num-train-images", "2", "--num-val-images", "1",
-                    "--num-test-images", "1", "--image-size", "48", "--workers", "1"])
+    synthetic.main(
+        [
+            "--root",
+            str(root),
+            "--seed",
+            "2",
+            "--num-train-images",
+            "2",
+            "--num-val-images",
+            "1",
+            "--num-test-images",
+            "1",
+            "--image-size",
+            "48",
+            "--workers",
+            "1",
+        ]
+    )
     marker = json.loads((root / "generator.json").read_text())
     assert marker["params"]["seed"] == 2 and marker["params"]["num_train_images"] == 2
 
@@ -253,7 +331,9 @@ def test_text_encoder_knows_every_word_and_maps_samples(tiny_dataset, monkeypatc
     encoder_dir = os.path.join(root, "text_encoder")
     tokenizer = load_tokenizer(encoder_dir)
     refs = json.loads(_read(root, "grefs(unc).json"))
-    sentences = [s["raw"] for r in refs for s in r["sentences"]] + [f"the {word}" for word in synthetic.VOCABULARY]
+    sentences = [s["raw"] for r in refs for s in r["sentences"]] + [
+        f"the {word}" for word in synthetic.VOCABULARY
+    ]
     for text in sentences:
         ids = tokenizer(text)["input_ids"]
         assert tokenizer.unk_token_id not in ids and len(ids) <= 20, text

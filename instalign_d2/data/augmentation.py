@@ -5,6 +5,7 @@ in the expressions. A crop could also cut a target out of the image while the ex
 names it; the mapper therefore keeps a crop only when every target keeps most of its pixels
 (:data:`MIN_TARGET_KEPT`), else it tries again and finally uses no crop.
 """
+
 from __future__ import annotations
 
 from typing import List
@@ -16,7 +17,12 @@ CROP_TRIES = 5
 
 
 def build_gres_augmentations(
-    *, enabled: bool, scale_range=(0.8, 1.0), brightness: float = 0.2, contrast: float = 0.2, saturation: float = 0.2
+    *,
+    enabled: bool,
+    scale_range=(0.8, 1.0),
+    brightness: float = 0.2,
+    contrast: float = 0.2,
+    saturation: float = 0.2,
 ) -> List[T.Augmentation]:
     """The augmentations applied before the resize to S x S (empty when disabled).
 
@@ -32,10 +38,16 @@ def build_gres_augmentations(
     augs: List[T.Augmentation] = []
     low = float(min(scale_range))
     if not 0 < low <= 1:
-        raise ValueError(f"INPUT.AUGMENT.SCALE_RANGE={tuple(scale_range)}: expected fractions in (0, 1]")
+        raise ValueError(
+            f"INPUT.AUGMENT.SCALE_RANGE={tuple(scale_range)}: expected fractions in (0, 1]"
+        )
     if low < 1:
         augs.append(T.RandomCrop("relative_range", (low, low)))
-    for strength, aug in ((brightness, T.RandomBrightness), (contrast, T.RandomContrast), (saturation, T.RandomSaturation)):
+    for strength, aug in (
+        (brightness, T.RandomBrightness),
+        (contrast, T.RandomContrast),
+        (saturation, T.RandomSaturation),
+    ):
         if strength > 0:
             augs.append(aug(1 - strength, 1 + strength))
     return augs

@@ -9,10 +9,11 @@ A sample whose image is missing or unreadable is logged with its ref id. The tra
 returns None (Detectron2's ``MapDataset`` then draws another sample); the test mapper returns
 the sample with ``skipped_reason`` and an all-zero image, so the evaluator can count it.
 """
+
 from __future__ import annotations
 
 import logging
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -32,8 +33,16 @@ __all__ = ["GRESDatasetMapper"]
 
 # Dataset-dict fields copied to the output unchanged (when present).
 PASSTHROUGH_KEYS = (
-    "file_name", "height", "width", "image_id", "sentence", "empty", "expression_kind", "source",
-    "refzom_kind", "expression_template",
+    "file_name",
+    "height",
+    "width",
+    "image_id",
+    "sentence",
+    "empty",
+    "expression_kind",
+    "source",
+    "refzom_kind",
+    "expression_template",
 )
 EVAL_RESOLUTIONS = ("input", "original")
 
@@ -68,7 +77,9 @@ class GRESDatasetMapper:
                 to the test mapper's output.
         """
         if eval_resolution not in EVAL_RESOLUTIONS:
-            raise ValueError(f"TEST.EVAL_RESOLUTION={eval_resolution!r}: expected one of {EVAL_RESOLUTIONS}")
+            raise ValueError(
+                f"TEST.EVAL_RESOLUTION={eval_resolution!r}: expected one of {EVAL_RESOLUTIONS}"
+            )
         if int(image_size) <= 0:
             raise ValueError(f"INPUT.IMAGE_SIZE={image_size}: expected a positive size")
         self.is_train = bool(is_train)
@@ -80,7 +91,9 @@ class GRESDatasetMapper:
         self.eval_resolution = eval_resolution
         self.num_skipped = 0  # samples of this worker whose image could not be read
         mode = "train" if self.is_train else "test"
-        logger.info(f"[GRESDatasetMapper] {mode}: {self.image_size}x{self.image_size}, augmentations {self.augmentations}")
+        logger.info(
+            f"[GRESDatasetMapper] {mode}: {self.image_size}x{self.image_size}, augmentations {self.augmentations}"
+        )
 
     @classmethod
     def from_config(cls, cfg, is_train: bool = True):
@@ -143,7 +156,10 @@ class GRESDatasetMapper:
         sentence = dataset_dict.get("sentence", {})
         logger.warning(
             "skipping ref %s (sentence %s): %s [%d skipped by this %s mapper]",
-            sentence.get("ref_id"), sentence.get("sent_id"), reason, self.num_skipped,
+            sentence.get("ref_id"),
+            sentence.get("sent_id"),
+            reason,
+            self.num_skipped,
             "train" if self.is_train else "test",
         )
 
@@ -163,7 +179,9 @@ class GRESDatasetMapper:
         size = self.image_size
         transforms = self._augment(image, masks) if self.is_train else T.TransformList([])
         image = transforms.apply_image(image)
-        resize = T.ResizeTransform(image.shape[0], image.shape[1], size, size, interp=Image.BILINEAR)
+        resize = T.ResizeTransform(
+            image.shape[0], image.shape[1], size, size, interp=Image.BILINEAR
+        )
         transforms = transforms + resize
         image = resize.apply_image(image)
         gt_masks = transform_masks(masks, transforms)  # bool (M, S, S), nearest
@@ -173,14 +191,20 @@ class GRESDatasetMapper:
         record["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
         instances = Instances((size, size))
         instances.gt_masks = torch.from_numpy(np.ascontiguousarray(gt_masks))
-        instances.gt_classes = torch.tensor([a["category_id"] for a in annotations], dtype=torch.int64)
+        instances.gt_classes = torch.tensor(
+            [a["category_id"] for a in annotations], dtype=torch.int64
+        )
         record["instances"] = instances
-        record["gt_mask_merged"] = torch.from_numpy(gt_masks.any(axis=0)) if len(gt_masks) else torch.zeros(
-            (size, size), dtype=torch.bool
+        record["gt_mask_merged"] = (
+            torch.from_numpy(gt_masks.any(axis=0))
+            if len(gt_masks)
+            else torch.zeros((size, size), dtype=torch.bool)
         )
         if not self.is_train and self.eval_resolution == "original":
-            record["gt_mask_merged_original"] = torch.from_numpy(masks.any(axis=0)) if len(masks) else torch.zeros(
-                (height, width), dtype=torch.bool
+            record["gt_mask_merged_original"] = (
+                torch.from_numpy(masks.any(axis=0))
+                if len(masks)
+                else torch.zeros((height, width), dtype=torch.bool)
             )
         tokens = tokenize(self.tokenizer, [dataset_dict["sentence"]["raw"]], self.max_tokens)
         record["input_ids"] = tokens["input_ids"][0]

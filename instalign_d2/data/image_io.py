@@ -5,6 +5,7 @@ greyscale PNG to RGB by clipping at 255 (almost all white). We scale such images
 first; every other mode (greyscale, palette, RGBA, CMYK, ...) takes Detectron2's path
 (``convert_PIL_to_numpy``) unchanged.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -36,7 +37,9 @@ def read_image_uint8(file_name: str, image_format: str = "RGB") -> np.ndarray:
     subclasses such as ``UnidentifiedImageError``).
     """
     if image_format not in SUPPORTED_FORMATS:
-        raise ValueError(f"INPUT.FORMAT={image_format!r}: the GRES mapper supports {SUPPORTED_FORMATS}")
+        raise ValueError(
+            f"INPUT.FORMAT={image_format!r}: the GRES mapper supports {SUPPORTED_FORMATS}"
+        )
     with PathManager.open(file_name, "rb") as f:
         image = Image.open(f)
         image.load()

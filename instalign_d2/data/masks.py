@@ -9,6 +9,7 @@ Nearest-neighbour resizing picks one source pixel per output pixel, so "union, t
 "resize each, then union" give the same mask; ``merged_mask(..., out_size=S)`` therefore equals
 the mapper's ``gt_mask_merged``.
 """
+
 from __future__ import annotations
 
 from typing import Iterable, List, Mapping, Optional, Sequence, Tuple, Union
@@ -124,7 +125,9 @@ def resize_masks_nearest(masks: np.ndarray, out_size: Size) -> np.ndarray:
     masks = np.asarray(masks, dtype=bool)
     height, width = masks.shape[-2:]
     new_h, new_w = _as_hw(out_size)
-    return transform_masks(masks, T.ResizeTransform(height, width, new_h, new_w, interp=Image.NEAREST))
+    return transform_masks(
+        masks, T.ResizeTransform(height, width, new_h, new_w, interp=Image.NEAREST)
+    )
 
 
 def mask_area(segmentation, height: int, width: int) -> int:

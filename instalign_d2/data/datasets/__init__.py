@@ -1,4 +1,5 @@
 """GRES datasets: loaders of the published formats, the synthetic generator, registration."""
+
 from . import builtin  # noqa: F401  (registers every dataset name)
 from .grefcoco import load_grefcoco_json  # noqa: F401
 from .refcoco import load_refcoco  # noqa: F401

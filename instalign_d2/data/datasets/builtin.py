@@ -2,6 +2,7 @@
 
 Paths are computed from ``$DETECTRON2_DATASETS`` (default ``./datasets``) when a dataset loads.
 """
+
 from instalign_d2.data.datasets.grefcoco import register_all_grefcoco
 from instalign_d2.data.datasets.refcoco import register_all_refcoco
 from instalign_d2.data.datasets.refzom import register_all_refzom

@@ -4,6 +4,7 @@
 time, so a change of the variable after ``import instalign_d2`` is honoured. The metadata paths
 set at registration (from the root of that moment) are refreshed when the dataset loads.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Dict, List, Tuple
@@ -25,7 +26,9 @@ def refresh_metadata(name: str, **values) -> None:
         metadata.set(**{key: value})
 
 
-def register_gres_dataset(name: str, loader: Loader, *, evaluator_type: str, split: str, **metadata) -> None:
+def register_gres_dataset(
+    name: str, loader: Loader, *, evaluator_type: str, split: str, **metadata
+) -> None:
     """Register ``name`` in Detectron2's catalogs.
 
     Args:

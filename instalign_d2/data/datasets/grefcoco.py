@@ -4,6 +4,7 @@ A ref: ``ref_id, image_id, split, ann_id`` (an int or a list; ``[-1]`` means no 
 ``category_id``, ``sentences`` (``{sent_id, sent, raw, tokens}``) and usually ``no_target``.
 Our synthetic dataset is written in this layout and loads through :func:`load_grefcoco_json`.
 """
+
 from __future__ import annotations
 
 import logging
@@ -84,7 +85,11 @@ def load_grefcoco_json(
     index = CocoIndex.from_file(instances_file)
 
     def describe(ref: Mapping, targets: List[dict]) -> Dict[str, object]:
-        return {"empty": not targets, "expression_kind": kind_of_target_count(len(targets)), "source": source}
+        return {
+            "empty": not targets,
+            "expression_kind": kind_of_target_count(len(targets)),
+            "source": source,
+        }
 
     dicts = build_expression_dicts(
         refs,
@@ -95,7 +100,9 @@ def load_grefcoco_json(
         target_ids=grefcoco_target_ids,
         describe_ref=describe,
     )
-    logger.info("%s: loaded in %.2f s from %s", dataset_name, time.perf_counter() - start, refs_file)
+    logger.info(
+        "%s: loaded in %.2f s from %s", dataset_name, time.perf_counter() - start, refs_file
+    )
     return dicts
 
 
@@ -107,7 +114,11 @@ def register_all_grefcoco(root: Callable[[], str]) -> None:
         def load(split=split, name=name):
             paths = grefcoco_paths(root())
             dicts = load_grefcoco_json(
-                paths["refs_file"], paths["instances_file"], paths["image_root"], split, dataset_name=name
+                paths["refs_file"],
+                paths["instances_file"],
+                paths["image_root"],
+                split,
+                dataset_name=name,
             )
             return dicts, {"dataset_root": paths["dataset_root"], "image_root": paths["image_root"]}
 

@@ -4,6 +4,7 @@ Registered under the names ReLA uses, so users' configs carry over: ``refcoco_un
 ``refcoco+_unc_*`` (alias ``refcocop_unc_*``, as a ``+`` is awkward in some shells and file
 names), ``refcocog_umd_*`` and ``refcocog_google_*``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -45,7 +46,9 @@ def refcoco_paths(datasets_root: str, folder: str, split_by: str) -> Dict[str, s
     """Where a RefCOCO-family dataset's files are expected (nothing is checked here)."""
     dataset_root = os.path.join(datasets_root, folder)
     pickled = os.path.join(dataset_root, f"refs({split_by}).p")
-    refs_file = first_existing([pickled, os.path.join(dataset_root, f"refs({split_by}).json")]) or pickled
+    refs_file = (
+        first_existing([pickled, os.path.join(dataset_root, f"refs({split_by}).json")]) or pickled
+    )
     return {
         "dataset_root": dataset_root,
         "refs_file": refs_file,
@@ -72,7 +75,11 @@ def load_refcoco(
     index = CocoIndex.from_file(instances_file)
 
     def describe(ref: Mapping, targets: List[dict]) -> Dict[str, object]:
-        return {"empty": not targets, "expression_kind": kind_of_target_count(len(targets)), "source": source}
+        return {
+            "empty": not targets,
+            "expression_kind": kind_of_target_count(len(targets)),
+            "source": source,
+        }
 
     dicts = build_expression_dicts(
         refs,
@@ -83,7 +90,9 @@ def load_refcoco(
         target_ids=lambda ref: as_id_list(ref.get("ann_id")),
         describe_ref=describe,
     )
-    logger.info("%s: loaded in %.2f s from %s", dataset_name, time.perf_counter() - start, refs_file)
+    logger.info(
+        "%s: loaded in %.2f s from %s", dataset_name, time.perf_counter() - start, refs_file
+    )
     return dicts
 
 
@@ -106,10 +115,17 @@ def register_all_refcoco(root: Callable[[], str]) -> None:
                 def load(folder=folder, split_by=split_by, split=split, name=name):
                     paths = refcoco_paths(root(), folder, split_by)
                     dicts = load_refcoco(
-                        paths["refs_file"], paths["instances_file"], paths["image_root"], split,
-                        dataset_name=name, source=folder,
+                        paths["refs_file"],
+                        paths["instances_file"],
+                        paths["image_root"],
+                        split,
+                        dataset_name=name,
+                        source=folder,
                     )
-                    return dicts, {"dataset_root": paths["dataset_root"], "image_root": paths["image_root"]}
+                    return dicts, {
+                        "dataset_root": paths["dataset_root"],
+                        "image_root": paths["image_root"],
+                    }
 
                 paths = refcoco_paths(root(), folder, split_by)
                 register_gres_dataset(

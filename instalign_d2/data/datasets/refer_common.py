@@ -11,6 +11,7 @@ polygon with fewer than 3 points, a zero-area mask) are logged with the ref id a
 loader goes on. A ref whose targets all vanish is skipped rather than turned into a no-target
 sample, which would teach the model a wrong answer.
 """
+
 from __future__ import annotations
 
 import json
@@ -100,7 +101,13 @@ class SkipLog:
     def skip(self, reason: str, ref_id, detail: str = "") -> None:
         self.counts[reason] += 1
         if self.counts[reason] <= LOGGED_EXAMPLES_PER_REASON:
-            logger.warning("%s: ref %s: %s%s", self.dataset_name, ref_id, reason, f" ({detail})" if detail else "")
+            logger.warning(
+                "%s: ref %s: %s%s",
+                self.dataset_name,
+                ref_id,
+                reason,
+                f" ({detail})" if detail else "",
+            )
 
     def summary(self) -> str:
         return ", ".join(f"{reason}: {n}" for reason, n in sorted(self.counts.items())) or "none"
@@ -226,7 +233,9 @@ def build_expression_dicts(
             skips.skip("image_not_in_instances", ref_id, f"image {ref.get('image_id')}")
             continue
         wanted = target_ids(ref)
-        annotations = [a for a in (converter.get(i, image, ref_id) for i in wanted) if a is not None]
+        annotations = [
+            a for a in (converter.get(i, image, ref_id) for i in wanted) if a is not None
+        ]
         if wanted and not annotations:
             skips.skip("no_usable_target", ref_id)
             continue
@@ -258,7 +267,11 @@ def build_expression_dicts(
     kinds = Counter(d["expression_kind"] for d in dataset_dicts)
     logger.info(
         "%s: %d expressions of %d refs on %d images (%s); skipped: %s",
-        dataset_name, len(dataset_dicts), num_refs, len(image_paths),
-        ", ".join(f"{k} {kinds[k]}" for k in ("single", "multi", "no_target")), skips.summary(),
+        dataset_name,
+        len(dataset_dicts),
+        num_refs,
+        len(image_paths),
+        ", ".join(f"{k} {kinds[k]}" for k in ("single", "multi", "no_target")),
+        skips.summary(),
     )
     return dataset_dicts

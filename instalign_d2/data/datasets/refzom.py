@@ -7,6 +7,7 @@ expression, whose ``ann_id`` is not a target; other refs are one-to-one or one-t
 folder ``images/trainval2014/``, and the COCO name prefix tells the two original folders apart,
 so we look in ``trainval2014`` first and fall back to ``train2014`` / ``val2014``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -45,7 +46,9 @@ def refzom_paths(datasets_root: str) -> Dict[str, str]:
     """Where Ref-ZOM's files are expected under ``datasets_root`` (nothing is checked here)."""
     folder = os.path.join(datasets_root, "ref-zom")
     default_refs = os.path.join(folder, "refs(final).p")
-    refs_file = first_existing([default_refs, os.path.join(folder, "Ref-ZOM(final).p")]) or default_refs
+    refs_file = (
+        first_existing([default_refs, os.path.join(folder, "Ref-ZOM(final).p")]) or default_refs
+    )
     images = os.path.join(datasets_root, "images")
     return {
         "dataset_root": folder,
@@ -64,7 +67,9 @@ def refzom_target_ids(ref: Mapping) -> List[int]:
     return [i for i in as_id_list(ref.get("ann_id")) if i >= 0]
 
 
-def make_image_locator(merged_root: str, train_root: str, val_root: str) -> Callable[[Mapping], str]:
+def make_image_locator(
+    merged_root: str, train_root: str, val_root: str
+) -> Callable[[Mapping], str]:
     """Path of a COCO image: in the merged folder if there, else the folder its name prefix says."""
     have_merged = os.path.isdir(merged_root)
 
@@ -77,7 +82,11 @@ def make_image_locator(merged_root: str, train_root: str, val_root: str) -> Call
         fallback = val_root if "val2014" in name else train_root
         candidate = os.path.join(fallback, name)
         # When neither has it, report the merged path: the layout the authors document.
-        return candidate if (os.path.exists(candidate) or not have_merged) else os.path.join(merged_root, name)
+        return (
+            candidate
+            if (os.path.exists(candidate) or not have_merged)
+            else os.path.join(merged_root, name)
+        )
 
     return locate
 
@@ -127,7 +136,9 @@ def load_refzom(
         target_ids=refzom_target_ids,
         describe_ref=describe,
     )
-    logger.info("%s: loaded in %.2f s from %s", dataset_name, time.perf_counter() - start, refs_file)
+    logger.info(
+        "%s: loaded in %.2f s from %s", dataset_name, time.perf_counter() - start, refs_file
+    )
     return dicts
 
 

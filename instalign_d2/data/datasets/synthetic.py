@@ -17,6 +17,7 @@ processes gives the same bytes.
 
 CLI: ``python -m instalign_d2.data.datasets.synthetic --root DIR [--seed N ...]``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,7 +43,13 @@ from instalign_d2.data.datasets.synthetic_expressions import (
     TEMPLATES,
     generate_expressions,
 )
-from instalign_d2.data.datasets.synthetic_scene import COLOURS, SHAPE_PLURALS, SHAPES, SIZES, generate_scene
+from instalign_d2.data.datasets.synthetic_scene import (
+    COLOURS,
+    SHAPE_PLURALS,
+    SHAPES,
+    SIZES,
+    generate_scene,
+)
 from instalign_d2.data.masks import mask_to_rle
 from instalign_d2.utils.paths import datasets_root
 
@@ -60,10 +67,20 @@ TEMPLATE_NAMES = tuple(TEMPLATES)  # the values of expression_template
 CATEGORY_IDS = {shape: i + 1 for i, shape in enumerate(SHAPES)}
 # Every word the generator can emit, so the tokenizer knows all of them even for a tiny dataset.
 VOCABULARY = (
-    ["the", "all", "both", "and", "shape", "shapes"] + list(SHAPES) + list(SHAPE_PLURALS.values())
-    + list(COLOURS) + list(SIZES) + list(SPATIAL_WORDS)
+    ["the", "all", "both", "and", "shape", "shapes"]
+    + list(SHAPES)
+    + list(SHAPE_PLURALS.values())
+    + list(COLOURS)
+    + list(SIZES)
+    + list(SPATIAL_WORDS)
 )
-TEXT_ENCODER_SIZE = {"hidden_size": 128, "num_layers": 2, "num_heads": 4, "intermediate_size": 256, "max_tokens": 20}
+TEXT_ENCODER_SIZE = {
+    "hidden_size": 128,
+    "num_layers": 2,
+    "num_heads": 4,
+    "intermediate_size": 256,
+    "max_tokens": 20,
+}
 
 SYNTHETIC_LAYOUT = """\
   synthetic_gres/          written by: python -m instalign_d2.data.datasets.synthetic --root <this folder>
@@ -90,14 +107,22 @@ def synthetic_params(
     kind_weights: Sequence[float] = DEFAULT_KIND_WEIGHTS,
 ) -> Dict[str, object]:
     """The parameters that determine the output, checked and in canonical form."""
-    counts = {"num_train_images": num_train_images, "num_val_images": num_val_images, "num_test_images": num_test_images}
+    counts = {
+        "num_train_images": num_train_images,
+        "num_val_images": num_val_images,
+        "num_test_images": num_test_images,
+    }
     for key, value in counts.items():
         if int(value) < 0:
             raise ValueError(f"{key}={value}: expected a count >= 0")
     if int(image_size) < 32:
-        raise ValueError(f"image_size={image_size}: expected at least 32 pixels (shapes must stay recognisable)")
+        raise ValueError(
+            f"image_size={image_size}: expected at least 32 pixels (shapes must stay recognisable)"
+        )
     if len(kind_weights) != len(KINDS) or min(kind_weights) < 0 or sum(kind_weights) <= 0:
-        raise ValueError(f"kind_weights={kind_weights}: expected {len(KINDS)} non-negative weights for {KINDS}")
+        raise ValueError(
+            f"kind_weights={kind_weights}: expected {len(KINDS)} non-negative weights for {KINDS}"
+        )
     return {
         "generator_version": GENERATOR_VERSION,
         **{k: int(v) for k, v in counts.items()},
@@ -137,26 +162,44 @@ def generate_image_record(job: Dict[str, object]) -> Dict[str, object]:
     attributes = [o.attributes for o in scene.objects]
     centers = [o.center for o in scene.objects]
     expressions = generate_expressions(
-        attributes, centers, size, rng, count=int(job["expressions_per_image"]), kind_weights=job["kind_weights"]
+        attributes,
+        centers,
+        size,
+        rng,
+        count=int(job["expressions_per_image"]),
+        kind_weights=job["kind_weights"],
     )
     touching = _touching([o.mask for o in scene.objects])
     objects = []
     for obj, touches in zip(scene.objects, touching):
         ys, xs = np.nonzero(obj.mask)
-        objects.append({
-            **obj.attributes,
-            "center": [round(obj.center[0], 2), round(obj.center[1], 2)],
-            "bbox": [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)],
-            "area": int(obj.mask.sum()),
-            "segmentation": mask_to_rle(obj.mask),
-            "visible_fraction": round(obj.visible_fraction, 4),
-            "touching": bool(touches),
-        })
+        objects.append(
+            {
+                **obj.attributes,
+                "center": [round(obj.center[0], 2), round(obj.center[1], 2)],
+                "bbox": [
+                    int(xs.min()),
+                    int(ys.min()),
+                    int(xs.max() - xs.min() + 1),
+                    int(ys.max() - ys.min() + 1),
+                ],
+                "area": int(obj.mask.sum()),
+                "segmentation": mask_to_rle(obj.mask),
+                "visible_fraction": round(obj.visible_fraction, 4),
+                "touching": bool(touches),
+            }
+        )
     return {
         "file_name": str(job["file_name"]),
         "objects": objects,
         "expressions": [
-            {"text": e.text, "template": e.template, "kind": e.kind, "targets": list(e.targets), "style": e.style}
+            {
+                "text": e.text,
+                "template": e.template,
+                "kind": e.kind,
+                "targets": list(e.targets),
+                "style": e.style,
+            }
             for e in expressions
         ],
     }
@@ -169,12 +212,19 @@ def _jobs(params: Dict[str, object], staging: str) -> List[Dict[str, object]]:
         os.makedirs(os.path.join(staging, IMAGES_DIR, split), exist_ok=True)
         for index in range(int(params[f"num_{split}_images"])):
             file_name = f"{split}/{index:06d}.png"
-            jobs.append({
-                "seed": params["seed"], "split_index": split_index, "index": index, "split": split,
-                "image_size": params["image_size"], "expressions_per_image": params["expressions_per_image"],
-                "kind_weights": params["kind_weights"], "file_name": file_name,
-                "image_path": os.path.join(staging, IMAGES_DIR, file_name),
-            })
+            jobs.append(
+                {
+                    "seed": params["seed"],
+                    "split_index": split_index,
+                    "index": index,
+                    "split": split,
+                    "image_size": params["image_size"],
+                    "expressions_per_image": params["expressions_per_image"],
+                    "kind_weights": params["kind_weights"],
+                    "file_name": file_name,
+                    "image_path": os.path.join(staging, IMAGES_DIR, file_name),
+                }
+            )
     return jobs
 
 
@@ -189,7 +239,12 @@ def _run_jobs(jobs: List[Dict[str, object]], workers: int) -> List[Dict[str, obj
             records.append(record)
             if time.perf_counter() - last_log > 5:
                 last_log = time.perf_counter()
-                logger.info("synthetic GRES: %d / %d images (%.0f s)", len(records), len(jobs), last_log - start)
+                logger.info(
+                    "synthetic GRES: %d / %d images (%.0f s)",
+                    len(records),
+                    len(jobs),
+                    last_log - start,
+                )
 
     if workers <= 1 or len(jobs) < 64:
         consume(map(generate_image_record, jobs))
@@ -206,16 +261,28 @@ def _build_json(jobs, records) -> Tuple[dict, list]:
     ann_id = ref_id = sent_id = 0
     size = int(jobs[0]["image_size"]) if jobs else 0
     for image_id, (job, record) in enumerate(zip(jobs, records), start=1):
-        images.append({"id": image_id, "file_name": record["file_name"], "height": size, "width": size})
+        images.append(
+            {"id": image_id, "file_name": record["file_name"], "height": size, "width": size}
+        )
         object_ann_ids = []
         for obj in record["objects"]:
             ann_id += 1
             object_ann_ids.append(ann_id)
-            annotations.append({
-                "id": ann_id, "image_id": image_id, "category_id": CATEGORY_IDS[obj["shape"]],
-                "segmentation": obj["segmentation"], "area": obj["area"], "bbox": obj["bbox"], "iscrowd": 0,
-                "shape": obj["shape"], "colour": obj["colour"], "size": obj["size"], "center": obj["center"],
-            })
+            annotations.append(
+                {
+                    "id": ann_id,
+                    "image_id": image_id,
+                    "category_id": CATEGORY_IDS[obj["shape"]],
+                    "segmentation": obj["segmentation"],
+                    "area": obj["area"],
+                    "bbox": obj["bbox"],
+                    "iscrowd": 0,
+                    "shape": obj["shape"],
+                    "colour": obj["colour"],
+                    "size": obj["size"],
+                    "center": obj["center"],
+                }
+            )
         # One ref per distinct target set of the image (its sentences share the annotations).
         by_targets: Dict[tuple, List[dict]] = {}
         for expression in record["expressions"]:
@@ -226,19 +293,34 @@ def _build_json(jobs, records) -> Tuple[dict, list]:
             sentences = []
             for expression in expressions:
                 sent_id += 1
-                sentences.append({
-                    "sent_id": sent_id, "raw": expression["text"], "sent": expression["text"],
-                    "tokens": expression["text"].split(), "expression_template": expression["template"],
-                    "expression_kind": expression["kind"],
-                    **({"no_target_style": expression["style"]} if expression["style"] else {}),
-                })
-            refs.append({
-                "ref_id": ref_id, "image_id": image_id, "split": job["split"], "file_name": record["file_name"],
-                "ann_id": ann_ids or [-1],
-                "category_id": [CATEGORY_IDS[record["objects"][t]["shape"]] for t in targets] or [-1],
-                "no_target": not targets, "sent_ids": [s["sent_id"] for s in sentences], "sentences": sentences,
-            })
-    categories = [{"id": i, "name": shape, "supercategory": "shape"} for shape, i in CATEGORY_IDS.items()]
+                sentences.append(
+                    {
+                        "sent_id": sent_id,
+                        "raw": expression["text"],
+                        "sent": expression["text"],
+                        "tokens": expression["text"].split(),
+                        "expression_template": expression["template"],
+                        "expression_kind": expression["kind"],
+                        **({"no_target_style": expression["style"]} if expression["style"] else {}),
+                    }
+                )
+            refs.append(
+                {
+                    "ref_id": ref_id,
+                    "image_id": image_id,
+                    "split": job["split"],
+                    "file_name": record["file_name"],
+                    "ann_id": ann_ids or [-1],
+                    "category_id": [CATEGORY_IDS[record["objects"][t]["shape"]] for t in targets]
+                    or [-1],
+                    "no_target": not targets,
+                    "sent_ids": [s["sent_id"] for s in sentences],
+                    "sentences": sentences,
+                }
+            )
+    categories = [
+        {"id": i, "name": shape, "supercategory": "shape"} for shape, i in CATEGORY_IDS.items()
+    ]
     return {"images": images, "annotations": annotations, "categories": categories}, refs
 
 
@@ -264,8 +346,12 @@ def dataset_statistics(jobs, records) -> Dict[str, object]:
             "kind_share": {k: round(kinds[k] / n_expr, 4) for k in KINDS},
             "template_share": {t: round(n / n_expr, 4) for t, n in sorted(templates.items())},
             "no_target_styles": dict(sorted(styles.items())),
-            "occluded_object_share": round(sum(o["visible_fraction"] < 0.98 for o in objects) / max(len(objects), 1), 4),
-            "touching_object_share": round(sum(o["touching"] for o in objects) / max(len(objects), 1), 4),
+            "occluded_object_share": round(
+                sum(o["visible_fraction"] < 0.98 for o in objects) / max(len(objects), 1), 4
+            ),
+            "touching_object_share": round(
+                sum(o["touching"] for o in objects) / max(len(objects), 1), 4
+            ),
         }
     return stats
 
@@ -301,8 +387,13 @@ def generate_synthetic_gres(
     """
     root = os.path.abspath(root or default_synthetic_root())
     params = synthetic_params(
-        num_train_images=num_train_images, num_val_images=num_val_images, num_test_images=num_test_images,
-        image_size=image_size, seed=seed, expressions_per_image=expressions_per_image, kind_weights=kind_weights,
+        num_train_images=num_train_images,
+        num_val_images=num_val_images,
+        num_test_images=num_test_images,
+        image_size=image_size,
+        seed=seed,
+        expressions_per_image=expressions_per_image,
+        kind_weights=kind_weights,
     )
     workers = (os.cpu_count() or 1) if workers is None else int(workers)
     _refuse_foreign_folder(root)
@@ -312,7 +403,12 @@ def generate_synthetic_gres(
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(root)}.staging-", dir=parent)
     try:
         jobs = _jobs(params, staging)
-        logger.info("synthetic GRES: drawing %d images with %d process(es) into %s", len(jobs), workers, root)
+        logger.info(
+            "synthetic GRES: drawing %d images with %d process(es) into %s",
+            len(jobs),
+            workers,
+            root,
+        )
         records = _run_jobs(jobs, workers)
         instances, refs = _build_json(jobs, records)
         _write_json(os.path.join(staging, INSTANCES_FILE), instances)
@@ -321,7 +417,11 @@ def generate_synthetic_gres(
 
         corpus = [s["raw"] for ref in refs for s in ref["sentences"]] + [" ".join(VOCABULARY)]
         write_local_text_encoder(
-            os.path.join(staging, TEXT_ENCODER_DIR), corpus, save_weights=True, seed=int(seed), **TEXT_ENCODER_SIZE
+            os.path.join(staging, TEXT_ENCODER_DIR),
+            corpus,
+            save_weights=True,
+            seed=int(seed),
+            **TEXT_ENCODER_SIZE,
         )
         stats = dataset_statistics(jobs, records)
         _write_json(os.path.join(staging, MARKER_FILE), {"params": params, "statistics": stats})
@@ -345,7 +445,9 @@ def _refuse_foreign_folder(root: str) -> None:
 def _replace_folder(new: str, target: str) -> None:
     """Move ``new`` to ``target``; an old ``target`` is moved aside first, then deleted."""
     if os.path.exists(target):
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.old-", dir=os.path.dirname(target))
+        old = tempfile.mkdtemp(
+            prefix=f".{os.path.basename(target)}.old-", dir=os.path.dirname(target)
+        )
         os.rmdir(old)
         os.rename(target, old)
         os.rename(new, target)
@@ -362,7 +464,9 @@ def log_statistics(stats: Dict[str, object], seconds: float, root: str) -> None:
             f"{s['expressions']} expressions ({s['expressions_per_image']}/image), kinds {s['kind_share']}, "
             f"occluded {s['occluded_object_share']}, touching {s['touching_object_share']}"
         )
-        lines.append(f"         templates {s['template_share']}, no-target styles {s['no_target_styles']}")
+        lines.append(
+            f"         templates {s['template_share']}, no-target styles {s['no_target_styles']}"
+        )
     logger.info("\n".join(lines))
 
 
@@ -375,7 +479,9 @@ def read_marker(root: str) -> Optional[Dict[str, object]]:
         return None
 
 
-def ensure_synthetic_gres(root: Optional[str] = None, *, workers: Optional[int] = None, **params) -> str:
+def ensure_synthetic_gres(
+    root: Optional[str] = None, *, workers: Optional[int] = None, **params
+) -> str:
     """Generate the dataset in ``root`` unless it is there already with the same parameters.
 
     Takes the keyword arguments of :func:`generate_synthetic_gres`. Safe to call from several
@@ -393,7 +499,12 @@ def ensure_synthetic_gres(root: Optional[str] = None, *, workers: Optional[int] 
             logger.info("synthetic GRES: %s is up to date", root)
             return root
         if marker is not None:
-            logger.info("synthetic GRES: %s was made with %s; regenerating with %s", root, marker.get("params"), wanted)
+            logger.info(
+                "synthetic GRES: %s was made with %s; regenerating with %s",
+                root,
+                marker.get("params"),
+                wanted,
+            )
         generate_synthetic_gres(root, workers=workers, **params)
     return root
 
@@ -413,8 +524,13 @@ def load_synthetic_gres(root: str, split: str, dataset_name: Optional[str] = Non
     """Dataset dicts of one split of a generated dataset (the gRefCOCO loader does the work)."""
     paths = synthetic_paths(root)
     return load_grefcoco_json(
-        paths["refs_file"], paths["instances_file"], paths["image_root"], split,
-        dataset_name=dataset_name or f"synthetic_gres_{split}", source="synthetic_gres", layout=SYNTHETIC_LAYOUT,
+        paths["refs_file"],
+        paths["instances_file"],
+        paths["image_root"],
+        split,
+        dataset_name=dataset_name or f"synthetic_gres_{split}",
+        source="synthetic_gres",
+        layout=SYNTHETIC_LAYOUT,
     )
 
 
@@ -430,15 +546,23 @@ def register_all_synthetic_gres(root: Callable[[], str]) -> None:
 
         paths = synthetic_paths(os.path.join(root(), SYNTHETIC_DIRNAME))
         register_gres_dataset(
-            name, load, evaluator_type="grefcoco", split=split,
-            dataset_root=paths["dataset_root"], image_root=paths["image_root"],
+            name,
+            load,
+            evaluator_type="grefcoco",
+            split=split,
+            dataset_root=paths["dataset_root"],
+            image_root=paths["image_root"],
         )
 
 
 # ----------------------------------------------------------------------------- CLI
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description="Generate the synthetic GRES dataset (gRefCOCO layout).")
-    parser.add_argument("--root", default=None, help="output folder (default: $DETECTRON2_DATASETS/synthetic_gres)")
+    parser = argparse.ArgumentParser(
+        description="Generate the synthetic GRES dataset (gRefCOCO layout)."
+    )
+    parser.add_argument(
+        "--root", default=None, help="output folder (default: $DETECTRON2_DATASETS/synthetic_gres)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-train-images", type=int, default=3000)
     parser.add_argument("--num-val-images", type=int, default=300)
@@ -450,8 +574,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     params = dict(
-        num_train_images=args.num_train_images, num_val_images=args.num_val_images,
-        num_test_images=args.num_test_images, image_size=args.image_size, seed=args.seed,
+        num_train_images=args.num_train_images,
+        num_val_images=args.num_val_images,
+        num_test_images=args.num_test_images,
+        image_size=args.image_size,
+        seed=args.seed,
         expressions_per_image=args.expressions_per_image,
     )
     if args.force:

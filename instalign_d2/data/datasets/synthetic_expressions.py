@@ -12,6 +12,7 @@ shape: circle}``) whose referents are computed on the scene, so the targets are 
   colour or shape absent from the scene, in the singular, plural, spatial and conjunction forms
   of the target templates, so that no wording alone gives the answer away.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -73,7 +74,10 @@ def _weighted_choice(rng: np.random.Generator, weights: Mapping[str, float]) -> 
 
 
 def _subsets(attributes: Sequence[str]) -> List[Tuple[str, ...]]:
-    return [tuple(a for j, a in enumerate(attributes) if mask >> j & 1) for mask in range(1 << len(attributes))]
+    return [
+        tuple(a for j, a in enumerate(attributes) if mask >> j & 1)
+        for mask in range(1 << len(attributes))
+    ]
 
 
 def unique_filters(objects: Sequence[Mapping[str, str]], target: int) -> List[Filter]:
@@ -90,7 +94,9 @@ def unique_filters(objects: Sequence[Mapping[str, str]], target: int) -> List[Fi
 
 def _pick_filter(rng: np.random.Generator, filters: List[Filter]) -> Filter:
     """A filter, preferring those that name the shape (the usual way of referring)."""
-    weights = np.asarray([3.0 if "shape" in f else (0.5 if list(f) == ["size"] else 1.0) for f in filters])
+    weights = np.asarray(
+        [3.0 if "shape" in f else (0.5 if list(f) == ["size"] else 1.0) for f in filters]
+    )
     return filters[int(rng.choice(len(filters), p=weights / weights.sum()))]
 
 
@@ -100,7 +106,9 @@ def attribute_expression(objects, centers, image_size, rng) -> Optional[Expressi
     filters = unique_filters(objects, target)
     if not filters:
         return None
-    return Expression("the " + noun_phrase(_pick_filter(rng, filters)), "attribute", "single", (target,))
+    return Expression(
+        "the " + noun_phrase(_pick_filter(rng, filters)), "attribute", "single", (target,)
+    )
 
 
 def spatial_candidates(objects, centers, image_size) -> List[Tuple[Filter, str, int]]:
@@ -136,10 +144,14 @@ def conjunction_expression(objects, centers, image_size, rng) -> Optional[Expres
         return None
     first, second = (int(i) for i in rng.choice(len(objects), size=2, replace=False))
     parts = [noun_phrase(_pick_filter(rng, unique_filters(objects, i))) for i in (first, second)]
-    return Expression(f"the {parts[0]} and the {parts[1]}", "conjunction", "multi", tuple(sorted((first, second))))
+    return Expression(
+        f"the {parts[0]} and the {parts[1]}", "conjunction", "multi", tuple(sorted((first, second)))
+    )
 
 
-def _group_expression(objects, rng, head: str, extra: Sequence[str], template: str) -> Optional[Expression]:
+def _group_expression(
+    objects, rng, head: str, extra: Sequence[str], template: str
+) -> Optional[Expression]:
     options = []
     for other in (None,) + tuple(extra):
         keys = (head,) if other is None else (head, other)
@@ -152,7 +164,9 @@ def _group_expression(objects, rng, head: str, extra: Sequence[str], template: s
         return None
     filt, group = options[int(rng.integers(len(options)))]
     quantifier = "both" if len(group) == 2 else "all"
-    return Expression(f"{quantifier} {noun_phrase(filt, plural=True)}", template, "multi", tuple(group))
+    return Expression(
+        f"{quantifier} {noun_phrase(filt, plural=True)}", template, "multi", tuple(group)
+    )
 
 
 def all_of_shape_expression(objects, centers, image_size, rng) -> Optional[Expression]:
@@ -170,7 +184,11 @@ def near_miss_filter(objects, rng) -> Optional[Filter]:
     changed = _weighted_choice(rng, NEAR_MISS_ATTRIBUTE_WEIGHTS)
     present = {o[changed] for o in objects} - {obj[changed]}
     # Prefer a value seen elsewhere in the image: each word then names something present.
-    pool = sorted(present) if present and rng.random() < 0.7 else [v for v in ATTRIBUTE_VALUES[changed] if v != obj[changed]]
+    pool = (
+        sorted(present)
+        if present and rng.random() < 0.7
+        else [v for v in ATTRIBUTE_VALUES[changed] if v != obj[changed]]
+    )
     filt = {changed: str(rng.choice(pool))}
     others = [k for k in ("colour", "shape") if k != changed]
     for k in others:  # keep the other identity attribute(s); the size only sometimes
@@ -251,7 +269,12 @@ def generate_expressions(
             rest = [t for t in TEMPLATE_WEIGHTS[kind] if t != first]
             order = [first] + [rest[i] for i in rng.permutation(len(rest))]
             expression = next(
-                (e for e in (TEMPLATES[t](objects, centers, image_size, rng) for t in order) if e is not None), None
+                (
+                    e
+                    for e in (TEMPLATES[t](objects, centers, image_size, rng) for t in order)
+                    if e is not None
+                ),
+                None,
             )
             if expression is not None and expression.text not in texts:
                 texts.add(expression.text)

@@ -7,6 +7,7 @@ colour: later objects may hide part of earlier ones (partial occlusion), never m
 ``1 - MIN_VISIBLE_FRACTION`` of them, and some are placed against another object (touching).
 A darker one-pixel outline keeps touching objects of one colour apart.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -17,7 +18,13 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 SHAPES = ("circle", "square", "triangle", "star", "cross")
-SHAPE_PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "star": "stars", "cross": "crosses"}
+SHAPE_PLURALS = {
+    "circle": "circles",
+    "square": "squares",
+    "triangle": "triangles",
+    "star": "stars",
+    "cross": "crosses",
+}
 # Saturated colours far from each other and from the greyish backgrounds.
 COLOURS: Dict[str, Tuple[int, int, int]] = {
     "red": (214, 40, 40),
@@ -78,7 +85,9 @@ def shape_polygon(shape: str, cx: float, cy: float, r: float) -> List[Tuple[floa
         return [(cx - h, cy - h), (cx + h, cy - h), (cx + h, cy + h), (cx - h, cy + h)]
     if shape == "triangle":  # equilateral, pointing up, centroid at the centre
         big_r = 1.3 * r
-        return [(cx + big_r * np.cos(a), cy + big_r * np.sin(a)) for a in np.deg2rad([-90, 30, 150])]
+        return [
+            (cx + big_r * np.cos(a), cy + big_r * np.sin(a)) for a in np.deg2rad([-90, 30, 150])
+        ]
     if shape == "star":  # five points, inner radius half the outer one
         angles = np.deg2rad(-90 + 36 * np.arange(10))
         radii = np.where(np.arange(10) % 2 == 0, 1.3 * r, 0.55 * r)
@@ -86,13 +95,25 @@ def shape_polygon(shape: str, cx: float, cy: float, r: float) -> List[Tuple[floa
     if shape == "cross":  # a plus sign
         a, b = 0.38 * r, 1.1 * r
         return [
-            (cx - a, cy - b), (cx + a, cy - b), (cx + a, cy - a), (cx + b, cy - a), (cx + b, cy + a), (cx + a, cy + a),
-            (cx + a, cy + b), (cx - a, cy + b), (cx - a, cy + a), (cx - b, cy + a), (cx - b, cy - a), (cx - a, cy - a),
+            (cx - a, cy - b),
+            (cx + a, cy - b),
+            (cx + a, cy - a),
+            (cx + b, cy - a),
+            (cx + b, cy + a),
+            (cx + a, cy + a),
+            (cx + a, cy + b),
+            (cx - a, cy + b),
+            (cx - a, cy + a),
+            (cx - b, cy + a),
+            (cx - b, cy - a),
+            (cx - a, cy - a),
         ]
     raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
 
 
-def rasterize_shape(shape: str, center: Tuple[float, float], radius: float, image_size: int) -> np.ndarray:
+def rasterize_shape(
+    shape: str, center: Tuple[float, float], radius: float, image_size: int
+) -> np.ndarray:
     """``bool (S, S)`` mask of the whole (unoccluded) shape, drawn without anti-aliasing."""
     canvas = Image.new("L", (image_size, image_size), 0)
     draw = ImageDraw.Draw(canvas)
@@ -140,7 +161,9 @@ def place_objects(
     An object that finds no place in ``PLACEMENT_TRIES`` tries is left out (at least two stay:
     the first two always fit on an empty canvas of this size).
     """
-    order = sorted(range(len(attributes)), key=lambda i: (attributes[i]["size"] != "big", rng.random()))
+    order = sorted(
+        range(len(attributes)), key=lambda i: (attributes[i]["size"] != "big", rng.random())
+    )
     placed: List[Tuple[Dict[str, str], Tuple[float, float], float, np.ndarray]] = []
     for index in order:
         attrs = attributes[index]
@@ -166,8 +189,13 @@ def place_objects(
     visible = _visible_masks([p[3] for p in placed])
     return [
         SceneObject(
-            shape=a["shape"], colour=a["colour"], size=a["size"], center=c, radius=r,
-            mask=v, amodal_area=int(m.sum()),
+            shape=a["shape"],
+            colour=a["colour"],
+            size=a["size"],
+            center=c,
+            radius=r,
+            mask=v,
+            amodal_area=int(m.sum()),
         )
         for (a, c, r, m), v in zip(placed, visible)
     ]
@@ -188,7 +216,9 @@ def _noise_tile(image_size: int) -> np.ndarray:
     a crop at a random offset is as good for this purpose and keeps the output a function of
     the parameters (the tile depends on the size only).
     """
-    return np.random.default_rng(image_size).standard_normal((2 * image_size, 2 * image_size, 3), dtype=np.float32)
+    return np.random.default_rng(image_size).standard_normal(
+        (2 * image_size, 2 * image_size, 3), dtype=np.float32
+    )
 
 
 def render_background(image_size: int, rng: np.random.Generator) -> np.ndarray:
@@ -197,7 +227,9 @@ def render_background(image_size: int, rng: np.random.Generator) -> np.ndarray:
     yy, xx = _pixel_grid(s)
     base = rng.uniform(150, 205) + rng.normal(0, 4, size=3)
     texture = np.zeros((s, s), dtype=np.float32)
-    for kind in rng.choice(["blotches", "stripes", "checker", "gradient"], size=int(rng.integers(1, 3)), replace=False):
+    for kind in rng.choice(
+        ["blotches", "stripes", "checker", "gradient"], size=int(rng.integers(1, 3)), replace=False
+    ):
         if kind == "blotches":
             coarse = Image.fromarray(rng.normal(0, 1, size=(5, 5)).astype(np.float32), mode="F")
             texture += 14 * np.asarray(coarse.resize((s, s), Image.BICUBIC))
@@ -213,7 +245,9 @@ def render_background(image_size: int, rng: np.random.Generator) -> np.ndarray:
     return base[None, None, :] + texture[:, :, None]
 
 
-def paint_objects(canvas: np.ndarray, objects: List[SceneObject], rng: np.random.Generator) -> np.ndarray:
+def paint_objects(
+    canvas: np.ndarray, objects: List[SceneObject], rng: np.random.Generator
+) -> np.ndarray:
     """Paint the objects' visible pixels: jittered colour, soft shading, darker outline."""
     for obj in objects:
         colour = np.asarray(COLOURS[obj.colour], dtype=np.float32) + rng.normal(0, 7, size=3)
@@ -221,7 +255,9 @@ def paint_objects(canvas: np.ndarray, objects: List[SceneObject], rng: np.random
         body = obj.mask
         ys, xs = np.nonzero(body)
         # soft directional shading, +-8 % across the object
-        shade = 1 + 0.08 * ((xs - obj.center[0]) * gx + (ys - obj.center[1]) * gy) / (obj.radius * np.hypot(gx, gy) + 1e-6)
+        shade = 1 + 0.08 * ((xs - obj.center[0]) * gx + (ys - obj.center[1]) * gy) / (
+            obj.radius * np.hypot(gx, gy) + 1e-6
+        )
         canvas[ys, xs] = colour[None, :] * shade[:, None]
         # outline: visible pixels with a 4-neighbour outside the object's visible mask
         padded = np.pad(body, 1)
@@ -235,6 +271,6 @@ def generate_scene(image_size: int, rng: np.random.Generator) -> Scene:
     objects = place_objects(sample_attributes(rng), image_size, rng)
     canvas = paint_objects(render_background(image_size, rng), objects, rng)
     oy, ox = (int(v) for v in rng.integers(0, image_size, size=2))
-    canvas += PIXEL_NOISE_STD * _noise_tile(image_size)[oy:oy + image_size, ox:ox + image_size]
+    canvas += PIXEL_NOISE_STD * _noise_tile(image_size)[oy : oy + image_size, ox : ox + image_size]
     image = np.clip(np.rint(canvas), 0, 255).astype(np.uint8)
     return Scene(image=image, objects=objects)
