@@ -478,6 +478,21 @@ def test_layer_cpu_and_reference_agree_with_parameter_gradients():
         torch.testing.assert_close(grad, results["pytorch"][1][name], rtol=0, atol=1e-9, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("impl", ["pytorch", pytest.param("cpu", marks=needs_cpp)])
+def test_layer_reconciles_mixed_dtypes(impl):
+    """float32 layer, float64 reference points (as autocast mixes half and float32): the op gets
+    one dtype, the widest, and the result comes back in the layer's dtype."""
+    torch.manual_seed(2)
+    layer = MSDeformAttn(d_model=8, n_levels=1, n_heads=2, n_points=2, impl=impl)
+    shapes, starts = torch.tensor([[3, 4]]), torch.tensor([0])
+    query, input_flatten = torch.randn(1, 5, 8), torch.randn(1, 12, 8)
+    reference_points = torch.rand(1, 5, 1, 2, dtype=torch.float64)
+    out = layer(query, reference_points, input_flatten, shapes, starts)
+    assert out.dtype == torch.float32
+    out64 = layer.double()(query.double(), reference_points, input_flatten.double(), shapes, starts)
+    torch.testing.assert_close(out, out64.float(), rtol=1e-5, atol=1e-5)
+
+
 def test_layer_from_config_and_bad_arguments():
     from detectron2.config import get_cfg
 

@@ -405,7 +405,16 @@ class MSDeformAttn(nn.Module):
         # Offsets are in pixels of each level; (W, H) turns them into normalised (x, y).
         level_sizes_xy = input_spatial_shapes.flip(-1).to(offsets.dtype)
         locations = reference_points[:, :, None, :, None, :] + offsets / level_sizes_xy[None, None, None, :, None, :]
+        # Under autocast (or with float64 reference points) the three can differ in dtype; the
+        # op wants one, and the widest keeps the locations' precision.
+        common = torch.promote_types(torch.promote_types(value.dtype, locations.dtype), weights.dtype)
         output = ms_deform_attn(
-            value, input_spatial_shapes, input_level_start_index, locations, weights, self.im2col_step, self.impl
+            value.to(common),
+            input_spatial_shapes,
+            input_level_start_index,
+            locations.to(common),
+            weights.to(common),
+            self.im2col_step,
+            self.impl,
         )
-        return self.output_proj(output)
+        return self.output_proj(output.to(value.dtype))
