@@ -193,6 +193,7 @@ def test_every_expression_names_exactly_its_targets(tiny_dataset):
 def test_loader_reads_the_generated_split(tiny_dataset, monkeypatch):
     root, stats = tiny_dataset
     monkeypatch.setenv("DETECTRON2_DATASETS", os.path.dirname(root))
+    assert synthetic.synthetic_root() == root
     dicts = DatasetCatalog.get("synthetic_gres_val")
     assert len(dicts) == stats["val"]["expressions"]
     assert {d["source"] for d in dicts} == {"synthetic_gres"}

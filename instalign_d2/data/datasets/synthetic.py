@@ -91,7 +91,7 @@ SYNTHETIC_LAYOUT = """\
     generator.json"""
 
 
-def default_synthetic_root() -> str:
+def synthetic_root() -> str:
     """``$DETECTRON2_DATASETS/synthetic_gres`` (read now, not at import)."""
     return os.path.join(datasets_root(), SYNTHETIC_DIRNAME)
 
@@ -385,7 +385,7 @@ def generate_synthetic_gres(
         kind_weights: shares of single / multi / no-target expressions.
         workers: processes drawing images (default: the CPU count); does not change the output.
     """
-    root = os.path.abspath(root or default_synthetic_root())
+    root = os.path.abspath(root or synthetic_root())
     params = synthetic_params(
         num_train_images=num_train_images,
         num_val_images=num_val_images,
@@ -491,7 +491,7 @@ def ensure_synthetic_gres(
     """
     from iopath.common.file_io import file_lock
 
-    root = os.path.abspath(root or default_synthetic_root())
+    root = os.path.abspath(root or synthetic_root())
     wanted = synthetic_params(**params)
     with file_lock(root):
         marker = read_marker(root)
