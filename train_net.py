@@ -117,6 +117,8 @@ def prepare_data(cfg) -> None:
         num_test_images=synthetic.NUM_TEST_IMAGES,
         image_size=synthetic.IMAGE_SIZE,
         seed=synthetic.SEED,
+        expressions_per_image=synthetic.EXPRESSIONS_PER_IMAGE,
+        kind_weights=tuple(synthetic.KIND_WEIGHTS),
     )
 
 
