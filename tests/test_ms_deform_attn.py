@@ -1,4 +1,5 @@
 """Multi-scale deformable attention: reference, C++ and CUDA kernels, dispatch, and the layer."""
+
 import importlib
 import math
 import warnings
@@ -19,7 +20,9 @@ from instalign_d2.layers.ms_deform_attn import (
 # `import ... as` would give the function; this gives the module.
 msda_module = importlib.import_module("instalign_d2.layers.ms_deform_attn")
 HAS_CPP = msda_extension_info() != "missing"
-needs_cpp = pytest.mark.skipif(not HAS_CPP, reason="instalign_d2._C lacks ms_deform_attn; run pip install -e .")
+needs_cpp = pytest.mark.skipif(
+    not HAS_CPP, reason="instalign_d2._C lacks ms_deform_attn; run pip install -e ."
+)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -28,22 +31,44 @@ def level_starts(shapes):
     return torch.tensor([sum(sizes[:i]) for i in range(len(sizes))], dtype=torch.int64)
 
 
-def make_inputs(shapes, batch, heads, channels, queries, points, dtype=torch.float64, device="cpu", generator=None):
+def make_inputs(
+    shapes,
+    batch,
+    heads,
+    channels,
+    queries,
+    points,
+    dtype=torch.float64,
+    device="cpu",
+    generator=None,
+):
     """Random inputs; locations spread over [-0.3, 1.3] so that some points lie (partly) outside."""
     num_levels = len(shapes)
     tokens = sum(h * w for h, w in shapes)
     value = torch.randn(batch, tokens, heads, channels, dtype=dtype, generator=generator)
-    locations = torch.rand(batch, queries, heads, num_levels, points, 2, dtype=dtype, generator=generator) * 1.6 - 0.3
-    weights = torch.rand(batch, queries, heads, num_levels, points, dtype=dtype, generator=generator)
+    locations = (
+        torch.rand(batch, queries, heads, num_levels, points, 2, dtype=dtype, generator=generator)
+        * 1.6
+        - 0.3
+    )
+    weights = torch.rand(
+        batch, queries, heads, num_levels, points, dtype=dtype, generator=generator
+    )
     spatial_shapes = torch.tensor(shapes, dtype=torch.int64)
     return [t.to(device) for t in (value, spatial_shapes, level_starts(shapes), locations, weights)]
 
 
-def output_and_grads(impl, value, spatial_shapes, starts, locations, weights, grad_output=None, **kwargs):
-    value, locations, weights = (t.detach().clone().requires_grad_() for t in (value, locations, weights))
+def output_and_grads(
+    impl, value, spatial_shapes, starts, locations, weights, grad_output=None, **kwargs
+):
+    value, locations, weights = (
+        t.detach().clone().requires_grad_() for t in (value, locations, weights)
+    )
     output = ms_deform_attn(value, spatial_shapes, starts, locations, weights, impl=impl, **kwargs)
     if grad_output is None:
-        grad_output = torch.linspace(-1, 1, output.numel(), dtype=output.dtype, device=output.device).view_as(output)
+        grad_output = torch.linspace(
+            -1, 1, output.numel(), dtype=output.dtype, device=output.device
+        ).view_as(output)
     grads = torch.autograd.grad(output, (value, locations, weights), grad_output)
     return output.detach(), grads
 
@@ -82,7 +107,13 @@ small_sizes = st.fixed_dictionaries(
 def test_reference_matches_the_definition_computed_by_loops():
     shapes = [(3, 5), (1, 1), (4, 2)]
     value, spatial_shapes, starts, locations, weights = make_inputs(
-        shapes, batch=2, heads=2, channels=3, queries=4, points=2, generator=torch.Generator().manual_seed(1)
+        shapes,
+        batch=2,
+        heads=2,
+        channels=3,
+        queries=4,
+        points=2,
+        generator=torch.Generator().manual_seed(1),
     )
     output = ms_deform_attn_pytorch(value, spatial_shapes, starts, locations, weights)
     expected = torch.zeros_like(output)
@@ -94,7 +125,9 @@ def test_reference_matches_the_definition_computed_by_loops():
                     image = value[b, start : start + height * width, h].reshape(height, width, 3)
                     for p in range(2):
                         x, y = locations[b, q, h, level, p].tolist()
-                        expected[b, q, 3 * h : 3 * h + 3] += weights[b, q, h, level, p] * bilinear_by_hand(image, x, y)
+                        expected[b, q, 3 * h : 3 * h + 3] += weights[
+                            b, q, h, level, p
+                        ] * bilinear_by_hand(image, x, y)
     torch.testing.assert_close(output, expected, rtol=0, atol=1e-12)
 
 
@@ -117,7 +150,9 @@ def test_hand_computed_samples(impl):
         ((-0.5, 0.5), 0.0),  # far outside
         ((0.5, 7.0), 0.0),
     ]
-    locations = torch.tensor([xy for xy, _ in cases], dtype=torch.float64).view(1, len(cases), 1, 1, 1, 2)
+    locations = torch.tensor([xy for xy, _ in cases], dtype=torch.float64).view(
+        1, len(cases), 1, 1, 1, 2
+    )
     weights = torch.ones(1, len(cases), 1, 1, 1, dtype=torch.float64)
     output = ms_deform_attn(value, spatial_shapes, starts, locations, weights, impl=impl)
     expected = torch.tensor([e for _, e in cases], dtype=torch.float64).view(1, len(cases), 1)
@@ -134,8 +169,12 @@ def test_cpp_matches_reference_in_float64(sizes):
     out_cpp, grads_cpp = output_and_grads("cpu", *inputs)
     out_ref, grads_ref = output_and_grads("pytorch", *inputs)
     torch.testing.assert_close(out_cpp, out_ref, rtol=0, atol=1e-9)
-    for name, grad_cpp, grad_ref in zip(("value", "sampling_locations", "attention_weights"), grads_cpp, grads_ref):
-        torch.testing.assert_close(grad_cpp, grad_ref, rtol=0, atol=1e-9, msg=lambda m: f"grad of {name}: {m}")
+    for name, grad_cpp, grad_ref in zip(
+        ("value", "sampling_locations", "attention_weights"), grads_cpp, grads_ref
+    ):
+        torch.testing.assert_close(
+            grad_cpp, grad_ref, rtol=0, atol=1e-9, msg=lambda m: f"grad of {name}: {m}"
+        )
 
 
 def assert_close_relative(actual, expected, tolerance, name):
@@ -143,7 +182,9 @@ def assert_close_relative(actual, expected, tolerance, name):
     entries that cancel to near zero do not demand impossible digits."""
     scale = expected.abs().max().item()
     error = (actual.double() - expected).abs().max().item()
-    assert error <= tolerance * max(scale, 1e-30), f"{name}: max error {error:.3g} vs scale {scale:.3g}"
+    assert error <= tolerance * max(
+        scale, 1e-30
+    ), f"{name}: max error {error:.3g} vs scale {scale:.3g}"
 
 
 @needs_cpp
@@ -157,7 +198,9 @@ def test_cpp_float32_matches_float64_reference(sizes):
     out64, grads64 = output_and_grads("pytorch", *inputs64)
     assert out32.dtype == torch.float32 and all(g.dtype == torch.float32 for g in grads32)
     assert_close_relative(out32, out64, 1e-4, "output")
-    for name, g32, g64 in zip(("value", "sampling_locations", "attention_weights"), grads32, grads64):
+    for name, g32, g64 in zip(
+        ("value", "sampling_locations", "attention_weights"), grads32, grads64
+    ):
         assert_close_relative(g32, g64, 1e-4, f"grad of {name}")
 
 
@@ -170,7 +213,9 @@ def test_cpp_float32_matches_float64_reference(sizes):
     ],
 )
 def test_cpp_backward_both_work_splits(batch, heads, channels):
-    inputs = make_inputs([(5, 3), (1, 1)], batch, heads, channels, 6, 3, generator=torch.Generator().manual_seed(3))
+    inputs = make_inputs(
+        [(5, 3), (1, 1)], batch, heads, channels, 6, 3, generator=torch.Generator().manual_seed(3)
+    )
     out_cpp, grads_cpp = output_and_grads("cpu", *inputs)
     out_ref, grads_ref = output_and_grads("pytorch", *inputs)
     torch.testing.assert_close(out_cpp, out_ref, rtol=0, atol=1e-10)
@@ -181,7 +226,12 @@ def test_cpp_backward_both_work_splits(batch, heads, channels):
 @needs_cpp
 def test_cpp_gradcheck():
     value, spatial_shapes, starts, locations, weights = make_inputs(
-        [(3, 2), (1, 1), (2, 3)], batch=2, heads=2, channels=2, queries=3, points=2,
+        [(3, 2), (1, 1), (2, 3)],
+        batch=2,
+        heads=2,
+        channels=2,
+        queries=3,
+        points=2,
         generator=torch.Generator().manual_seed(5),
     )
     assert torch.autograd.gradcheck(
@@ -193,10 +243,14 @@ def test_cpp_gradcheck():
 @needs_cpp
 def test_cpp_points_far_outside_give_zero_output_and_gradients():
     value, spatial_shapes, starts, locations, weights = make_inputs([(4, 4), (2, 3)], 1, 2, 3, 4, 2)
-    locations = torch.tensor([-5.0, 1e30, float("nan"), 1.75], dtype=torch.float64).view(1, 4, 1, 1, 1, 1).expand_as(
-        locations
+    locations = (
+        torch.tensor([-5.0, 1e30, float("nan"), 1.75], dtype=torch.float64)
+        .view(1, 4, 1, 1, 1, 1)
+        .expand_as(locations)
     )
-    out, (grad_value, grad_locations, grad_weights) = output_and_grads("cpu", value, spatial_shapes, starts, locations, weights)
+    out, (grad_value, grad_locations, grad_weights) = output_and_grads(
+        "cpu", value, spatial_shapes, starts, locations, weights
+    )
     assert torch.equal(out, torch.zeros_like(out))
     assert torch.equal(grad_value, torch.zeros_like(grad_value))
     assert torch.equal(grad_locations, torch.zeros_like(grad_locations))
@@ -206,14 +260,20 @@ def test_cpp_points_far_outside_give_zero_output_and_gradients():
 @needs_cpp
 def test_non_contiguous_inputs_give_the_contiguous_result():
     generator = torch.Generator().manual_seed(7)
-    value, spatial_shapes, starts, locations, weights = make_inputs([(4, 3), (2, 2)], 2, 3, 4, 5, 2, generator=generator)
+    value, spatial_shapes, starts, locations, weights = make_inputs(
+        [(4, 3), (2, 2)], 2, 3, 4, 5, 2, generator=generator
+    )
     # The same numbers, laid out transposed in memory.
     value_nc = value.transpose(0, 1).contiguous().transpose(0, 1)
     locations_nc = locations.permute(5, 4, 3, 2, 1, 0).contiguous().permute(5, 4, 3, 2, 1, 0)
     weights_nc = weights.permute(4, 3, 2, 1, 0).contiguous().permute(4, 3, 2, 1, 0)
-    assert not (value_nc.is_contiguous() or locations_nc.is_contiguous() or weights_nc.is_contiguous())
+    assert not (
+        value_nc.is_contiguous() or locations_nc.is_contiguous() or weights_nc.is_contiguous()
+    )
     out, grads = output_and_grads("cpu", value, spatial_shapes, starts, locations, weights)
-    out_nc, grads_nc = output_and_grads("cpu", value_nc, spatial_shapes, starts, locations_nc, weights_nc)
+    out_nc, grads_nc = output_and_grads(
+        "cpu", value_nc, spatial_shapes, starts, locations_nc, weights_nc
+    )
     torch.testing.assert_close(out_nc, out, rtol=0, atol=0)
     for g_nc, g in zip(grads_nc, grads):
         torch.testing.assert_close(g_nc, g, rtol=0, atol=0)
@@ -222,7 +282,9 @@ def test_non_contiguous_inputs_give_the_contiguous_result():
 @pytest.mark.parametrize("impl", ["pytorch", pytest.param("cpu", marks=needs_cpp)])
 def test_no_queries(impl):
     value, spatial_shapes, starts, locations, weights = make_inputs([(3, 3), (1, 1)], 2, 2, 4, 0, 2)
-    out, (grad_value, grad_locations, grad_weights) = output_and_grads(impl, value, spatial_shapes, starts, locations, weights)
+    out, (grad_value, grad_locations, grad_weights) = output_and_grads(
+        impl, value, spatial_shapes, starts, locations, weights
+    )
     assert out.shape == (2, 0, 8)
     assert torch.equal(grad_value, torch.zeros_like(value))
     assert grad_locations.shape == locations.shape and grad_weights.shape == weights.shape
@@ -230,7 +292,9 @@ def test_no_queries(impl):
 
 @needs_cpp
 def test_batch_not_divisible_by_im2col_step():
-    inputs = make_inputs([(4, 3), (1, 1)], 3, 2, 4, 5, 2, generator=torch.Generator().manual_seed(9))
+    inputs = make_inputs(
+        [(4, 3), (1, 1)], 3, 2, 4, 5, 2, generator=torch.Generator().manual_seed(9)
+    )
     out_ref, grads_ref = output_and_grads("pytorch", *inputs)
     out, grads = output_and_grads("cpu", *inputs, im2col_step=2)
     torch.testing.assert_close(out, out_ref, rtol=0, atol=1e-10)
@@ -244,13 +308,17 @@ def test_extension_rejects_levels_that_overrun_value():
     value, _, _, locations, weights = make_inputs([(3, 3), (1, 1)], 1, 1, 2, 2, 1)
     too_big = torch.tensor([[4, 4], [1, 1]])
     with pytest.raises(RuntimeError, match=r"level 0 .*\(4, 4\).*S=10"):
-        msda_module._EXTENSION.ms_deform_attn_forward(value, too_big, torch.tensor([0, 16]), locations, weights, 64)
+        msda_module._EXTENSION.ms_deform_attn_forward(
+            value, too_big, torch.tensor([0, 16]), locations, weights, 64
+        )
 
 
 # --------------------------------------------------------------------------- bad input
 def good_inputs():
     generator = torch.Generator().manual_seed(17)
-    return make_inputs([(3, 4), (1, 1)], batch=2, heads=2, channels=3, queries=5, points=2, generator=generator)
+    return make_inputs(
+        [(3, 4), (1, 1)], batch=2, heads=2, channels=3, queries=5, points=2, generator=generator
+    )
 
 
 def with_replaced(index, tensor):
@@ -262,12 +330,36 @@ def with_replaced(index, tensor):
 @pytest.mark.parametrize(
     "inputs,error,pattern",
     [
-        (with_replaced(0, torch.zeros(2, 13, 6, dtype=torch.float64)), ValueError, r"value must be .*\(2, 13, 6\)"),
-        (with_replaced(0, torch.zeros(2, 14, 2, 3, dtype=torch.float64)), ValueError, r"S=14.*sum\(H\*W\)=13"),
-        (with_replaced(2, torch.tensor([0, 11])), ValueError, r"level_start_index \[0, 11\].*\[0, 12\]"),
-        (with_replaced(2, torch.tensor([0])), ValueError, r"level_start_index must be \(levels,\) = \(2,\)"),
-        (with_replaced(1, torch.tensor([[3, 4, 1], [1, 1, 1]])), ValueError, r"spatial_shapes must be \(levels, 2\)"),
-        (with_replaced(1, torch.tensor([[3, 4], [1, 1]], dtype=torch.int32)), TypeError, r"spatial_shapes must be int64"),
+        (
+            with_replaced(0, torch.zeros(2, 13, 6, dtype=torch.float64)),
+            ValueError,
+            r"value must be .*\(2, 13, 6\)",
+        ),
+        (
+            with_replaced(0, torch.zeros(2, 14, 2, 3, dtype=torch.float64)),
+            ValueError,
+            r"S=14.*sum\(H\*W\)=13",
+        ),
+        (
+            with_replaced(2, torch.tensor([0, 11])),
+            ValueError,
+            r"level_start_index \[0, 11\].*\[0, 12\]",
+        ),
+        (
+            with_replaced(2, torch.tensor([0])),
+            ValueError,
+            r"level_start_index must be \(levels,\) = \(2,\)",
+        ),
+        (
+            with_replaced(1, torch.tensor([[3, 4, 1], [1, 1, 1]])),
+            ValueError,
+            r"spatial_shapes must be \(levels, 2\)",
+        ),
+        (
+            with_replaced(1, torch.tensor([[3, 4], [1, 1]], dtype=torch.int32)),
+            TypeError,
+            r"spatial_shapes must be int64",
+        ),
         (
             with_replaced(3, torch.zeros(2, 5, 3, 2, 2, 2, dtype=torch.float64)),
             ValueError,
@@ -278,13 +370,34 @@ def with_replaced(index, tensor):
             ValueError,
             r"attention_weights \(2, 5, 2, 2, 3\).*\(2, 5, 2, 2, 2\)",
         ),
-        (with_replaced(4, torch.zeros(2, 5, 2, 2, 2)), TypeError, r"attention_weights is torch.float32 but value is torch.float64"),
-        (with_replaced(0, torch.zeros(2, 13, 2, 3, dtype=torch.int64)), TypeError, r"value must be a floating-point"),
-        (with_replaced(0, torch.zeros(2, 13, 2, 3, dtype=torch.float64, device="meta")), ValueError, r"one device, got value on meta"),
+        (
+            with_replaced(4, torch.zeros(2, 5, 2, 2, 2)),
+            TypeError,
+            r"attention_weights is torch.float32 but value is torch.float64",
+        ),
+        (
+            with_replaced(0, torch.zeros(2, 13, 2, 3, dtype=torch.int64)),
+            TypeError,
+            r"value must be a floating-point",
+        ),
+        (
+            with_replaced(0, torch.zeros(2, 13, 2, 3, dtype=torch.float64, device="meta")),
+            ValueError,
+            r"one device, got value on meta",
+        ),
     ],
     ids=[
-        "value-rank", "S-vs-levels", "start-index-values", "start-index-shape", "spatial-shapes-shape",
-        "spatial-shapes-dtype", "locations-heads", "weights-shape", "dtype-mismatch", "integer-value", "device-mismatch",
+        "value-rank",
+        "S-vs-levels",
+        "start-index-values",
+        "start-index-shape",
+        "spatial-shapes-shape",
+        "spatial-shapes-dtype",
+        "locations-heads",
+        "weights-shape",
+        "dtype-mismatch",
+        "integer-value",
+        "device-mismatch",
     ],
 )
 def test_bad_inputs_name_the_argument_and_shapes(inputs, error, pattern):
@@ -312,7 +425,9 @@ def backend_of(output):
 
 def run_with_grad(impl="auto"):
     value, spatial_shapes, starts, locations, weights = good_inputs()
-    return ms_deform_attn(value.requires_grad_(), spatial_shapes, starts, locations, weights, impl=impl)
+    return ms_deform_attn(
+        value.requires_grad_(), spatial_shapes, starts, locations, weights, impl=impl
+    )
 
 
 @needs_cpp
@@ -328,7 +443,9 @@ def test_auto_uses_the_cpp_kernel_on_cpu_and_the_env_var_overrides_it(monkeypatc
         run_with_grad("auto")
 
 
-def test_auto_falls_back_to_the_reference_with_one_warning_when_the_extension_is_missing(monkeypatch):
+def test_auto_falls_back_to_the_reference_with_one_warning_when_the_extension_is_missing(
+    monkeypatch,
+):
     monkeypatch.delenv("INSTALIGN_MSDA_IMPL", raising=False)
     monkeypatch.setattr(msda_module, "_EXTENSION", None)
     monkeypatch.setattr(msda_module, "_warned_fallback", False)
@@ -339,7 +456,9 @@ def test_auto_falls_back_to_the_reference_with_one_warning_when_the_extension_is
     assert len(messages) == 1, messages
     assert "pip install --no-build-isolation --no-deps -e ." in messages[0]
     assert all(backend_of(out) == "pytorch" for out in outputs)
-    with pytest.raises(RuntimeError, match=r"impl='cpu' but the compiled extension instalign_d2._C is missing"):
+    with pytest.raises(
+        RuntimeError, match=r"impl='cpu' but the compiled extension instalign_d2._C is missing"
+    ):
         run_with_grad("cpu")
 
 
@@ -348,16 +467,25 @@ def test_cpu_kernel_refuses_half_but_auto_takes_the_reference():
     value, spatial_shapes, starts, locations, weights = (
         t.bfloat16() if t.is_floating_point() else t for t in good_inputs()
     )
-    with pytest.raises(TypeError, match=r"C\+\+ kernel supports float32 and float64, got torch.bfloat16"):
+    with pytest.raises(
+        TypeError, match=r"C\+\+ kernel supports float32 and float64, got torch.bfloat16"
+    ):
         ms_deform_attn(value, spatial_shapes, starts, locations, weights, impl="cpu")
     out = ms_deform_attn(value, spatial_shapes, starts, locations, weights, impl="auto")
-    expected = ms_deform_attn_pytorch(*(t.double() if t.is_floating_point() else t for t in good_inputs()))
+    expected = ms_deform_attn_pytorch(
+        *(t.double() if t.is_floating_point() else t for t in good_inputs())
+    )
     assert out.dtype == torch.bfloat16
     assert_close_relative(out, expected, 0.03, "bfloat16 output")
 
 
 # --------------------------------------------------------------------------- CUDA
-CUDA_DTYPE_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+CUDA_DTYPE_TOLERANCE = {
+    torch.float64: 1e-9,
+    torch.float32: 1e-4,
+    torch.float16: 5e-3,
+    torch.bfloat16: 3e-2,
+}
 
 
 @pytest.mark.cuda
@@ -365,25 +493,34 @@ CUDA_DTYPE_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16:
 @pytest.mark.parametrize("batch,im2col_step", [(3, 64), (3, 2)])
 def test_cuda_matches_reference(dtype, batch, im2col_step):
     if "cuda" not in msda_extension_info():
-        pytest.fail(f"a GPU is present but instalign_d2._C has no CUDA kernels ({msda_extension_info()}); "
-                    "rebuild with FORCE_CUDA=1")
+        pytest.fail(
+            f"a GPU is present but instalign_d2._C has no CUDA kernels ({msda_extension_info()}); "
+            "rebuild with FORCE_CUDA=1"
+        )
     shapes = [(7, 5), (1, 1), (3, 4)]
     inputs64 = make_inputs(shapes, batch, 3, 40, 9, 3, generator=torch.Generator().manual_seed(11))
     grad64 = torch.randn(batch, 9, 120, dtype=torch.float64)
     out_ref, grads_ref = output_and_grads("pytorch", *inputs64, grad_output=grad64)
     cuda_inputs = [(t.to(dtype) if t.is_floating_point() else t).cuda() for t in inputs64]
-    out, grads = output_and_grads("cuda", *cuda_inputs, grad_output=grad64.to(dtype).cuda(), im2col_step=im2col_step)
+    out, grads = output_and_grads(
+        "cuda", *cuda_inputs, grad_output=grad64.to(dtype).cuda(), im2col_step=im2col_step
+    )
     tolerance = CUDA_DTYPE_TOLERANCE[dtype]
     assert out.dtype == dtype and all(g.dtype == dtype for g in grads)
     assert_close_relative(out.cpu(), out_ref, tolerance, "output")
-    for name, g, g_ref in zip(("value", "sampling_locations", "attention_weights"), grads, grads_ref):
+    for name, g, g_ref in zip(
+        ("value", "sampling_locations", "attention_weights"), grads, grads_ref
+    ):
         assert_close_relative(g.cpu(), g_ref, tolerance, f"grad of {name}")
 
 
 @pytest.mark.cuda
 def test_cuda_gradcheck_and_auto_dispatch():
     value, spatial_shapes, starts, locations, weights = (
-        t.cuda() for t in make_inputs([(3, 2), (1, 1)], 2, 2, 3, 3, 2, generator=torch.Generator().manual_seed(13))
+        t.cuda()
+        for t in make_inputs(
+            [(3, 2), (1, 1)], 2, 2, 3, 3, 2, generator=torch.Generator().manual_seed(13)
+        )
     )
     assert torch.autograd.gradcheck(
         lambda v, loc, w: ms_deform_attn(v, spatial_shapes, starts, loc, w, impl="cuda"),
@@ -397,16 +534,26 @@ def test_cuda_gradcheck_and_auto_dispatch():
 def test_layer_initial_offsets_follow_deformable_detr():
     layer = MSDeformAttn(d_model=32, n_levels=3, n_heads=8, n_points=4)
     offsets = layer.sampling_offsets.bias.detach().view(8, 3, 4, 2)
-    assert torch.equal(layer.sampling_offsets.weight, torch.zeros_like(layer.sampling_offsets.weight))
+    assert torch.equal(
+        layer.sampling_offsets.weight, torch.zeros_like(layer.sampling_offsets.weight)
+    )
     # Head m looks along angle 2*pi*m/8, scaled so that max(|dx|, |dy|) = 1; point k is k+1 out.
-    unit_directions = torch.tensor([[1, 0], [1, 1], [0, 1], [-1, 1], [-1, 0], [-1, -1], [0, -1], [1, -1]], dtype=torch.float32)
+    unit_directions = torch.tensor(
+        [[1, 0], [1, 1], [0, 1], [-1, 1], [-1, 0], [-1, -1], [0, -1], [1, -1]], dtype=torch.float32
+    )
     for k in range(4):
         for level in range(3):
-            torch.testing.assert_close(offsets[:, level, k], (k + 1) * unit_directions, atol=1e-6, rtol=0)
+            torch.testing.assert_close(
+                offsets[:, level, k], (k + 1) * unit_directions, atol=1e-6, rtol=0
+            )
     # Attention starts uniform over levels x points.
-    assert torch.equal(layer.attention_weights.weight, torch.zeros_like(layer.attention_weights.weight))
+    assert torch.equal(
+        layer.attention_weights.weight, torch.zeros_like(layer.attention_weights.weight)
+    )
     assert torch.equal(layer.attention_weights.bias, torch.zeros_like(layer.attention_weights.bias))
-    assert torch.equal(layer.value_proj.bias, torch.zeros(32)) and torch.equal(layer.output_proj.bias, torch.zeros(32))
+    assert torch.equal(layer.value_proj.bias, torch.zeros(32)) and torch.equal(
+        layer.output_proj.bias, torch.zeros(32)
+    )
 
 
 def identity_layer(offset_xy, d_model=2, impl="auto"):
@@ -425,17 +572,27 @@ def test_layer_reads_the_pixel_its_offset_points_at(impl):
     height, width = 3, 5  # H != W: a swapped (x, y) normalisation would read the wrong pixels
     image = torch.randn(height, width, 2, dtype=torch.float64)
     input_flatten = image.reshape(1, height * width, 2)
-    rows, cols = torch.meshgrid(torch.arange(height, dtype=torch.float64), torch.arange(width, dtype=torch.float64), indexing="ij")
-    centres = torch.stack([(cols.flatten() + 0.5) / width, (rows.flatten() + 0.5) / height], dim=-1).double()
+    rows, cols = torch.meshgrid(
+        torch.arange(height, dtype=torch.float64),
+        torch.arange(width, dtype=torch.float64),
+        indexing="ij",
+    )
+    centres = torch.stack(
+        [(cols.flatten() + 0.5) / width, (rows.flatten() + 0.5) / height], dim=-1
+    ).double()
     reference_points = centres.to(torch.float64).view(1, -1, 1, 2)
     query = torch.zeros(1, height * width, 2, dtype=torch.float64)
     shapes, starts = torch.tensor([[height, width]]), torch.tensor([0])
 
-    at_reference = identity_layer([0.0, 0.0], impl=impl)(query, reference_points, input_flatten, shapes, starts)
+    at_reference = identity_layer([0.0, 0.0], impl=impl)(
+        query, reference_points, input_flatten, shapes, starts
+    )
     torch.testing.assert_close(at_reference, input_flatten, rtol=0, atol=1e-12)
 
     # One pixel right and one down: query (r, c) reads pixel (r+1, c+1), or zero past the edge.
-    shifted = identity_layer([1.0, 1.0], impl=impl)(query, reference_points, input_flatten, shapes, starts)
+    shifted = identity_layer([1.0, 1.0], impl=impl)(
+        query, reference_points, input_flatten, shapes, starts
+    )
     expected = torch.zeros_like(image)
     expected[:-1, :-1] = image[1:, 1:]
     torch.testing.assert_close(shifted, expected.view(1, -1, 2), rtol=0, atol=1e-12)
@@ -452,14 +609,21 @@ def test_layer_padding_mask_hides_padded_tokens():
     masked = layer(query, reference_points, input_flatten, shapes, starts, mask)
     # What a padded token holds must not matter, and it must differ from not masking at all.
     scrambled = input_flatten.masked_fill(mask[..., None], 123.0)
-    torch.testing.assert_close(layer(query, reference_points, scrambled, shapes, starts, mask), masked)
-    assert not torch.allclose(layer(query, reference_points, scrambled, shapes, starts, None), masked)
+    torch.testing.assert_close(
+        layer(query, reference_points, scrambled, shapes, starts, mask), masked
+    )
+    assert not torch.allclose(
+        layer(query, reference_points, scrambled, shapes, starts, None), masked
+    )
 
 
 @needs_cpp
 def test_layer_cpu_and_reference_agree_with_parameter_gradients():
     torch.manual_seed(1)
-    layers = {impl: MSDeformAttn(d_model=16, n_levels=2, n_heads=4, n_points=2, impl=impl).double() for impl in ("cpu", "pytorch")}
+    layers = {
+        impl: MSDeformAttn(d_model=16, n_levels=2, n_heads=4, n_points=2, impl=impl).double()
+        for impl in ("cpu", "pytorch")
+    }
     layers["pytorch"].load_state_dict(layers["cpu"].state_dict())
     with torch.no_grad():  # leave the flat initialisation so the offsets depend on the query
         layers["cpu"].sampling_offsets.weight.normal_(0, 0.5)
@@ -475,7 +639,9 @@ def test_layer_cpu_and_reference_agree_with_parameter_gradients():
         results[impl] = (out, {n: p.grad for n, p in layer.named_parameters()})
     torch.testing.assert_close(results["cpu"][0], results["pytorch"][0], rtol=0, atol=1e-10)
     for name, grad in results["cpu"][1].items():
-        torch.testing.assert_close(grad, results["pytorch"][1][name], rtol=0, atol=1e-9, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            grad, results["pytorch"][1][name], rtol=0, atol=1e-9, msg=lambda m: f"{name}: {m}"
+        )
 
 
 @pytest.mark.parametrize("impl", ["pytorch", pytest.param("cpu", marks=needs_cpp)])
@@ -512,5 +678,14 @@ def test_layer_from_config_and_bad_arguments():
     with pytest.raises(ValueError, match=r"d_model=30 must be divisible by n_heads=8"):
         MSDeformAttn(d_model=30, n_heads=8)
     layer = MSDeformAttn(d_model=8, n_levels=1, n_heads=2, n_points=1)
-    with pytest.raises(ValueError, match=r"reference_points must be \(B, Lq, n_levels, 2\) = \(1, 3, 1, 2\), got \(1, 3, 1, 4\)"):
-        layer(torch.zeros(1, 3, 8), torch.zeros(1, 3, 1, 4), torch.zeros(1, 4, 8), torch.tensor([[2, 2]]), torch.tensor([0]))
+    with pytest.raises(
+        ValueError,
+        match=r"reference_points must be \(B, Lq, n_levels, 2\) = \(1, 3, 1, 2\), got \(1, 3, 1, 4\)",
+    ):
+        layer(
+            torch.zeros(1, 3, 8),
+            torch.zeros(1, 3, 1, 4),
+            torch.zeros(1, 4, 8),
+            torch.tensor([[2, 2]]),
+            torch.tensor([0]),
+        )

@@ -29,6 +29,7 @@ allocated before it.
     python tools/benchmark_ms_deform_attn.py                  # batch 1 and 2
     python tools/benchmark_ms_deform_attn.py --batches 1 --runs 20 --threads 2
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,12 +60,18 @@ def make_inputs(batch: int, device: str = "cpu", dtype=torch.float32, seed: int 
     centres = []
     for height, width in levels:
         ys, xs = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
-        centres.append(torch.stack([(xs.flatten() + 0.5) / width, (ys.flatten() + 0.5) / height], dim=-1))
+        centres.append(
+            torch.stack([(xs.flatten() + 0.5) / width, (ys.flatten() + 0.5) / height], dim=-1)
+        )
     reference = torch.cat(centres).view(1, tokens, 1, 1, 1, 2)
     level_wh = spatial_shapes.flip(-1).to(torch.float32).view(1, 1, 1, len(levels), 1, 2)
-    offsets_px = 2.0 * torch.randn(batch, tokens, HEADS, len(levels), POINTS, 2, generator=generator)
+    offsets_px = 2.0 * torch.randn(
+        batch, tokens, HEADS, len(levels), POINTS, 2, generator=generator
+    )
     locations = reference + offsets_px / level_wh
-    weights = torch.randn(batch, tokens, HEADS, len(levels) * POINTS, generator=generator).softmax(-1)
+    weights = torch.randn(batch, tokens, HEADS, len(levels) * POINTS, generator=generator).softmax(
+        -1
+    )
     weights = weights.view(batch, tokens, HEADS, len(levels), POINTS)
     value = torch.randn(batch, tokens, HEADS, HEAD_DIM, generator=generator)
     grad_output = torch.randn(batch, tokens, HEADS * HEAD_DIM, generator=generator)
@@ -142,11 +149,20 @@ def measure_cpu_peak_in_this_process(impl: str, batch: int, backward: bool, thre
 
 def cpu_peak_mib(impl: str, batch: int, backward: bool, threads: int) -> tuple[float, str]:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-    command = [sys.executable, os.path.abspath(__file__), "--child-memory", impl, str(batch), str(int(backward)),
-               str(threads)]
+    command = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--child-memory",
+        impl,
+        str(batch),
+        str(int(backward)),
+        str(threads),
+    ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     if result.returncode != 0:
-        raise RuntimeError(f"memory child for {impl} batch {batch} failed:\n{result.stderr[-2000:]}")
+        raise RuntimeError(
+            f"memory child for {impl} batch {batch} failed:\n{result.stderr[-2000:]}"
+        )
     report = json.loads(result.stdout.strip().splitlines()[-1])
     return report["peak_mib"], report["method"]
 
@@ -166,28 +182,44 @@ def describe_machine(threads: int) -> str:
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as info:
-            cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+            cpu = next(
+                line.split(":", 1)[1].strip() for line in info if line.startswith("model name")
+            )
     except (OSError, StopIteration):
         pass
     load = " ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return (f"torch {torch.__version__}, {threads} threads on {os.cpu_count()} cores ({cpu}){gpu}; "
-            f"load average {load}")
+    return (
+        f"torch {torch.__version__}, {threads} threads on {os.cpu_count()} cores ({cpu}){gpu}; "
+        f"load average {load}"
+    )
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--runs", type=int, default=15, help="timed runs per case (median; at least 10)")
+    parser.add_argument(
+        "--runs", type=int, default=15, help="timed runs per case (median; at least 10)"
+    )
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
-    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
+    parser.add_argument(
+        "--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads"
+    )
+    parser.add_argument(
+        "--no-memory", action="store_true", help="skip the peak-memory measurements"
+    )
     parser.add_argument("--child-memory", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.child_memory:
         impl, batch, backward, threads = args.child_memory
-        print(json.dumps(measure_cpu_peak_in_this_process(impl, int(batch), bool(int(backward)), int(threads))))
+        print(
+            json.dumps(
+                measure_cpu_peak_in_this_process(
+                    impl, int(batch), bool(int(backward)), int(threads)
+                )
+            )
+        )
         return 0
     if args.runs < 10:
         parser.error("--runs must be at least 10")
@@ -200,15 +232,19 @@ def main(argv=None) -> int:
     if build != "missing":
         cases.append(("cpu", "cpu"))
     else:
-        print("instalign_d2._C is missing: only the reference is timed (pip install --no-build-isolation -e .)")
+        print(
+            "instalign_d2._C is missing: only the reference is timed (pip install --no-build-isolation -e .)"
+        )
     if torch.cuda.is_available():
         cases.append(("pytorch", "cuda"))
         if "cuda" in build:
             cases.append(("cuda", "cuda"))
 
     print(describe_machine(args.threads))
-    print(f"levels {LEVELS}, Lq = S = {sum(h * w for h, w in LEVELS)}, {HEADS} heads x {HEAD_DIM} channels, "
-          f"{POINTS} points; float32; median of {args.runs} runs after {args.warmup} warm-up; extension: {build}")
+    print(
+        f"levels {LEVELS}, Lq = S = {sum(h * w for h, w in LEVELS)}, {HEADS} heads x {HEAD_DIM} channels, "
+        f"{POINTS} points; float32; median of {args.runs} runs after {args.warmup} warm-up; extension: {build}"
+    )
     rows = []
     memory_methods = set()
     for batch in args.batches:
@@ -220,7 +256,9 @@ def main(argv=None) -> int:
             if args.no_memory:
                 peak_fwd = peak_both = float("nan")
             elif device == "cuda":
-                peak_fwd, peak_both = cuda_peak_mib(impl, inputs, False), cuda_peak_mib(impl, inputs, True)
+                peak_fwd, peak_both = cuda_peak_mib(impl, inputs, False), cuda_peak_mib(
+                    impl, inputs, True
+                )
             else:
                 (peak_fwd, method_f), (peak_both, method_b) = (
                     cpu_peak_mib(impl, batch, False, args.threads),
@@ -230,19 +268,44 @@ def main(argv=None) -> int:
             if impl == "pytorch":
                 baseline[device] = (forward, both)
             ref_forward, ref_both = baseline[device]
-            rows.append((f"{impl} ({device})", batch, forward, both, ref_forward / forward, ref_both / both,
-                         peak_fwd, peak_both))
+            rows.append(
+                (
+                    f"{impl} ({device})",
+                    batch,
+                    forward,
+                    both,
+                    ref_forward / forward,
+                    ref_both / both,
+                    peak_fwd,
+                    peak_both,
+                )
+            )
 
-    header = ("impl", "batch", "forward ms", "fwd+bwd ms", "fwd x", "fwd+bwd x", "peak fwd MiB", "peak fwd+bwd MiB")
+    header = (
+        "impl",
+        "batch",
+        "forward ms",
+        "fwd+bwd ms",
+        "fwd x",
+        "fwd+bwd x",
+        "peak fwd MiB",
+        "peak fwd+bwd MiB",
+    )
     print()
     print("| " + " | ".join(header) + " |")
     print("|" + "|".join("---" for _ in header) + "|")
     for name, batch, forward, both, speed_f, speed_b, peak_f, peak_b in rows:
-        print(f"| {name} | {batch} | {forward:.1f} | {both:.1f} | {speed_f:.1f} | {speed_b:.1f} | "
-              f"{peak_f:.1f} | {peak_b:.1f} |")
-    print("\n'x' columns: speed-up over the grid_sample reference on the same device (higher is faster).")
+        print(
+            f"| {name} | {batch} | {forward:.1f} | {both:.1f} | {speed_f:.1f} | {speed_b:.1f} | "
+            f"{peak_f:.1f} | {peak_b:.1f} |"
+        )
+    print(
+        "\n'x' columns: speed-up over the grid_sample reference on the same device (higher is faster)."
+    )
     if memory_methods:
-        print(f"CPU peak memory: per case in a fresh process, via {', '.join(sorted(memory_methods))}.")
+        print(
+            f"CPU peak memory: per case in a fresh process, via {', '.join(sorted(memory_methods))}."
+        )
 
     verdict = [row for row in rows if row[0] == "cpu (cpu)" and row[1] == 1]
     if verdict:
@@ -251,9 +314,11 @@ def main(argv=None) -> int:
         )
         ok_speed = speed >= TARGET_SPEEDUP
         ok_memory = args.no_memory or peak <= ref_peak
-        print(f"Target (cpu, batch 1, fwd+bwd >= {TARGET_SPEEDUP:.0f}x, peak memory <= reference): "
-              f"{speed:.1f}x, {'met' if ok_speed and ok_memory else 'NOT met'}"
-              + ("" if args.no_memory else f" ({peak:.1f} vs {ref_peak:.1f} MiB)"))
+        print(
+            f"Target (cpu, batch 1, fwd+bwd >= {TARGET_SPEEDUP:.0f}x, peak memory <= reference): "
+            f"{speed:.1f}x, {'met' if ok_speed and ok_memory else 'NOT met'}"
+            + ("" if args.no_memory else f" ({peak:.1f} vs {ref_peak:.1f} MiB)")
+        )
     return 0
 
 

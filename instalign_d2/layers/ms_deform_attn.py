@@ -18,6 +18,7 @@ L levels, P points per head and level):
 Each sample is bilinear with zero padding and the ``align_corners=False`` convention (pixel =
 loc * size - 0.5), so points outside the map contribute zero.
 """
+
 from __future__ import annotations
 
 import math
@@ -35,7 +36,9 @@ __all__ = ["ms_deform_attn", "ms_deform_attn_pytorch", "MSDeformAttn", "msda_ext
 
 IMPLS = ("auto", "cuda", "cpu", "pytorch")
 IMPL_ENV_VAR = "INSTALIGN_MSDA_IMPL"
-BUILD_HINT = "build it with `pip install --no-build-isolation --no-deps -e .` in the repository root"
+BUILD_HINT = (
+    "build it with `pip install --no-build-isolation --no-deps -e .` in the repository root"
+)
 
 # The C++ kernels handle these dtypes; CUDA adds half and bfloat16.
 _CPU_KERNEL_DTYPES = (torch.float32, torch.float64)
@@ -62,13 +65,23 @@ def ms_deform_attn_pytorch(
     sampled = []
     for level, (height, width) in enumerate(shapes):
         # (B, H*W, M, D) -> (B*M, D, H, W): one image per (batch, head).
-        image = values_per_level[level].permute(0, 2, 3, 1).reshape(batch * heads, head_dim, height, width)
+        image = (
+            values_per_level[level]
+            .permute(0, 2, 3, 1)
+            .reshape(batch * heads, head_dim, height, width)
+        )
         # (B, Lq, M, P, 2) -> (B*M, Lq, P, 2): one grid per (batch, head).
-        grid = grids[:, :, :, level].transpose(1, 2).reshape(batch * heads, num_queries, num_points, 2)
-        sampled.append(F.grid_sample(image, grid, mode="bilinear", padding_mode="zeros", align_corners=False))
+        grid = (
+            grids[:, :, :, level].transpose(1, 2).reshape(batch * heads, num_queries, num_points, 2)
+        )
+        sampled.append(
+            F.grid_sample(image, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        )
     # (B*M, D, Lq, L*P), weighted and summed over every level and point.
     samples = torch.stack(sampled, dim=-2).flatten(-2)
-    weights = attention_weights.transpose(1, 2).reshape(batch * heads, 1, num_queries, num_levels * num_points)
+    weights = attention_weights.transpose(1, 2).reshape(
+        batch * heads, 1, num_queries, num_levels * num_points
+    )
     output = (samples * weights).sum(-1)
     return output.view(batch, heads * head_dim, num_queries).transpose(1, 2).contiguous()
 
@@ -78,7 +91,9 @@ def _shape_error(message: str) -> ValueError:
     return ValueError(f"ms_deform_attn: {message}")
 
 
-def _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights) -> None:
+def _check_inputs(
+    value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+) -> None:
     """One clear error for each way the five inputs can disagree."""
     named = {
         "value": value,
@@ -89,7 +104,9 @@ def _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, 
     }
     for name, tensor in named.items():
         if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"ms_deform_attn: {name} must be a torch.Tensor, got {type(tensor).__name__}")
+            raise TypeError(
+                f"ms_deform_attn: {name} must be a torch.Tensor, got {type(tensor).__name__}"
+            )
     expected_ranks = {
         "value": (4, "(B, S, heads, C_h)"),
         "spatial_shapes": (2, "(levels, 2)"),
@@ -104,14 +121,21 @@ def _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, 
     batch, total_tokens, heads, _ = value.shape
     num_levels = spatial_shapes.shape[0]
     if spatial_shapes.shape[1] != 2:
-        raise _shape_error(f"spatial_shapes must be (levels, 2) with (H, W) rows, got {tuple(spatial_shapes.shape)}")
+        raise _shape_error(
+            f"spatial_shapes must be (levels, 2) with (H, W) rows, got {tuple(spatial_shapes.shape)}"
+        )
     if tuple(level_start_index.shape) != (num_levels,):
         raise _shape_error(
             f"level_start_index must be (levels,) = ({num_levels},) to match spatial_shapes "
             f"{tuple(spatial_shapes.shape)}, got {tuple(level_start_index.shape)}"
         )
     loc_shape = tuple(sampling_locations.shape)
-    if loc_shape[0] != batch or loc_shape[2] != heads or loc_shape[3] != num_levels or loc_shape[5] != 2:
+    if (
+        loc_shape[0] != batch
+        or loc_shape[2] != heads
+        or loc_shape[3] != num_levels
+        or loc_shape[5] != 2
+    ):
         raise _shape_error(
             f"sampling_locations {loc_shape} must be (B={batch}, Lq, heads={heads}, levels={num_levels}, points, 2) "
             f"to match value {tuple(value.shape)} and spatial_shapes {tuple(spatial_shapes.shape)}"
@@ -124,7 +148,9 @@ def _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, 
 
     for name in ("spatial_shapes", "level_start_index"):
         if named[name].dtype != torch.int64:
-            raise TypeError(f"ms_deform_attn: {name} must be int64, got {named[name].dtype}; pass it with .long()")
+            raise TypeError(
+                f"ms_deform_attn: {name} must be int64, got {named[name].dtype}; pass it with .long()"
+            )
     if not value.is_floating_point():
         raise TypeError(f"ms_deform_attn: value must be a floating-point tensor, got {value.dtype}")
     for name in ("sampling_locations", "attention_weights"):
@@ -200,36 +226,50 @@ def _resolve_impl(impl: str, value: torch.Tensor) -> str:
         override = os.environ.get(IMPL_ENV_VAR, "").strip()
         if override:
             if override not in IMPLS:
-                raise ValueError(f"ms_deform_attn: environment variable {IMPL_ENV_VAR}={override!r} must be one of {IMPLS}")
+                raise ValueError(
+                    f"ms_deform_attn: environment variable {IMPL_ENV_VAR}={override!r} must be one of {IMPLS}"
+                )
             impl = override
     if impl == "auto":
         if value.is_cuda:
             if _extension_has_cuda():
                 return "cuda"
-            _warn_fallback_once(f"instalign_d2._C has no CUDA kernels (build: {msda_extension_info()})")
+            _warn_fallback_once(
+                f"instalign_d2._C has no CUDA kernels (build: {msda_extension_info()})"
+            )
             return "pytorch"
         if value.device.type == "cpu" and value.dtype in _CPU_KERNEL_DTYPES:
             if _EXTENSION is not None:
                 return "cpu"
-            _warn_fallback_once("the compiled extension instalign_d2._C is missing or has no ms_deform_attn op")
+            _warn_fallback_once(
+                "the compiled extension instalign_d2._C is missing or has no ms_deform_attn op"
+            )
         # Other devices and CPU half precision: only the reference handles them.
         return "pytorch"
 
     if impl == "cuda":
         if not value.is_cuda:
-            raise ValueError(f"ms_deform_attn: impl='cuda' needs CUDA tensors, got value on {value.device}")
+            raise ValueError(
+                f"ms_deform_attn: impl='cuda' needs CUDA tensors, got value on {value.device}"
+            )
         if not _extension_has_cuda():
             raise RuntimeError(
                 f"ms_deform_attn: impl='cuda' but instalign_d2._C was built without CUDA kernels "
                 f"(build: {msda_extension_info()}); rebuild with FORCE_CUDA=1 where nvcc is installed: {BUILD_HINT}"
             )
         if value.dtype not in _CUDA_KERNEL_DTYPES:
-            raise TypeError(f"ms_deform_attn: the CUDA kernel supports {_CUDA_KERNEL_DTYPES}, got {value.dtype}")
+            raise TypeError(
+                f"ms_deform_attn: the CUDA kernel supports {_CUDA_KERNEL_DTYPES}, got {value.dtype}"
+            )
     elif impl == "cpu":
         if value.device.type != "cpu":
-            raise ValueError(f"ms_deform_attn: impl='cpu' needs CPU tensors, got value on {value.device}")
+            raise ValueError(
+                f"ms_deform_attn: impl='cpu' needs CPU tensors, got value on {value.device}"
+            )
         if _EXTENSION is None:
-            raise RuntimeError(f"ms_deform_attn: impl='cpu' but the compiled extension instalign_d2._C is missing; {BUILD_HINT}")
+            raise RuntimeError(
+                f"ms_deform_attn: impl='cpu' but the compiled extension instalign_d2._C is missing; {BUILD_HINT}"
+            )
         if value.dtype not in _CPU_KERNEL_DTYPES:
             raise TypeError(
                 f"ms_deform_attn: the C++ kernel supports float32 and float64, got {value.dtype}; "
@@ -242,17 +282,34 @@ class _MSDeformAttnFunction(torch.autograd.Function):
     """Autograd wrapper of the compiled forward and backward (CPU or CUDA, by device)."""
 
     @staticmethod
-    def forward(ctx, value, spatial_shapes, level_start_index, sampling_locations, attention_weights, im2col_step):
+    def forward(
+        ctx,
+        value,
+        spatial_shapes,
+        level_start_index,
+        sampling_locations,
+        attention_weights,
+        im2col_step,
+    ):
         ctx.im2col_step = im2col_step
-        ctx.save_for_backward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+        ctx.save_for_backward(
+            value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+        )
         return _EXTENSION.ms_deform_attn_forward(
-            value, spatial_shapes, level_start_index, sampling_locations, attention_weights, im2col_step
+            value,
+            spatial_shapes,
+            level_start_index,
+            sampling_locations,
+            attention_weights,
+            im2col_step,
         )
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
-        value, spatial_shapes, level_start_index, sampling_locations, attention_weights = ctx.saved_tensors
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights = (
+            ctx.saved_tensors
+        )
         grad_value, grad_locations, grad_weights = _EXTENSION.ms_deform_attn_backward(
             value,
             spatial_shapes,
@@ -286,7 +343,9 @@ def ms_deform_attn(
         raise ValueError(f"ms_deform_attn: im2col_step must be >= 1, got {im2col_step}")
     chosen = _resolve_impl(impl, value)
     if chosen == "pytorch":
-        return ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+        return ms_deform_attn_pytorch(
+            value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+        )
     return _MSDeformAttnFunction.apply(
         value.contiguous(),
         spatial_shapes.contiguous(),
@@ -306,10 +365,19 @@ class MSDeformAttn(nn.Module):
     """
 
     @configurable
-    def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4, impl: str = "auto"):
+    def __init__(
+        self,
+        d_model: int = 256,
+        n_levels: int = 4,
+        n_heads: int = 8,
+        n_points: int = 4,
+        impl: str = "auto",
+    ):
         super().__init__()
         if d_model % n_heads != 0:
-            raise ValueError(f"MSDeformAttn: d_model={d_model} must be divisible by n_heads={n_heads}")
+            raise ValueError(
+                f"MSDeformAttn: d_model={d_model} must be divisible by n_heads={n_heads}"
+            )
         if impl not in IMPLS:
             raise ValueError(f"MSDeformAttn: impl must be one of {IMPLS}, got {impl!r}")
         self.d_model = d_model
@@ -348,7 +416,9 @@ class MSDeformAttn(nn.Module):
         offsets = directions.view(self.n_heads, 1, 1, 2) * distance
         offsets = offsets.expand(self.n_heads, self.n_levels, self.n_points, 2)
         with torch.no_grad():
-            self.sampling_offsets.bias.copy_(offsets.reshape(-1).to(self.sampling_offsets.bias.dtype))
+            self.sampling_offsets.bias.copy_(
+                offsets.reshape(-1).to(self.sampling_offsets.bias.dtype)
+            )
         nn.init.zeros_(self.attention_weights.weight)
         nn.init.zeros_(self.attention_weights.bias)
         nn.init.xavier_uniform_(self.value_proj.weight)
@@ -370,9 +440,15 @@ class MSDeformAttn(nn.Module):
         input_level_start_index (n_levels,); input_padding_mask (B, S) bool, True = padding,
         or None.  Returns (B, Lq, C)."""
         if query.dim() != 3 or query.shape[-1] != self.d_model:
-            raise ValueError(f"MSDeformAttn: query must be (B, Lq, {self.d_model}), got {tuple(query.shape)}")
+            raise ValueError(
+                f"MSDeformAttn: query must be (B, Lq, {self.d_model}), got {tuple(query.shape)}"
+            )
         batch, num_queries, _ = query.shape
-        if input_flatten.dim() != 3 or input_flatten.shape[0] != batch or input_flatten.shape[-1] != self.d_model:
+        if (
+            input_flatten.dim() != 3
+            or input_flatten.shape[0] != batch
+            or input_flatten.shape[-1] != self.d_model
+        ):
             raise ValueError(
                 f"MSDeformAttn: input_flatten must be (B={batch}, S, {self.d_model}), got {tuple(input_flatten.shape)}"
             )
@@ -391,7 +467,10 @@ class MSDeformAttn(nn.Module):
 
         value = self.value_proj(input_flatten)
         if input_padding_mask is not None:
-            if tuple(input_padding_mask.shape) != (batch, num_tokens) or input_padding_mask.dtype != torch.bool:
+            if (
+                tuple(input_padding_mask.shape) != (batch, num_tokens)
+                or input_padding_mask.dtype != torch.bool
+            ):
                 raise ValueError(
                     f"MSDeformAttn: input_padding_mask must be bool (B, S) = {(batch, num_tokens)}, got "
                     f"{input_padding_mask.dtype} {tuple(input_padding_mask.shape)}"
@@ -399,15 +478,26 @@ class MSDeformAttn(nn.Module):
             value = value.masked_fill(input_padding_mask[..., None], 0.0)
         value = value.view(batch, num_tokens, self.n_heads, head_dim)
 
-        offsets = self.sampling_offsets(query).view(batch, num_queries, self.n_heads, self.n_levels, self.n_points, 2)
-        weights = self.attention_weights(query).view(batch, num_queries, self.n_heads, self.n_levels * self.n_points)
-        weights = weights.softmax(-1).view(batch, num_queries, self.n_heads, self.n_levels, self.n_points)
+        offsets = self.sampling_offsets(query).view(
+            batch, num_queries, self.n_heads, self.n_levels, self.n_points, 2
+        )
+        weights = self.attention_weights(query).view(
+            batch, num_queries, self.n_heads, self.n_levels * self.n_points
+        )
+        weights = weights.softmax(-1).view(
+            batch, num_queries, self.n_heads, self.n_levels, self.n_points
+        )
         # Offsets are in pixels of each level; (W, H) turns them into normalised (x, y).
         level_sizes_xy = input_spatial_shapes.flip(-1).to(offsets.dtype)
-        locations = reference_points[:, :, None, :, None, :] + offsets / level_sizes_xy[None, None, None, :, None, :]
+        locations = (
+            reference_points[:, :, None, :, None, :]
+            + offsets / level_sizes_xy[None, None, None, :, None, :]
+        )
         # Under autocast (or with float64 reference points) the three can differ in dtype; the
         # op wants one, and the widest keeps the locations' precision.
-        common = torch.promote_types(torch.promote_types(value.dtype, locations.dtype), weights.dtype)
+        common = torch.promote_types(
+            torch.promote_types(value.dtype, locations.dtype), weights.dtype
+        )
         output = ms_deform_attn(
             value.to(common),
             input_spatial_shapes,
