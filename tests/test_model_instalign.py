@@ -347,3 +347,38 @@ def test_tiny_model_overfits_one_batch(text_encoder_dir):
     assert iou > 0.5
     assert outs[2]["nt_prob"] > 0.5 and outs[3]["nt_prob"] > 0.5
     assert outs[0]["nt_prob"] < 0.5 and outs[1]["nt_prob"] < 0.5
+
+
+# ----------------------------------------------------------------------------- tools/analyze_model.py
+
+
+def test_analyze_model_tool_counts_parameters_flops_and_time(text_encoder_dir, tmp_path):
+    import importlib.util
+
+    root = os.path.join(os.path.dirname(__file__), "..")
+    spec = importlib.util.spec_from_file_location("analyze_model", os.path.join(root, "tools", "analyze_model.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    opts = [
+        "MODEL.TIMM.NAME", "test_efficientnet", "MODEL.TEXT_ENCODER.NAME", text_encoder_dir,
+        "MODEL.TEXT_ENCODER.MAX_TOKENS", str(MAX_TOKENS), "INPUT.IMAGE_SIZE", str(SIZE),
+        "MODEL.INSTALIGN.DEC_LAYERS", "2", "MODEL.INSTALIGN.TRAIN_NUM_POINTS", "256",
+    ]
+    results = tool.main(
+        ["--config-file", os.path.join(root, "configs", "synthetic", "instalign_tiny.yaml"), "--iters", "1",
+         "--json", str(tmp_path / "out.json"), "--opts", *opts]
+    )
+    cfg = add_instalign_config(get_cfg())
+    cfg.merge_from_file(os.path.join(root, "configs", "synthetic", "instalign_tiny.yaml"))
+    cfg.merge_from_list(opts)
+    cfg.MODEL.TEXT_ENCODER.PRETRAINED = False
+    reference = build_model(cfg)
+    params = results["parameters"]
+    assert params["total"] == sum(p.numel() for p in reference.parameters())
+    assert params["text_encoder"] == sum(p.numel() for p in reference.text_encoder.parameters())
+    flops = results["gflops"]
+    assert flops["total"] > 0 and flops["backbone"] > 0 and flops["pixel_decoder"] > 0 and flops["transformer_decoder"] > 0
+    # The deformable attention and SDPA are counted by our handles, not skipped.
+    assert not any("MSDeformAttn" in op or "scaled_dot_product" in op for op in flops["not_counted_ops"])
+    assert results["time"]["seconds_per_step"] > 0 and results["time"]["peak_rss_mib"] >= results["time"]["rss_before_mib"]
+    assert os.path.isfile(tmp_path / "out.json")

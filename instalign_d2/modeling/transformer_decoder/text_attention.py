@@ -8,7 +8,8 @@
   queries to the text; the text passes through unchanged.
 
 Both take and return ``(queries (B, N, C), text (B, L, C))``; ``text_pad_mask`` ``(B, L)`` is bool
-with True = padding token.
+with True = padding token. The queries' positional embedding enters the affinities (as in every
+attention of the decoder), never the values; the text carries its positions from the encoder.
 """
 from __future__ import annotations
 
