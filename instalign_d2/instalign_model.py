@@ -11,6 +11,7 @@ the dict of docs/interfaces.md §3. The visual path runs once per distinct image
 (:meth:`InstAlign.encode_images`) and the expression path once per expression
 (:meth:`InstAlign.decode_expressions`), so the expressions of one image share its features.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -91,11 +92,15 @@ class InstAlign(nn.Module):
         self.no_target_head = no_target_head
         self.criterion = criterion
         if len(pixel_mean) != 3 or len(pixel_std) != 3:
-            raise ValueError(f"MODEL.PIXEL_MEAN / PIXEL_STD need 3 values each, got {pixel_mean} / {pixel_std}")
+            raise ValueError(
+                f"MODEL.PIXEL_MEAN / PIXEL_STD need 3 values each, got {pixel_mean} / {pixel_std}"
+            )
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
         self.input_format = input_format
-        self.size_divisibility = max(size_divisibility, getattr(backbone, "size_divisibility", 0) or 0)
+        self.size_divisibility = max(
+            size_divisibility, getattr(backbone, "size_divisibility", 0) or 0
+        )
         self.no_target_threshold = no_target_threshold
         self.mask_threshold = mask_threshold
         self.instance_score_threshold = instance_score_threshold
@@ -111,7 +116,10 @@ class InstAlign(nn.Module):
             "pixel_decoder": build_pixel_decoder(cfg, backbone.output_shape()),
             "text_encoder": text_encoder,
             "transformer_decoder": build_transformer_decoder(
-                cfg, cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM, cfg.MODEL.SEM_SEG_HEAD.MASK_DIM, text_encoder.out_dim
+                cfg,
+                cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM,
+                cfg.MODEL.SEM_SEG_HEAD.MASK_DIM,
+                text_encoder.out_dim,
             ),
             "aggregation": InstanceAggregation(cfg),
             "no_target_head": NoTargetHead(cfg),
@@ -176,16 +184,24 @@ class InstAlign(nn.Module):
             ``no_target_logits (E,)``.
         """
         if (attention_mask.sum(dim=1) == 0).any():
-            raise ValueError("InstAlign: an expression has no tokens (attention_mask all 0); tokenise it with the text encoder.")
+            raise ValueError(
+                "InstAlign: an expression has no tokens (attention_mask all 0); tokenise it with the text encoder."
+            )
         image_index = torch.as_tensor(image_index, dtype=torch.long, device=self.device)
         mask_features = visual_features.mask_features[image_index]
         multi_scale_features = [f[image_index] for f in visual_features.multi_scale_features]
 
-        text, text_pad_mask = self.text_encoder(input_ids.to(self.device), attention_mask.to(self.device))  # T0
-        outputs = self.transformer_decoder(multi_scale_features, mask_features, text, text_pad_mask)  # POT, K blocks
+        text, text_pad_mask = self.text_encoder(
+            input_ids.to(self.device), attention_mask.to(self.device)
+        )  # T0
+        outputs = self.transformer_decoder(
+            multi_scale_features, mask_features, text, text_pad_mask
+        )  # POT, K blocks
         predictions = outputs["predictions"]
         for prediction in predictions if self.training else predictions[-1:]:
-            prediction["merged_logits"] = self.aggregation(prediction["mask_logits"], prediction["relevance_logits"])  # Eq. 8
+            prediction["merged_logits"] = self.aggregation(
+                prediction["mask_logits"], prediction["relevance_logits"]
+            )  # Eq. 8
         final = predictions[-1]
         outputs["no_target_logits"] = self.no_target_head(
             final["queries"], final["relevance_logits"], final["text"], outputs["text_pad_mask"]
@@ -200,13 +216,20 @@ class InstAlign(nn.Module):
         input_ids, attention_mask = self.text_inputs(batched_inputs)
         image_index = torch.arange(len(batched_inputs), device=self.device)
         outputs = self.decode_expressions(visual_features, image_index, input_ids, attention_mask)
-        return self.criterion(outputs, self.prepare_targets(batched_inputs, visual_features.padded_size))
+        return self.criterion(
+            outputs, self.prepare_targets(batched_inputs, visual_features.padded_size)
+        )
 
     # ------------------------------------------------------------------ inputs and targets
     def text_inputs(self, batched_inputs: Sequence[Dict]) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(E, L)`` ids and attention mask: the mapper's ``input_ids``/``attention_mask``, or the
-        raw ``sentence`` (a string or ``{"raw": ...}``) tokenised with the text encoder's tokenizer."""
-        to_tokenize = [i for i, x in enumerate(batched_inputs) if "input_ids" not in x or "attention_mask" not in x]
+        raw ``sentence`` (a string or ``{"raw": ...}``) tokenised with the text encoder's tokenizer.
+        """
+        to_tokenize = [
+            i
+            for i, x in enumerate(batched_inputs)
+            if "input_ids" not in x or "attention_mask" not in x
+        ]
         tokenized = {}
         if to_tokenize:
             sentences = []
@@ -221,10 +244,15 @@ class InstAlign(nn.Module):
                     )
                 sentences.append(sentence)
             encoded = self.text_encoder.tokenize(sentences)
-            tokenized = {i: (encoded["input_ids"][j], encoded["attention_mask"][j]) for j, i in enumerate(to_tokenize)}
+            tokenized = {
+                i: (encoded["input_ids"][j], encoded["attention_mask"][j])
+                for j, i in enumerate(to_tokenize)
+            }
         ids, masks = [], []
         for i, x in enumerate(batched_inputs):
-            token_ids, mask = tokenized[i] if i in tokenized else (x["input_ids"], x["attention_mask"])
+            token_ids, mask = (
+                tokenized[i] if i in tokenized else (x["input_ids"], x["attention_mask"])
+            )
             ids.append(torch.as_tensor(token_ids).reshape(-1))
             masks.append(torch.as_tensor(mask).reshape(-1))
         lengths = {t.numel() for t in ids}
@@ -235,7 +263,9 @@ class InstAlign(nn.Module):
             )
         return torch.stack(ids).long().to(self.device), torch.stack(masks).long().to(self.device)
 
-    def prepare_targets(self, batched_inputs: Sequence[Dict], padded_size: Tuple[int, int]) -> List[Dict[str, torch.Tensor]]:
+    def prepare_targets(
+        self, batched_inputs: Sequence[Dict], padded_size: Tuple[int, int]
+    ) -> List[Dict[str, torch.Tensor]]:
         """Ground truth per expression, zero-padded like the images: ``masks (M, Hp, Wp)`` bool,
         ``merged_mask (Hp, Wp)`` bool (their union) and ``empty`` (no target)."""
         targets = []
@@ -246,9 +276,17 @@ class InstAlign(nn.Module):
                     f"GRES mapper (INPUT.DATASET_MAPPER_NAME: gres); {x.get('file_name', 'an input')} has no 'instances'."
                 )
             gt_masks = x["instances"].gt_masks
-            gt_masks = (gt_masks.tensor if isinstance(gt_masks, BitMasks) else gt_masks).to(self.device).bool()
+            gt_masks = (
+                (gt_masks.tensor if isinstance(gt_masks, BitMasks) else gt_masks)
+                .to(self.device)
+                .bool()
+            )
             merged = x.get("gt_mask_merged")
-            merged = gt_masks.any(dim=0) if merged is None else torch.as_tensor(merged, device=self.device).bool()
+            merged = (
+                gt_masks.any(dim=0)
+                if merged is None
+                else torch.as_tensor(merged, device=self.device).bool()
+            )
             empty = bool(x.get("empty", gt_masks.shape[0] == 0))
             if empty and gt_masks.shape[0] > 0:
                 raise ValueError(
@@ -256,7 +294,11 @@ class InstAlign(nn.Module):
                     f"{gt_masks.shape[0]} instance masks; the mapper must give M = 0 for a no-target expression."
                 )
             targets.append(
-                {"masks": _pad_to(gt_masks, padded_size), "merged_mask": _pad_to(merged, padded_size), "empty": empty}
+                {
+                    "masks": _pad_to(gt_masks, padded_size),
+                    "merged_mask": _pad_to(merged, padded_size),
+                    "empty": empty,
+                }
             )
         return targets
 
@@ -275,7 +317,9 @@ class InstAlign(nn.Module):
             if name is not None:
                 for g in groups_of_name.get(name, []):
                     other = batched_inputs[representatives[g]]["image"]
-                    if other is x["image"] or (other.shape == x["image"].shape and torch.equal(other, x["image"])):
+                    if other is x["image"] or (
+                        other.shape == x["image"].shape and torch.equal(other, x["image"])
+                    ):
                         group = g
                         break
             if group is None:
@@ -295,12 +339,18 @@ class InstAlign(nn.Module):
         return self.postprocess(outputs, visual_features, image_index, batched_inputs)
 
     def postprocess(
-        self, outputs: Dict, visual_features: VisualFeatures, image_index: torch.Tensor, batched_inputs: Sequence[Dict]
+        self,
+        outputs: Dict,
+        visual_features: VisualFeatures,
+        image_index: torch.Tensor,
+        batched_inputs: Sequence[Dict],
     ) -> List[Dict]:
         """Per expression: ``ref_seg`` (original size), ``ref_seg_input`` (input size), ``nt_prob``
         and the relevant ``instances`` (docs/interfaces.md §3)."""
         final = outputs["predictions"][-1]
-        token_weights = phrase_token_weights(final["queries"], final["text"], outputs["text_pad_mask"])  # R of Eq. 1
+        token_weights = phrase_token_weights(
+            final["queries"], final["text"], outputs["text_pad_mask"]
+        )  # R of Eq. 1
         no_target_probs = outputs["no_target_logits"].sigmoid()
         results = []
         for i, x in enumerate(batched_inputs):
@@ -309,7 +359,9 @@ class InstAlign(nn.Module):
             nt_prob = no_target_probs[i]
             no_target = bool(nt_prob > self.no_target_threshold)
 
-            merged_input = self._to_input_size(final["merged_logits"][i : i + 1], visual_features.padded_size, input_size)
+            merged_input = self._to_input_size(
+                final["merged_logits"][i : i + 1], visual_features.padded_size, input_size
+            )
             ref_seg_input = merged_input[0].sigmoid()
             ref_seg = _resize(merged_input, output_size)[0].sigmoid()
             if no_target:  # paper §3.6: a no-target expression is answered with an all-zero mask
@@ -320,16 +372,27 @@ class InstAlign(nn.Module):
             if no_target:
                 keep = keep[:0]
             keep = keep[scores[keep].argsort(descending=True)][: self.max_instances]
-            masks = self._to_input_size(final["mask_logits"][i, keep], visual_features.padded_size, input_size)
+            masks = self._to_input_size(
+                final["mask_logits"][i, keep], visual_features.padded_size, input_size
+            )
             instances = Instances(output_size)
             instances.pred_masks = _resize(masks, output_size).sigmoid() > self.mask_threshold
             instances.scores = scores[keep]
             instances.token_weights = token_weights[i, keep]
-            results.append({"ref_seg": ref_seg, "ref_seg_input": ref_seg_input, "nt_prob": nt_prob, "instances": instances})
+            results.append(
+                {
+                    "ref_seg": ref_seg,
+                    "ref_seg_input": ref_seg_input,
+                    "nt_prob": nt_prob,
+                    "instances": instances,
+                }
+            )
         return results
 
     @staticmethod
-    def _to_input_size(logits: torch.Tensor, padded_size: Tuple[int, int], input_size: Tuple[int, int]) -> torch.Tensor:
+    def _to_input_size(
+        logits: torch.Tensor, padded_size: Tuple[int, int], input_size: Tuple[int, int]
+    ) -> torch.Tensor:
         """``(n, h, w)`` stride-4 logits -> ``(n, H, W)`` at the input's size (upsample, drop the padding)."""
         return _resize(logits, padded_size)[:, : input_size[0], : input_size[1]]
 
@@ -347,5 +410,7 @@ def _pad_to(mask: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
     if (height, width) == tuple(size):
         return mask
     if height > size[0] or width > size[1]:
-        raise ValueError(f"InstAlign: ground-truth mask {height}x{width} is larger than the padded image {size}")
+        raise ValueError(
+            f"InstAlign: ground-truth mask {height}x{width} is larger than the padded image {size}"
+        )
     return F.pad(mask, (0, size[1] - width, 0, size[0] - height))

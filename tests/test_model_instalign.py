@@ -1,5 +1,6 @@
 """The InstAlign meta-architecture: training losses, gradients, the inference contract
 (docs/interfaces.md §2-4), image/expression grouping, configs, and overfitting one batch."""
+
 import glob
 import os
 
@@ -29,8 +30,14 @@ CORPUS = [
 @pytest.fixture(scope="module")
 def text_encoder_dir(tmp_path_factory):
     return write_local_text_encoder(
-        str(tmp_path_factory.mktemp("text") / "encoder"), CORPUS * 4, vocab_size=300, hidden_size=32, num_layers=1,
-        num_heads=2, intermediate_size=64, max_tokens=MAX_TOKENS,
+        str(tmp_path_factory.mktemp("text") / "encoder"),
+        CORPUS * 4,
+        vocab_size=300,
+        hidden_size=32,
+        num_layers=1,
+        num_heads=2,
+        intermediate_size=64,
+        max_tokens=MAX_TOKENS,
     )
 
 
@@ -46,9 +53,22 @@ def tiny_cfg(text_encoder_dir, **instalign):
     cfg.MODEL.TEXT_ENCODER.PRETRAINED = False
     cfg.MODEL.TEXT_ENCODER.MAX_TOKENS = MAX_TOKENS
     head = cfg.MODEL.SEM_SEG_HEAD
-    head.CONVS_DIM, head.MASK_DIM, head.TRANSFORMER_ENC_LAYERS, head.DIM_FEEDFORWARD, head.NHEADS = 32, 32, 1, 64, 4
+    (
+        head.CONVS_DIM,
+        head.MASK_DIM,
+        head.TRANSFORMER_ENC_LAYERS,
+        head.DIM_FEEDFORWARD,
+        head.NHEADS,
+    ) = (32, 32, 1, 64, 4)
     c = cfg.MODEL.INSTALIGN
-    c.HIDDEN_DIM, c.NUM_OBJECT_QUERIES, c.DEC_LAYERS, c.NHEADS, c.DIM_FEEDFORWARD, c.TRAIN_NUM_POINTS = 32, 6, 3, 4, 64, 256
+    (
+        c.HIDDEN_DIM,
+        c.NUM_OBJECT_QUERIES,
+        c.DEC_LAYERS,
+        c.NHEADS,
+        c.DIM_FEEDFORWARD,
+        c.TRAIN_NUM_POINTS,
+    ) = (32, 6, 3, 4, 64, 256)
     for key, value in instalign.items():
         c[key] = value
     cfg.INPUT.IMAGE_SIZE = SIZE
@@ -77,15 +97,23 @@ def draw_scene(seed):
     return image, masks
 
 
-def make_input(model, image, sentence, masks=(), file_name="scene.png", height=80, width=96, tokenized=True):
+def make_input(
+    model, image, sentence, masks=(), file_name="scene.png", height=80, width=96, tokenized=True
+):
     instances = Instances((SIZE, SIZE))
     gt = torch.stack(list(masks)) if masks else torch.zeros(0, SIZE, SIZE, dtype=torch.bool)
     instances.gt_masks = gt
     instances.gt_classes = torch.zeros(len(gt), dtype=torch.long)
     x = {
-        "image": image, "height": height, "width": width, "file_name": file_name, "image_id": 1,
-        "instances": instances, "gt_mask_merged": gt.any(0) if len(gt) else torch.zeros(SIZE, SIZE, dtype=torch.bool),
-        "empty": len(gt) == 0, "sentence": {"raw": sentence, "sent_id": 0, "ref_id": 0},
+        "image": image,
+        "height": height,
+        "width": width,
+        "file_name": file_name,
+        "image_id": 1,
+        "instances": instances,
+        "gt_mask_merged": gt.any(0) if len(gt) else torch.zeros(SIZE, SIZE, dtype=torch.bool),
+        "empty": len(gt) == 0,
+        "sentence": {"raw": sentence, "sent_id": 0, "ref_id": 0},
     }
     if tokenized:
         encoded = model.text_encoder.tokenize([sentence])
@@ -130,7 +158,10 @@ def test_training_losses_are_finite_and_gradients_reach_every_part(model):
 def test_training_on_an_all_no_target_batch_is_finite(model):
     model.train()
     image, _ = draw_scene(3)
-    batch = [make_input(model, image, "the purple cone"), make_input(model, image, "all yellow things")]
+    batch = [
+        make_input(model, image, "the purple cone"),
+        make_input(model, image, "all yellow things"),
+    ]
     losses = model(batch)
     assert all(torch.isfinite(v) for v in losses.values())
     assert losses["loss_mask"].item() == 0.0
@@ -143,7 +174,10 @@ def test_prepare_targets_pads_and_checks(model):
     del x["gt_mask_merged"]  # derived from the instances when absent
     (target,) = model.prepare_targets([x], (96, 64))
     assert target["masks"].shape == (1, 96, 64) and target["merged_mask"].shape == (96, 64)
-    assert torch.equal(target["merged_mask"][:SIZE], masks["red"][0]) and not target["merged_mask"][SIZE:].any()
+    assert (
+        torch.equal(target["merged_mask"][:SIZE], masks["red"][0])
+        and not target["merged_mask"][SIZE:].any()
+    )
     assert target["empty"] is False
     bad = dict(x, empty=True)
     with pytest.raises(ValueError, match="marked empty"):
@@ -166,7 +200,11 @@ def test_inference_output_contract(model):
         model.instance_score_threshold, model.max_instances = 0.5, 10
     assert set(out) == {"ref_seg", "ref_seg_input", "nt_prob", "instances"}
     assert out["ref_seg"].shape == (80, 96) and out["ref_seg_input"].shape == (SIZE, SIZE)
-    assert out["ref_seg"].dtype == torch.float32 and 0 <= out["ref_seg"].min() and out["ref_seg"].max() <= 1
+    assert (
+        out["ref_seg"].dtype == torch.float32
+        and 0 <= out["ref_seg"].min()
+        and out["ref_seg"].max() <= 1
+    )
     assert out["nt_prob"].dim() == 0 and 0 <= out["nt_prob"].item() <= 1
     instances = out["instances"]
     assert instances.image_size == (80, 96) and len(instances) == 4
@@ -175,7 +213,9 @@ def test_inference_output_contract(model):
     weights = instances.token_weights
     valid = int(model.text_encoder.tokenize(["the red square"])["attention_mask"].sum())
     assert weights.shape == (4, MAX_TOKENS)
-    assert torch.allclose(weights.sum(1), torch.ones(4), atol=1e-5) and (weights[:, valid:] == 0).all()
+    assert (
+        torch.allclose(weights.sum(1), torch.ones(4), atol=1e-5) and (weights[:, valid:] == 0).all()
+    )
 
 
 def test_ref_seg_is_the_input_size_map_when_sizes_agree(model):
@@ -192,7 +232,11 @@ def test_no_target_threshold_empties_the_answer(model):
     try:
         model.no_target_threshold = -1.0  # every expression is called no-target
         (out,) = model([x])
-        assert not out["ref_seg"].any() and not out["ref_seg_input"].any() and len(out["instances"]) == 0
+        assert (
+            not out["ref_seg"].any()
+            and not out["ref_seg_input"].any()
+            and len(out["instances"]) == 0
+        )
         model.no_target_threshold, model.instance_score_threshold = 2.0, 0.0  # never no-target
         (out,) = model([x])
         assert out["ref_seg"].max() > 0 and len(out["instances"]) == 6
@@ -254,12 +298,22 @@ def test_encode_images_and_decode_expressions_for_a_demo(model):
     encoded = model.text_encoder.tokenize(["the red square", "both blue circles"])
     with torch.no_grad():
         visual = model.encode_images([{"image": image}])
-        outputs = model.decode_expressions(visual, torch.tensor([0, 0]), encoded["input_ids"], encoded["attention_mask"])
-    assert visual.mask_features.shape == (1, 32, SIZE // 4, SIZE // 4) and len(visual.multi_scale_features) == 3
+        outputs = model.decode_expressions(
+            visual, torch.tensor([0, 0]), encoded["input_ids"], encoded["attention_mask"]
+        )
+    assert (
+        visual.mask_features.shape == (1, 32, SIZE // 4, SIZE // 4)
+        and len(visual.multi_scale_features) == 3
+    )
     assert outputs["predictions"][-1]["merged_logits"].shape == (2, SIZE // 4, SIZE // 4)
     assert outputs["no_target_logits"].shape == (2,)
     with pytest.raises(ValueError, match="no tokens"):
-        model.decode_expressions(visual, torch.tensor([0]), encoded["input_ids"][:1], torch.zeros(1, MAX_TOKENS, dtype=torch.long))
+        model.decode_expressions(
+            visual,
+            torch.tensor([0]),
+            encoded["input_ids"][:1],
+            torch.zeros(1, MAX_TOKENS, dtype=torch.long),
+        )
     with pytest.raises(ValueError, match=r"\(3, H, W\)"):
         model.encode_images([{"image": image[:1]}])
 
@@ -269,7 +323,11 @@ def test_encode_images_and_decode_expressions_for_a_demo(model):
     [
         {"DECODER": "M2F"},
         {"DECODER": "RELA", "INSTANCE_SUPERVISION": "standard"},
-        {"AGGREGATION": "THRESHOLD", "NO_TARGET_INPUT": "MEAN_QUERIES", "INSTANCE_SUPERVISION": "none"},
+        {
+            "AGGREGATION": "THRESHOLD",
+            "NO_TARGET_INPUT": "MEAN_QUERIES",
+            "INSTANCE_SUPERVISION": "none",
+        },
         {"AGGREGATION": "AIA_NO_PRELU", "NO_TARGET_INPUT": "TSEN", "DEEP_SUPERVISION": False},
     ],
 )
@@ -290,7 +348,11 @@ def test_ablation_settings_train_and_infer(text_encoder_dir, override):
 
 
 def test_every_config_loads():
-    files = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "**", "*.yaml"), recursive=True))
+    files = sorted(
+        glob.glob(
+            os.path.join(os.path.dirname(__file__), "..", "configs", "**", "*.yaml"), recursive=True
+        )
+    )
     assert len(files) >= 17
     seen = set()
     for path in files:
@@ -298,16 +360,43 @@ def test_every_config_loads():
         cfg.merge_from_file(path)
         c = cfg.MODEL.INSTALIGN
         assert cfg.MODEL.META_ARCHITECTURE == "InstAlign", path
-        seen.add((c.DECODER, c.INSTANCE_SUPERVISION, c.AGGREGATION, c.NO_TARGET_INPUT, c.NUM_OBJECT_QUERIES))
-    for setting in ("M2F", "RELA", "none", "standard", "AIA_NO_PRELU", "THRESHOLD", "QGLOBAL", "TSEN", "MEAN_QUERIES", 20, 50, 200):
+        seen.add(
+            (
+                c.DECODER,
+                c.INSTANCE_SUPERVISION,
+                c.AGGREGATION,
+                c.NO_TARGET_INPUT,
+                c.NUM_OBJECT_QUERIES,
+            )
+        )
+    for setting in (
+        "M2F",
+        "RELA",
+        "none",
+        "standard",
+        "AIA_NO_PRELU",
+        "THRESHOLD",
+        "QGLOBAL",
+        "TSEN",
+        "MEAN_QUERIES",
+        20,
+        50,
+        200,
+    ):
         assert any(setting in s for s in seen), setting
 
 
 def test_r50_config_builds_with_detectron2_resnet(text_encoder_dir):
     cfg = add_instalign_config(get_cfg())
-    cfg.merge_from_file(os.path.join(os.path.dirname(__file__), "..", "configs", "grefcoco", "instalign_R50.yaml"))
+    cfg.merge_from_file(
+        os.path.join(os.path.dirname(__file__), "..", "configs", "grefcoco", "instalign_R50.yaml")
+    )
     cfg.MODEL.DEVICE = "cpu"
-    cfg.MODEL.TEXT_ENCODER.NAME, cfg.MODEL.TEXT_ENCODER.PRETRAINED, cfg.MODEL.TEXT_ENCODER.MAX_TOKENS = text_encoder_dir, False, MAX_TOKENS
+    (
+        cfg.MODEL.TEXT_ENCODER.NAME,
+        cfg.MODEL.TEXT_ENCODER.PRETRAINED,
+        cfg.MODEL.TEXT_ENCODER.MAX_TOKENS,
+    ) = (text_encoder_dir, False, MAX_TOKENS)
     cfg.MODEL.RESNETS.DEPTH = 18  # the same builder; a smaller depth keeps the test fast
     cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
     cfg.MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS, cfg.MODEL.INSTALIGN.DEC_LAYERS = 1, 2
@@ -343,7 +432,9 @@ def test_tiny_model_overfits_one_batch(text_encoder_dir):
     outs = model(batch)
     # The memorised answers: the red square found, the no-target expressions recognised.
     red = batch[0]["gt_mask_merged"]
-    iou = ((outs[0]["ref_seg_input"] > 0.5) & red).sum() / ((outs[0]["ref_seg_input"] > 0.5) | red).sum()
+    iou = ((outs[0]["ref_seg_input"] > 0.5) & red).sum() / (
+        (outs[0]["ref_seg_input"] > 0.5) | red
+    ).sum()
     assert iou > 0.5
     assert outs[2]["nt_prob"] > 0.5 and outs[3]["nt_prob"] > 0.5
     assert outs[0]["nt_prob"] < 0.5 and outs[1]["nt_prob"] < 0.5
@@ -356,17 +447,36 @@ def test_analyze_model_tool_counts_parameters_flops_and_time(text_encoder_dir, t
     import importlib.util
 
     root = os.path.join(os.path.dirname(__file__), "..")
-    spec = importlib.util.spec_from_file_location("analyze_model", os.path.join(root, "tools", "analyze_model.py"))
+    spec = importlib.util.spec_from_file_location(
+        "analyze_model", os.path.join(root, "tools", "analyze_model.py")
+    )
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     opts = [
-        "MODEL.TIMM.NAME", "test_efficientnet", "MODEL.TEXT_ENCODER.NAME", text_encoder_dir,
-        "MODEL.TEXT_ENCODER.MAX_TOKENS", str(MAX_TOKENS), "INPUT.IMAGE_SIZE", str(SIZE),
-        "MODEL.INSTALIGN.DEC_LAYERS", "2", "MODEL.INSTALIGN.TRAIN_NUM_POINTS", "256",
+        "MODEL.TIMM.NAME",
+        "test_efficientnet",
+        "MODEL.TEXT_ENCODER.NAME",
+        text_encoder_dir,
+        "MODEL.TEXT_ENCODER.MAX_TOKENS",
+        str(MAX_TOKENS),
+        "INPUT.IMAGE_SIZE",
+        str(SIZE),
+        "MODEL.INSTALIGN.DEC_LAYERS",
+        "2",
+        "MODEL.INSTALIGN.TRAIN_NUM_POINTS",
+        "256",
     ]
     results = tool.main(
-        ["--config-file", os.path.join(root, "configs", "synthetic", "instalign_tiny.yaml"), "--iters", "1",
-         "--json", str(tmp_path / "out.json"), "--opts", *opts]
+        [
+            "--config-file",
+            os.path.join(root, "configs", "synthetic", "instalign_tiny.yaml"),
+            "--iters",
+            "1",
+            "--json",
+            str(tmp_path / "out.json"),
+            "--opts",
+            *opts,
+        ]
     )
     cfg = add_instalign_config(get_cfg())
     cfg.merge_from_file(os.path.join(root, "configs", "synthetic", "instalign_tiny.yaml"))
@@ -377,8 +487,18 @@ def test_analyze_model_tool_counts_parameters_flops_and_time(text_encoder_dir, t
     assert params["total"] == sum(p.numel() for p in reference.parameters())
     assert params["text_encoder"] == sum(p.numel() for p in reference.text_encoder.parameters())
     flops = results["gflops"]
-    assert flops["total"] > 0 and flops["backbone"] > 0 and flops["pixel_decoder"] > 0 and flops["transformer_decoder"] > 0
+    assert (
+        flops["total"] > 0
+        and flops["backbone"] > 0
+        and flops["pixel_decoder"] > 0
+        and flops["transformer_decoder"] > 0
+    )
     # The deformable attention and SDPA are counted by our handles, not skipped.
-    assert not any("MSDeformAttn" in op or "scaled_dot_product" in op for op in flops["not_counted_ops"])
-    assert results["time"]["seconds_per_step"] > 0 and results["time"]["peak_rss_mib"] >= results["time"]["rss_before_mib"]
+    assert not any(
+        "MSDeformAttn" in op or "scaled_dot_product" in op for op in flops["not_counted_ops"]
+    )
+    assert (
+        results["time"]["seconds_per_step"] > 0
+        and results["time"]["peak_rss_mib"] >= results["time"]["rss_before_mib"]
+    )
     assert os.path.isfile(tmp_path / "out.json")

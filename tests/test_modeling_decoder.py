@@ -1,4 +1,5 @@
 """Query decoders (POT and the Table 3(e) ablations), their layers and heads."""
+
 import math
 
 import pytest
@@ -13,7 +14,10 @@ from instalign_d2.modeling.transformer_decoder import (
     build_transformer_decoder,
 )
 from instalign_d2.modeling.transformer_decoder.attention_layers import CrossAttentionLayer
-from instalign_d2.modeling.transformer_decoder.prediction_heads import InstancePredictionHeads, masked_attention_mask
+from instalign_d2.modeling.transformer_decoder.prediction_heads import (
+    InstancePredictionHeads,
+    masked_attention_mask,
+)
 from instalign_d2.modeling.transformer_decoder.text_attention import ObjectTextCrossAttention
 
 HIDDEN, MASK_DIM, TEXT_DIM, QUERIES, LAYERS, TOKENS = 16, 12, 20, 5, 4, 6
@@ -22,13 +26,22 @@ HIDDEN, MASK_DIM, TEXT_DIM, QUERIES, LAYERS, TOKENS = 16, 12, 20, 5, 4, 6
 def tiny_cfg(decoder="POT"):
     cfg = add_instalign_config(get_cfg())
     c = cfg.MODEL.INSTALIGN
-    c.DECODER, c.HIDDEN_DIM, c.NUM_OBJECT_QUERIES, c.DEC_LAYERS, c.NHEADS, c.DIM_FEEDFORWARD = decoder, HIDDEN, QUERIES, LAYERS, 4, 32
+    c.DECODER, c.HIDDEN_DIM, c.NUM_OBJECT_QUERIES, c.DEC_LAYERS, c.NHEADS, c.DIM_FEEDFORWARD = (
+        decoder,
+        HIDDEN,
+        QUERIES,
+        LAYERS,
+        4,
+        32,
+    )
     return cfg
 
 
 def inputs(batch=2, seed=0):
     g = torch.Generator().manual_seed(seed)
-    features = [torch.randn(batch, 24, s, s, generator=g) for s in (2, 4, 8)]  # V1..V3, strides 32/16/8
+    features = [
+        torch.randn(batch, 24, s, s, generator=g) for s in (2, 4, 8)
+    ]  # V1..V3, strides 32/16/8
     mask_features = torch.randn(batch, MASK_DIM, 16, 16, generator=g)  # V4
     text = torch.randn(batch, TOKENS, TEXT_DIM, generator=g)
     pad = torch.zeros(batch, TOKENS, dtype=torch.bool)
@@ -46,7 +59,10 @@ def test_registry_builds_the_named_decoder():
     expected = {"POT": PhraseObjectTransformer, "M2F": Mask2FormerDecoder, "RELA": ReLAStyleDecoder}
     for name, cls in expected.items():
         assert type(build_transformer_decoder(tiny_cfg(name), 24, MASK_DIM, TEXT_DIM)) is cls
-    assert type(build_transformer_decoder(tiny_cfg("ReLAStyleDecoder"), 24, MASK_DIM, TEXT_DIM)) is ReLAStyleDecoder
+    assert (
+        type(build_transformer_decoder(tiny_cfg("ReLAStyleDecoder"), 24, MASK_DIM, TEXT_DIM))
+        is ReLAStyleDecoder
+    )
     with pytest.raises(KeyError, match="POT"):
         build_transformer_decoder(tiny_cfg("DETR"), 24, MASK_DIM, TEXT_DIM)
 
@@ -67,7 +83,9 @@ def test_decoder_outputs_every_block(decoder):
     last = predictions[-1]
     heads = decoder.heads
     embed = heads.mask_embed(heads.norm(last["queries"]))
-    assert torch.allclose(last["mask_logits"], torch.einsum("bnd,bdhw->bnhw", embed, mask_features), atol=1e-5)
+    assert torch.allclose(
+        last["mask_logits"], torch.einsum("bnd,bdhw->bnhw", embed, mask_features), atol=1e-5
+    )
 
 
 def test_how_each_decoder_uses_the_text(decoder):
@@ -77,7 +95,9 @@ def test_how_each_decoder_uses_the_text(decoder):
     other = decoder(features, mask_features, other_text, pad)
     t0 = out["predictions"][0]["text"]
     text_refined = not torch.allclose(out["predictions"][-1]["text"], t0)
-    queries_read_text = not torch.allclose(out["predictions"][-1]["queries"], other["predictions"][-1]["queries"])
+    queries_read_text = not torch.allclose(
+        out["predictions"][-1]["queries"], other["predictions"][-1]["queries"]
+    )
     name = type(decoder).__name__
     assert text_refined == (name == "PhraseObjectTransformer")
     assert queries_read_text == (name != "Mask2FormerDecoder")
@@ -102,9 +122,18 @@ def test_gradients_reach_queries_embeddings_and_inputs():
     text.requires_grad_()
     features[0].requires_grad_()
     out = decoder(features, mask_features, text, pad)
-    loss = sum(p["mask_logits"].sum() + p["relevance_logits"].sum() + p["text"].pow(2).sum() for p in out["predictions"])
+    loss = sum(
+        p["mask_logits"].sum() + p["relevance_logits"].sum() + p["text"].pow(2).sum()
+        for p in out["predictions"]
+    )
     loss.backward()
-    for name in ("query_feat.weight", "query_embed.weight", "level_embed.weight", "input_proj.0.weight", "text_proj.weight"):
+    for name in (
+        "query_feat.weight",
+        "query_embed.weight",
+        "level_embed.weight",
+        "input_proj.0.weight",
+        "text_proj.weight",
+    ):
         assert dict(decoder.named_parameters())[name].grad.abs().sum() > 0, name
     assert text.grad.abs().sum() > 0 and features[0].grad.abs().sum() > 0
 
@@ -136,7 +165,9 @@ def test_object_text_cross_attention_matches_its_equations():
 
 
 def test_masked_attention_mask_by_hand():
-    logits = torch.tensor([[[[5.0, -5.0], [5.0, -5.0]], [[-5.0, -5.0], [-5.0, -5.0]]]])  # B=1, N=2, 2x2
+    logits = torch.tensor(
+        [[[[5.0, -5.0], [5.0, -5.0]], [[-5.0, -5.0], [-5.0, -5.0]]]]
+    )  # B=1, N=2, 2x2
     mask = masked_attention_mask(logits, (2, 2), nheads=3)
     assert mask.shape == (3, 2, 4)
     # Query 0 may look at its left column only; query 1 predicts nothing, so it may look everywhere.
@@ -149,14 +180,18 @@ def test_masked_cross_attention_ignores_blocked_visual_tokens():
     torch.manual_seed(0)
     layer = CrossAttentionLayer(8, 2).eval()
     queries, memory = torch.randn(1, 2, 8), torch.randn(1, 4, 8)
-    blocked = torch.tensor([[[False, False, True, True], [False, True, True, False]]]).repeat_interleave(2, 0)
+    blocked = torch.tensor(
+        [[[False, False, True, True], [False, True, True, False]]]
+    ).repeat_interleave(2, 0)
     out = layer(queries, memory, attn_mask=blocked)
     changed = memory.clone()
     changed[0, 2] += 10  # blocked for both queries
     assert torch.allclose(layer(queries, changed, attn_mask=blocked), out, atol=1e-6)
     changed[0, 3] += 10  # visible to query 1 only
     moved = layer(queries, changed, attn_mask=blocked)
-    assert torch.allclose(moved[0, 0], out[0, 0], atol=1e-6) and not torch.allclose(moved[0, 1], out[0, 1])
+    assert torch.allclose(moved[0, 0], out[0, 0], atol=1e-6) and not torch.allclose(
+        moved[0, 1], out[0, 1]
+    )
 
 
 def test_prediction_heads_shapes():
@@ -166,9 +201,19 @@ def test_prediction_heads_shapes():
 
 
 def test_decoder_plain_arguments_and_level_count_check():
-    decoder = PhraseObjectTransformer(in_channels=HIDDEN, mask_dim=MASK_DIM, text_dim=HIDDEN, hidden_dim=HIDDEN,
-                                      num_queries=3, nheads=2, dim_feedforward=16, dec_layers=2)
-    assert isinstance(decoder.input_proj[0], torch.nn.Identity) and isinstance(decoder.text_proj, torch.nn.Identity)
+    decoder = PhraseObjectTransformer(
+        in_channels=HIDDEN,
+        mask_dim=MASK_DIM,
+        text_dim=HIDDEN,
+        hidden_dim=HIDDEN,
+        num_queries=3,
+        nheads=2,
+        dim_feedforward=16,
+        dec_layers=2,
+    )
+    assert isinstance(decoder.input_proj[0], torch.nn.Identity) and isinstance(
+        decoder.text_proj, torch.nn.Identity
+    )
     features, mask_features, _, pad = inputs()
     with pytest.raises(ValueError, match="3 visual levels"):
         decoder(features[:2], mask_features, torch.randn(2, TOKENS, HIDDEN), pad)

@@ -1,4 +1,5 @@
 """POA (Eq. 1-3), matcher (Eq. 5-6), criterion (Eq. 7, 9, 13), AIA (Eq. 8) and the no-target head (Eq. 10-12)."""
+
 import itertools
 import math
 
@@ -43,9 +44,13 @@ def test_phrase_alignment_matches_hand_computation_and_ignores_padding():
     # Padding features never matter.
     text_other_pad = text.clone()
     text_other_pad[0, 2] = torch.tensor([-30.0, 7.0])
-    assert phrase_alignment_loss(queries, text_other_pad, pad).item() == pytest.approx(loss.item(), abs=1e-7)
+    assert phrase_alignment_loss(queries, text_other_pad, pad).item() == pytest.approx(
+        loss.item(), abs=1e-7
+    )
     # ...while without the mask the padding token dominates and the loss changes.
-    assert phrase_alignment_loss(queries, text, torch.zeros_like(pad)).item() != pytest.approx(loss.item(), abs=1e-3)
+    assert phrase_alignment_loss(queries, text, torch.zeros_like(pad)).item() != pytest.approx(
+        loss.item(), abs=1e-3
+    )
 
 
 def test_phrase_alignment_is_zero_for_a_query_equal_to_its_only_token_and_batched():
@@ -77,7 +82,9 @@ def test_aggregate_instances_by_hand():
     assert merged.shape == (1, 1, 2)
     assert merged.flatten().tolist() == pytest.approx([0.75, 2.5])
     # Without PReLU: 0.5*[2, -4] + [-1, 3]
-    assert aggregate_instances(mask_logits, scores, None).flatten().tolist() == pytest.approx([0.0, 1.0])
+    assert aggregate_instances(mask_logits, scores, None).flatten().tolist() == pytest.approx(
+        [0.0, 1.0]
+    )
 
 
 def test_instance_aggregation_modes_and_gradients():
@@ -94,11 +101,21 @@ def test_instance_aggregation_modes_and_gradients():
 
     no_prelu = InstanceAggregation(mode="AIA_NO_PRELU")
     assert no_prelu.prelu is None
-    assert torch.allclose(no_prelu(mask_logits, relevance).flatten(), 0.5 * torch.tensor([2.0, -4.0]) + 0.7 * torch.tensor([-1.0, 3.0]))
+    assert torch.allclose(
+        no_prelu(mask_logits, relevance).flatten(),
+        0.5 * torch.tensor([2.0, -4.0]) + 0.7 * torch.tensor([-1.0, 3.0]),
+    )
 
     # Threshold 0.6 keeps only the second instance; 0.8 keeps none -> the empty logit everywhere.
-    assert InstanceAggregation(mode="THRESHOLD", threshold=0.6)(mask_logits, relevance).flatten().tolist() == [-1.0, 3.0]
-    assert InstanceAggregation(mode="THRESHOLD", threshold=0.8)(mask_logits, relevance).flatten().tolist() == [EMPTY_MASK_LOGIT] * 2
+    assert InstanceAggregation(mode="THRESHOLD", threshold=0.6)(
+        mask_logits, relevance
+    ).flatten().tolist() == [-1.0, 3.0]
+    assert (
+        InstanceAggregation(mode="THRESHOLD", threshold=0.8)(mask_logits, relevance)
+        .flatten()
+        .tolist()
+        == [EMPTY_MASK_LOGIT] * 2
+    )
     # Two selected: the union (pixel-wise max of logits).
     both = InstanceAggregation(mode="THRESHOLD", threshold=0.4)(mask_logits, relevance)
     assert both.flatten().tolist() == [2.0, 3.0]
@@ -131,10 +148,14 @@ def test_no_target_head_inputs_by_hand():
     }
     for mode, values in expected.items():
         head = NoTargetHead(hidden_dim=2, input_mode=mode)
-        assert head.features(queries, relevance, text, pad).flatten().tolist() == pytest.approx(values), mode
+        assert head.features(queries, relevance, text, pad).flatten().tolist() == pytest.approx(
+            values
+        ), mode
         logit = head(queries, relevance, text, pad)
         assert logit.shape == (1,)
-        assert torch.allclose(logit, head.mlp(head.features(queries, relevance, text, pad)).squeeze(-1))
+        assert torch.allclose(
+            logit, head.mlp(head.features(queries, relevance, text, pad)).squeeze(-1)
+        )
     with pytest.raises(ValueError, match="NO_TARGET_INPUT"):
         NoTargetHead(hidden_dim=2, input_mode="CLS")
 
@@ -154,7 +175,9 @@ def test_no_target_head_gradient_reaches_relevance_scores():
 
 
 def test_matcher_cost_by_hand_on_constant_masks():
-    matcher = PhraseAwareHungarianMatcher(cost_score=2.0, cost_mask=5.0, cost_phrase=1.0, num_points=50)
+    matcher = PhraseAwareHungarianMatcher(
+        cost_score=2.0, cost_mask=5.0, cost_phrase=1.0, num_points=50
+    )
     relevance = torch.tensor([0.0, 2.0])
     mask_logits = torch.zeros(2, 4, 4)  # p = 0.5 everywhere, so sampled points do not matter
     # An empty instance (a full one would read < 1 at the border through bilinear sampling).
@@ -182,7 +205,7 @@ def test_matcher_is_optimal_against_brute_force(seed):
     phrase = torch.rand(1, num_queries)
 
     torch.manual_seed(100)
-    (rows, cols), = matcher(relevance, mask_logits, [gt[0]], phrase)
+    ((rows, cols),) = matcher(relevance, mask_logits, [gt[0]], phrase)
     torch.manual_seed(100)  # the same sampled points
     cost = matcher.cost_matrix(relevance[0], mask_logits[0], gt[0], phrase[0])
 
@@ -200,10 +223,12 @@ def test_matcher_phrase_term_changes_the_assignment():
     mask_logits = torch.zeros(1, 2, 4, 4)
     gt = [torch.ones(1, 4, 4, dtype=torch.bool)]
     phrase = torch.tensor([[0.9, 0.1]])
-    (rows, _), = PhraseAwareHungarianMatcher(cost_phrase=1.0)(relevance, mask_logits, gt, phrase)
+    ((rows, _),) = PhraseAwareHungarianMatcher(cost_phrase=1.0)(relevance, mask_logits, gt, phrase)
     assert rows.tolist() == [1]
     phrase_swapped = torch.tensor([[0.1, 0.9]])
-    (rows, _), = PhraseAwareHungarianMatcher(cost_phrase=1.0)(relevance, mask_logits, gt, phrase_swapped)
+    ((rows, _),) = PhraseAwareHungarianMatcher(cost_phrase=1.0)(
+        relevance, mask_logits, gt, phrase_swapped
+    )
     assert rows.tolist() == [0]
 
 
@@ -220,7 +245,11 @@ def test_matcher_handles_no_target_and_batches():
 def test_matcher_rejects_nan_predictions():
     matcher = PhraseAwareHungarianMatcher(num_points=16)
     with pytest.raises(FloatingPointError, match="NaN"):
-        matcher(torch.full((1, 2), float("nan")), torch.zeros(1, 2, 4, 4), [torch.ones(1, 4, 4, dtype=torch.bool)])
+        matcher(
+            torch.full((1, 2), float("nan")),
+            torch.zeros(1, 2, 4, 4),
+            [torch.ones(1, 4, 4, dtype=torch.bool)],
+        )
 
 
 def test_matcher_from_config_drops_phrase_cost_for_standard_supervision(cfg_factory):
@@ -267,7 +296,11 @@ def _outputs(batch=2, queries=4, levels=3, size=8, tokens=5, dim=8, requires_gra
         )
     pad = torch.zeros(batch, tokens, dtype=torch.bool)
     pad[:, 3:] = True
-    return {"predictions": predictions, "text_pad_mask": pad, "no_target_logits": torch.randn(batch, requires_grad=requires_grad)}
+    return {
+        "predictions": predictions,
+        "text_pad_mask": pad,
+        "no_target_logits": torch.randn(batch, requires_grad=requires_grad),
+    }
 
 
 def _targets(instances_per_image, size=32):
@@ -303,11 +336,19 @@ def test_criterion_keys_sum_and_deep_supervision():
     assert outputs["no_target_logits"].grad.abs().sum() > 0
 
     last_only = _criterion(deep_supervision=False)(_outputs(levels=3), _targets([2, 1]))
-    assert set(last_only) == {"loss_merged", "loss_score", "loss_mask", "loss_phrase", "loss_no_target"}
+    assert set(last_only) == {
+        "loss_merged",
+        "loss_score",
+        "loss_mask",
+        "loss_phrase",
+        "loss_no_target",
+    }
 
 
 def test_criterion_supervision_switches():
-    standard = _criterion(instance_supervision="standard", deep_supervision=False)(_outputs(), _targets([1, 1]))
+    standard = _criterion(instance_supervision="standard", deep_supervision=False)(
+        _outputs(), _targets([1, 1])
+    )
     assert set(standard) == {"loss_merged", "loss_score", "loss_mask", "loss_no_target"}
     none = _criterion(instance_supervision="none")(_outputs(levels=2), _targets([1, 1]))
     assert set(none) == {"loss_merged_0", "loss_merged", "loss_no_target"}
@@ -325,7 +366,9 @@ def test_criterion_finite_for_an_all_no_target_batch():
     expected_score = torch.nn.functional.softplus(relevance).mean()
     assert losses["loss_score"].item() == pytest.approx(expected_score.item(), rel=1e-5)
     nt = outputs["no_target_logits"]
-    assert losses["loss_no_target"].item() == pytest.approx(0.1 * torch.nn.functional.softplus(-nt).mean().item(), rel=1e-5)
+    assert losses["loss_no_target"].item() == pytest.approx(
+        0.1 * torch.nn.functional.softplus(-nt).mean().item(), rel=1e-5
+    )
     sum(losses.values()).backward()
 
 
@@ -342,8 +385,13 @@ def test_criterion_values_for_a_known_match():
     pad = torch.tensor([[False, False, False, True, True]])
     outputs = {
         "predictions": [
-            {"relevance_logits": relevance, "mask_logits": mask_logits, "queries": queries, "text": text,
-             "merged_logits": perfect[None]}
+            {
+                "relevance_logits": relevance,
+                "mask_logits": mask_logits,
+                "queries": queries,
+                "text": text,
+                "merged_logits": perfect[None],
+            }
         ],
         "text_pad_mask": pad,
         "no_target_logits": torch.tensor([-3.0]),
@@ -352,12 +400,18 @@ def test_criterion_values_for_a_known_match():
     losses = _criterion()(outputs, target)
 
     sp = torch.nn.functional.softplus
-    expected_score = (2 * sp(torch.tensor(-1.5)) + sp(torch.tensor(-0.5))) / 3  # weights 2 (matched) and 1
+    expected_score = (
+        2 * sp(torch.tensor(-1.5)) + sp(torch.tensor(-0.5))
+    ) / 3  # weights 2 (matched) and 1
     assert losses["loss_score"].item() == pytest.approx(expected_score.item(), rel=1e-5)
     assert losses["loss_merged"].item() < 1e-3  # perfect merged mask, compared densely
     phrase = phrase_alignment_loss(queries, text, pad)[0, 0]
-    assert losses["loss_phrase"].item() == pytest.approx(phrase.item(), rel=1e-5)  # 1 instance, lambda 1
-    assert losses["loss_no_target"].item() == pytest.approx(0.1 * sp(torch.tensor(-3.0)).item(), rel=1e-5)
+    assert losses["loss_phrase"].item() == pytest.approx(
+        phrase.item(), rel=1e-5
+    )  # 1 instance, lambda 1
+    assert losses["loss_no_target"].item() == pytest.approx(
+        0.1 * sp(torch.tensor(-3.0)).item(), rel=1e-5
+    )
 
     # The matcher follows the masks, not the query index: swapping the queries changes nothing.
     swapped_outputs = {**outputs, "predictions": [dict(outputs["predictions"][0])]}
@@ -377,5 +431,11 @@ def test_criterion_values_for_a_known_match():
     wrong["predictions"][0]["mask_logits"] = -perfect[None, None]
     wrong["predictions"][0]["relevance_logits"] = relevance[:, :1]
     wrong["predictions"][0]["queries"] = queries[:, :1]
-    right = {**outputs, "predictions": [dict(wrong["predictions"][0], mask_logits=perfect[None, None])]}
-    assert _criterion()(wrong, target)["loss_mask"].item() > 5 * _criterion()(right, target)["loss_mask"].item()
+    right = {
+        **outputs,
+        "predictions": [dict(wrong["predictions"][0], mask_logits=perfect[None, None])],
+    }
+    assert (
+        _criterion()(wrong, target)["loss_mask"].item()
+        > 5 * _criterion()(right, target)["loss_mask"].item()
+    )

@@ -22,6 +22,7 @@ Tasks:
              steps after one warm-up, and the peak memory: on CUDA torch's peak allocation, on the
              CPU the process's peak resident set (ru_maxrss), next to the resident set before.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,7 +47,10 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import instalign_d2.instalign_model  # noqa: E402,F401  (registers InstAlign and its parts)
 from instalign_d2.config import add_instalign_config  # noqa: E402
-from instalign_d2.modeling.language import is_text_encoder_dir, write_local_text_encoder  # noqa: E402
+from instalign_d2.modeling.language import (
+    is_text_encoder_dir,
+    write_local_text_encoder,
+)  # noqa: E402
 from instalign_d2.utils.paths import expand_path  # noqa: E402
 
 logger = logging.getLogger("analyze_model")
@@ -55,19 +59,39 @@ logger = logging.getLogger("analyze_model")
 ROBERTA_BASE = {"hidden_size": 768, "num_layers": 12, "num_heads": 12, "intermediate_size": 3072}
 ROBERTA_BASE_VOCAB, ROBERTA_BASE_POSITIONS = 50265, 514
 EXPRESSION = "the man on the left and the dog next to him"
-PARTS = ("backbone", "pixel_decoder", "text_encoder", "transformer_decoder", "aggregation", "no_target_head")
+PARTS = (
+    "backbone",
+    "pixel_decoder",
+    "text_encoder",
+    "transformer_decoder",
+    "aggregation",
+    "no_target_head",
+)
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config-file", required=True, metavar="FILE")
-    parser.add_argument("--tasks", nargs="+", choices=["parameter", "flop", "time"], default=["parameter", "flop", "time"])
-    parser.add_argument("--batch-size", type=int, default=1, help="images (one expression each) per forward")
-    parser.add_argument("--iters", type=int, default=3, help="timed training steps (after one warm-up)")
+    parser.add_argument(
+        "--tasks",
+        nargs="+",
+        choices=["parameter", "flop", "time"],
+        default=["parameter", "flop", "time"],
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=1, help="images (one expression each) per forward"
+    )
+    parser.add_argument(
+        "--iters", type=int, default=3, help="timed training steps (after one warm-up)"
+    )
     parser.add_argument("--max-depth", type=int, default=3, help="depth of the parameter table")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (overrides MODEL.DEVICE)")
     parser.add_argument("--json", metavar="FILE", help="also write the numbers to this JSON file")
-    parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config overrides, KEY VALUE pairs")
+    parser.add_argument(
+        "--opts", nargs=argparse.REMAINDER, default=[], help="config overrides, KEY VALUE pairs"
+    )
     return parser.parse_args(argv)
 
 
@@ -81,8 +105,13 @@ def setup_cfg(args, scratch_dir: str):
     cfg.MODEL.TIMM.PRETRAINED_WEIGHTS = ""
     cfg.MODEL.TEXT_ENCODER.PRETRAINED = False
     if not is_text_encoder_dir(expand_path(cfg.MODEL.TEXT_ENCODER.NAME)):
-        cfg.MODEL.TEXT_ENCODER.NAME = roberta_base_sized_encoder(scratch_dir, cfg.MODEL.TEXT_ENCODER.MAX_TOKENS)
-        logger.info("text encoder directory absent: using a generated RoBERTa-base-sized one (%s)", cfg.MODEL.TEXT_ENCODER.NAME)
+        cfg.MODEL.TEXT_ENCODER.NAME = roberta_base_sized_encoder(
+            scratch_dir, cfg.MODEL.TEXT_ENCODER.MAX_TOKENS
+        )
+        logger.info(
+            "text encoder directory absent: using a generated RoBERTa-base-sized one (%s)",
+            cfg.MODEL.TEXT_ENCODER.NAME,
+        )
     cfg.freeze()
     return cfg
 
@@ -90,8 +119,11 @@ def setup_cfg(args, scratch_dir: str):
 def roberta_base_sized_encoder(scratch_dir: str, max_tokens: int) -> str:
     """A tokenizer + RobertaConfig with roberta-base's sizes (random weights are built from it)."""
     directory = write_local_text_encoder(
-        os.path.join(scratch_dir, "roberta_base_sized"), [EXPRESSION, "a red car", "two dogs on the grass"],
-        vocab_size=500, max_tokens=max_tokens, **ROBERTA_BASE,
+        os.path.join(scratch_dir, "roberta_base_sized"),
+        [EXPRESSION, "a red car", "two dogs on the grass"],
+        vocab_size=500,
+        max_tokens=max_tokens,
+        **ROBERTA_BASE,
     )
     # Our small BPE vocabulary has far fewer tokens; the embedding tables take roberta-base's size.
     config_path = os.path.join(directory, "config.json")
@@ -118,9 +150,14 @@ def synthetic_inputs(model, cfg, batch_size: int) -> List[Dict]:
         inputs.append(
             {
                 "image": torch.randint(0, 256, (3, size, size), dtype=torch.uint8),
-                "height": size, "width": size, "file_name": f"synthetic_{b}.jpg",
-                "instances": instances, "gt_mask_merged": masks.any(0), "empty": False,
-                "input_ids": encoded["input_ids"][0], "attention_mask": encoded["attention_mask"][0],
+                "height": size,
+                "width": size,
+                "file_name": f"synthetic_{b}.jpg",
+                "instances": instances,
+                "gt_mask_merged": masks.any(0),
+                "empty": False,
+                "input_ids": encoded["input_ids"][0],
+                "attention_mask": encoded["attention_mask"][0],
             }
         )
     return inputs
@@ -187,11 +224,16 @@ def count_flops(model, inputs) -> Dict[str, float]:
     attention_mask = torch.stack([x["attention_mask"] for x in inputs]).to(model.device)
     analysis = FlopCountAnalysis(InferenceForward(model), (images, input_ids, attention_mask))
     analysis.set_op_handle(
-        "prim::PythonOp._MSDeformAttnFunction", ms_deform_attn_flop,
-        "aten::scaled_dot_product_attention", scaled_dot_product_attention_flop,
-        "aten::grid_sampler", grid_sampler_flop,
+        "prim::PythonOp._MSDeformAttnFunction",
+        ms_deform_attn_flop,
+        "aten::scaled_dot_product_attention",
+        scaled_dot_product_attention_flop,
+        "aten::grid_sampler",
+        grid_sampler_flop,
     )
-    analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
+    analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings(
+        "none"
+    )
     by_module = analysis.by_module()
     summary = {part: by_module.get(f"model.{part}", 0) / 1e9 for part in PARTS}
     summary["total"] = analysis.total() / 1e9
@@ -200,7 +242,10 @@ def count_flops(model, inputs) -> Dict[str, float]:
         print(f"  {name:<20} {value:9.2f}")
     skipped = Counter(analysis.unsupported_ops())
     if skipped:
-        print("  not counted (element-wise, fvcore has no handle):", ", ".join(f"{k} x{v}" for k, v in skipped.most_common()))
+        print(
+            "  not counted (element-wise, fvcore has no handle):",
+            ", ".join(f"{k} x{v}" for k, v in skipped.most_common()),
+        )
     summary["not_counted_ops"] = dict(skipped)
     return summary
 
@@ -231,7 +276,9 @@ def time_training_step(model, inputs, iters: int) -> Dict[str, float]:
         step()
     seconds = (time.perf_counter() - start) / iters
     result = {"seconds_per_step": seconds, "threads": torch.get_num_threads()}
-    print(f"\nTraining step (forward + losses + backward), batch {len(inputs)}, {model.device.type}:")
+    print(
+        f"\nTraining step (forward + losses + backward), batch {len(inputs)}, {model.device.type}:"
+    )
     print(f"  {seconds:.2f} s per step (mean of {iters}, {torch.get_num_threads()} threads)")
     if cuda:
         result["peak_memory_mib"] = torch.cuda.max_memory_allocated() / 2**20
@@ -239,7 +286,10 @@ def time_training_step(model, inputs, iters: int) -> Dict[str, float]:
     else:
         result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         result["rss_before_mib"] = rss_before
-        print(f"  peak resident memory: {result['peak_rss_mib']:.0f} MiB (model and inputs alone: {rss_before:.0f} MiB)")
+        print(
+            f"  peak resident memory: {result['peak_rss_mib']:.0f} MiB "
+            f"(model and inputs alone: {rss_before:.0f} MiB)"
+        )
     return result
 
 
@@ -252,9 +302,13 @@ def main(argv=None) -> Dict:
         torch.manual_seed(0)
         model = build_model(cfg)
         inputs = synthetic_inputs(model, cfg, args.batch_size)
-        print(f"config {args.config_file}: {cfg.MODEL.TIMM.NAME if cfg.MODEL.BACKBONE.NAME == 'TimmBackbone' else cfg.MODEL.BACKBONE.NAME}, "
-              f"text {cfg.MODEL.TEXT_ENCODER.NAME}, K={cfg.MODEL.INSTALIGN.DEC_LAYERS}, N={cfg.MODEL.INSTALIGN.NUM_OBJECT_QUERIES}, "
-              f"{cfg.INPUT.IMAGE_SIZE}x{cfg.INPUT.IMAGE_SIZE}")
+        backbone = cfg.MODEL.BACKBONE.NAME
+        if backbone == "TimmBackbone":
+            backbone = cfg.MODEL.TIMM.NAME
+        c = cfg.MODEL.INSTALIGN
+        size = cfg.INPUT.IMAGE_SIZE
+        print(f"config {args.config_file}: {backbone}, text {cfg.MODEL.TEXT_ENCODER.NAME}")
+        print(f"  K={c.DEC_LAYERS}, N={c.NUM_OBJECT_QUERIES}, C={c.HIDDEN_DIM}, {size}x{size}")
         # Time first, so that the process's peak memory is the training step's, not the tracer's.
         if "parameter" in args.tasks:
             results["parameters"] = count_parameters(model, args.max_depth)

@@ -3,6 +3,7 @@
 Both turn the decoder's per-query predictions into the expression-level answer: one merged
 mask, and the probability that the expression refers to nothing in the image.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -19,7 +20,9 @@ NO_TARGET_INPUTS = ("QGLOBAL_TSEN", "QGLOBAL", "TSEN", "MEAN_QUERIES")
 EMPTY_MASK_LOGIT = -10.0
 
 
-def aggregate_instances(mask_logits: torch.Tensor, scores: torch.Tensor, prelu: Optional[nn.Module]) -> torch.Tensor:
+def aggregate_instances(
+    mask_logits: torch.Tensor, scores: torch.Tensor, prelu: Optional[nn.Module]
+) -> torch.Tensor:
     """Merged-mask logits of Eq. 8 before its sigmoid: ``sum_i p_i * PReLU(s_i)``.
 
     Args:
@@ -35,10 +38,14 @@ def aggregate_instances(mask_logits: torch.Tensor, scores: torch.Tensor, prelu: 
             f"{tuple(mask_logits.shape)} and {tuple(scores.shape)}"
         )
     activated = prelu(mask_logits) if prelu is not None else mask_logits
-    return torch.einsum("bn,bnhw->bhw", scores.to(activated.dtype), activated)  # Eq. 8 (inside the sigmoid)
+    return torch.einsum(
+        "bn,bnhw->bhw", scores.to(activated.dtype), activated
+    )  # Eq. 8 (inside the sigmoid)
 
 
-def aggregate_by_threshold(mask_logits: torch.Tensor, scores: torch.Tensor, threshold: float) -> torch.Tensor:
+def aggregate_by_threshold(
+    mask_logits: torch.Tensor, scores: torch.Tensor, threshold: float
+) -> torch.Tensor:
     """The fixed-threshold baseline of Table 3(b): the union of the instances scoring above ``threshold``.
 
     The union of probability masks is their pixel-wise maximum; since the sigmoid is monotonic that
@@ -64,7 +71,9 @@ class InstanceAggregation(nn.Module):
         """
         super().__init__()
         if mode not in AGGREGATION_MODES:
-            raise ValueError(f"MODEL.INSTALIGN.AGGREGATION={mode!r}: choose one of {AGGREGATION_MODES}.")
+            raise ValueError(
+                f"MODEL.INSTALIGN.AGGREGATION={mode!r}: choose one of {AGGREGATION_MODES}."
+            )
         self.mode = mode
         self.threshold = threshold
         # One slope shared by all pixels and instances: PReLU(s) keeps foreground evidence and damps
@@ -110,17 +119,28 @@ class NoTargetHead(nn.Module):
         """
         super().__init__()
         if input_mode not in NO_TARGET_INPUTS:
-            raise ValueError(f"MODEL.INSTALIGN.NO_TARGET_INPUT={input_mode!r}: choose one of {NO_TARGET_INPUTS}.")
+            raise ValueError(
+                f"MODEL.INSTALIGN.NO_TARGET_INPUT={input_mode!r}: choose one of {NO_TARGET_INPUTS}."
+            )
         self.input_mode = input_mode
         in_dim = 2 * hidden_dim if input_mode == "QGLOBAL_TSEN" else hidden_dim
-        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, 1))
+        self.mlp = nn.Sequential(
+            nn.Linear(in_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, 1)
+        )
 
     @classmethod
     def from_config(cls, cfg):
-        return {"hidden_dim": cfg.MODEL.INSTALIGN.HIDDEN_DIM, "input_mode": cfg.MODEL.INSTALIGN.NO_TARGET_INPUT}
+        return {
+            "hidden_dim": cfg.MODEL.INSTALIGN.HIDDEN_DIM,
+            "input_mode": cfg.MODEL.INSTALIGN.NO_TARGET_INPUT,
+        }
 
     def features(
-        self, queries: torch.Tensor, relevance_logits: torch.Tensor, text: torch.Tensor, text_pad_mask: torch.Tensor
+        self,
+        queries: torch.Tensor,
+        relevance_logits: torch.Tensor,
+        text: torch.Tensor,
+        text_pad_mask: torch.Tensor,
     ) -> torch.Tensor:
         """The MLP's input: ``(B, 2C)`` for Q_nt of Eq. 11, ``(B, C)`` for the other modes."""
         if self.input_mode == "MEAN_QUERIES":
@@ -133,7 +153,11 @@ class NoTargetHead(nn.Module):
         return torch.cat([global_query, sentence_feature(text, text_pad_mask)], dim=-1)  # Eq. 11
 
     def forward(
-        self, queries: torch.Tensor, relevance_logits: torch.Tensor, text: torch.Tensor, text_pad_mask: torch.Tensor
+        self,
+        queries: torch.Tensor,
+        relevance_logits: torch.Tensor,
+        text: torch.Tensor,
+        text_pad_mask: torch.Tensor,
     ) -> torch.Tensor:
         """Q_K ``(B, N, C)``, relevance logits ``(B, N)``, T_K ``(B, L, C)``, padding mask -> ``(B,)`` logit of p_nt (Eq. 12)."""
         return self.mlp(self.features(queries, relevance_logits, text, text_pad_mask)).squeeze(-1)

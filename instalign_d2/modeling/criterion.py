@@ -13,6 +13,7 @@ Normalisation (the paper gives Eq. 7 as plain sums; these are our choices, as Ma
   batch, at the ground truth's resolution (the merged logits are upsampled bilinearly);
 - the no-target loss is the BCE averaged over the batch.
 """
+
 from __future__ import annotations
 
 from typing import Dict, List, Sequence
@@ -21,7 +22,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from detectron2.config import configurable
-from detectron2.projects.point_rend.point_features import get_uncertain_point_coords_with_randomness, point_sample
+from detectron2.projects.point_rend.point_features import (
+    get_uncertain_point_coords_with_randomness,
+    point_sample,
+)
 from detectron2.utils import comm
 from torch import nn
 
@@ -37,10 +41,14 @@ def _check_text_mask(text: torch.Tensor, text_mask: torch.Tensor) -> None:
             "An attention_mask (1 = real token) converts with `attention_mask == 0`."
         )
     if text_mask.shape != text.shape[:2]:
-        raise ValueError(f"text_mask {tuple(text_mask.shape)} does not match text {tuple(text.shape)} (B, L)")
+        raise ValueError(
+            f"text_mask {tuple(text_mask.shape)} does not match text {tuple(text.shape)} (B, L)"
+        )
 
 
-def phrase_token_weights(queries: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+def phrase_token_weights(
+    queries: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor
+) -> torch.Tensor:
     """R of Eq. 1: how much each query attends to each token, ``softmax_tokens(Q T^T / sqrt(C))``.
 
     Args:
@@ -58,7 +66,9 @@ def phrase_token_weights(queries: torch.Tensor, text: torch.Tensor, text_mask: t
     return affinity.softmax(dim=-1)  # Eq. 1
 
 
-def phrase_alignment_loss(queries: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+def phrase_alignment_loss(
+    queries: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor
+) -> torch.Tensor:
     """L_phrase(i) of Eq. 3 for every query: ``1 - cos(P_i, Q_i)`` with ``P = R T`` (Eq. 2).
 
     Args:
@@ -163,7 +173,12 @@ class InstAlignCriterion(nn.Module):
     # ------------------------------------------------------------------ the three objectives
     def merged_loss(self, merged_logits: torch.Tensor, gt_merged: torch.Tensor) -> torch.Tensor:
         """L_merged of Eq. 9: ``(B, h, w)`` merged logits vs ``(B, H, W)`` union masks."""
-        logits = F.interpolate(merged_logits[:, None].float(), size=gt_merged.shape[-2:], mode="bilinear", align_corners=False)
+        logits = F.interpolate(
+            merged_logits[:, None].float(),
+            size=gt_merged.shape[-2:],
+            mode="bilinear",
+            align_corners=False,
+        )
         return bce_dice_loss(logits.flatten(1), gt_merged.flatten(1).float()).mean()
 
     def instance_losses(
@@ -177,10 +192,21 @@ class InstAlignCriterion(nn.Module):
         relevance_logits = prediction["relevance_logits"].float()
         mask_logits = prediction["mask_logits"]
         use_phrase = self.instance_supervision == "phrase"
-        phrase = phrase_alignment_loss(prediction["queries"], prediction["text"], text_pad_mask) if use_phrase else None
-        matches = self.matcher(relevance_logits.detach(), mask_logits.detach(), gt_masks, None if phrase is None else phrase.detach())
+        phrase = (
+            phrase_alignment_loss(prediction["queries"], prediction["text"], text_pad_mask)
+            if use_phrase
+            else None
+        )
+        matches = self.matcher(
+            relevance_logits.detach(),
+            mask_logits.detach(),
+            gt_masks,
+            None if phrase is None else phrase.detach(),
+        )
 
-        batch_index = torch.cat([torch.full_like(pred, b) for b, (pred, _) in enumerate(matches)]).to(relevance_logits.device)
+        batch_index = torch.cat(
+            [torch.full_like(pred, b) for b, (pred, _) in enumerate(matches)]
+        ).to(relevance_logits.device)
         pred_index = torch.cat([pred for pred, _ in matches]).to(relevance_logits.device)
 
         # Score terms of Eq. 7: matched -> l_score * BCE(p, 1), unmatched -> BCE(p, 0); weighted mean.
@@ -197,22 +223,38 @@ class InstAlignCriterion(nn.Module):
             if use_phrase:
                 losses["loss_phrase"] = zero + phrase.sum() * 0.0
         else:
-            matched_gt = torch.cat([gt_masks[b][gt] for b, (_, gt) in enumerate(matches)]).to(mask_logits.device)
-            losses["loss_mask"] = self.mask_weight * self.point_sampled_mask_loss(
-                mask_logits[batch_index, pred_index], matched_gt
-            ).sum() / num_instances
+            matched_gt = torch.cat([gt_masks[b][gt] for b, (_, gt) in enumerate(matches)]).to(
+                mask_logits.device
+            )
+            losses["loss_mask"] = (
+                self.mask_weight
+                * self.point_sampled_mask_loss(
+                    mask_logits[batch_index, pred_index], matched_gt
+                ).sum()
+                / num_instances
+            )
             if use_phrase:
-                losses["loss_phrase"] = self.phrase_weight * phrase[batch_index, pred_index].sum() / num_instances
+                losses["loss_phrase"] = (
+                    self.phrase_weight * phrase[batch_index, pred_index].sum() / num_instances
+                )
         return {k: self.instance_weight * v for k, v in losses.items()}
 
-    def point_sampled_mask_loss(self, mask_logits: torch.Tensor, gt_masks: torch.Tensor) -> torch.Tensor:
+    def point_sampled_mask_loss(
+        self, mask_logits: torch.Tensor, gt_masks: torch.Tensor
+    ) -> torch.Tensor:
         """(BCE + Dice) of matched ``(K, h, w)`` logits vs ``(K, H, W)`` masks on importance-sampled points -> ``(K,)``."""
         logits = mask_logits[:, None].float()
         with torch.no_grad():
             points = get_uncertain_point_coords_with_randomness(
-                logits, _uncertainty, self.num_points, self.oversample_ratio, self.importance_sample_ratio
+                logits,
+                _uncertainty,
+                self.num_points,
+                self.oversample_ratio,
+                self.importance_sample_ratio,
             )
-            point_labels = point_sample(gt_masks[:, None].float(), points, align_corners=False)[:, 0]
+            point_labels = point_sample(gt_masks[:, None].float(), points, align_corners=False)[
+                :, 0
+            ]
         point_logits = point_sample(logits, points, align_corners=False)[:, 0]
         return bce_dice_loss(point_logits, point_labels)
 
@@ -221,7 +263,9 @@ class InstAlignCriterion(nn.Module):
         return F.binary_cross_entropy_with_logits(no_target_logits.float(), empty.float())
 
     # ------------------------------------------------------------------ Eq. 13
-    def forward(self, outputs: Dict, targets: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+    def forward(
+        self, outputs: Dict, targets: List[Dict[str, torch.Tensor]]
+    ) -> Dict[str, torch.Tensor]:
         """
         Args:
             outputs: the model's ``decode_expressions`` output: ``predictions`` (list over the K + 1
@@ -232,7 +276,9 @@ class InstAlignCriterion(nn.Module):
         Returns:
             dict of weighted losses whose sum is L_total (Eq. 13).
         """
-        predictions = outputs["predictions"] if self.deep_supervision else outputs["predictions"][-1:]
+        predictions = (
+            outputs["predictions"] if self.deep_supervision else outputs["predictions"][-1:]
+        )
         gt_masks = [t["masks"] for t in targets]
         gt_merged = torch.stack([t["merged_mask"] for t in targets])
         empty = torch.as_tensor([bool(t["empty"]) for t in targets], device=gt_merged.device)
@@ -241,11 +287,17 @@ class InstAlignCriterion(nn.Module):
         losses: Dict[str, torch.Tensor] = {}
         for level, prediction in enumerate(predictions):
             suffix = "" if level == len(predictions) - 1 else f"_{level}"
-            losses["loss_merged" + suffix] = self.merged_weight * self.merged_loss(prediction["merged_logits"], gt_merged)
+            losses["loss_merged" + suffix] = self.merged_weight * self.merged_loss(
+                prediction["merged_logits"], gt_merged
+            )
             if self.instance_supervision != "none":
-                level_losses = self.instance_losses(prediction, gt_masks, outputs["text_pad_mask"], num_instances)
+                level_losses = self.instance_losses(
+                    prediction, gt_masks, outputs["text_pad_mask"], num_instances
+                )
                 losses.update({k + suffix: v for k, v in level_losses.items()})
-        losses["loss_no_target"] = self.no_target_weight * self.no_target_loss(outputs["no_target_logits"], empty)
+        losses["loss_no_target"] = self.no_target_weight * self.no_target_loss(
+            outputs["no_target_logits"], empty
+        )
         return losses
 
     @staticmethod

@@ -5,6 +5,7 @@ Eq. 5 picks the assignment minimising the summed cost of Eq. 6:
 As Mask2Former's matcher, the mask costs are computed on points drawn uniformly at random (the
 same points for every prediction/ground-truth pair of an image), which is far cheaper than full masks.
 """
+
 from __future__ import annotations
 
 from typing import List, Optional, Sequence, Tuple
@@ -36,7 +37,14 @@ class PhraseAwareHungarianMatcher(nn.Module):
     """One-to-one assignment of predictions to ground-truth instances, per image (Eq. 5-6)."""
 
     @configurable
-    def __init__(self, *, cost_score: float = 2.0, cost_mask: float = 5.0, cost_phrase: float = 1.0, num_points: int = 12544):
+    def __init__(
+        self,
+        *,
+        cost_score: float = 2.0,
+        cost_mask: float = 5.0,
+        cost_phrase: float = 1.0,
+        num_points: int = 12544,
+    ):
         """
         Args:
             cost_score, cost_mask, cost_phrase: lambda_score, lambda_mask, lambda_phrase of Eq. 6
@@ -71,11 +79,17 @@ class PhraseAwareHungarianMatcher(nn.Module):
         num_gt = gt_masks.shape[0]
         relevance_logits, mask_logits = relevance_logits.float(), mask_logits.float()
         points = torch.rand(1, self.num_points, 2, device=mask_logits.device)
-        pred_points = point_sample(mask_logits[:, None], points.expand(mask_logits.shape[0], -1, -1), align_corners=False)[:, 0]
-        gt_points = point_sample(gt_masks[:, None].float(), points.expand(num_gt, -1, -1), align_corners=False)[:, 0]
+        pred_points = point_sample(
+            mask_logits[:, None], points.expand(mask_logits.shape[0], -1, -1), align_corners=False
+        )[:, 0]
+        gt_points = point_sample(
+            gt_masks[:, None].float(), points.expand(num_gt, -1, -1), align_corners=False
+        )[:, 0]
 
         score_cost = F.softplus(-relevance_logits)[:, None]  # BCE(p_i, 1) = -log p_i
-        mask_cost = pairwise_bce_cost(pred_points, gt_points) + pairwise_dice_cost(pred_points, gt_points)
+        mask_cost = pairwise_bce_cost(pred_points, gt_points) + pairwise_dice_cost(
+            pred_points, gt_points
+        )
         cost = self.cost_score * score_cost + self.cost_mask * mask_cost  # Eq. 6
         if self.cost_phrase and phrase_cost is not None:
             cost = cost + self.cost_phrase * phrase_cost.float()[:, None]  # Eq. 6, phrase term
@@ -107,7 +121,10 @@ class PhraseAwareHungarianMatcher(nn.Module):
                 matches.append((empty, empty.clone()))
                 continue
             cost = self.cost_matrix(
-                relevance_logits[b], mask_logits[b], masks, None if phrase_costs is None else phrase_costs[b]
+                relevance_logits[b],
+                mask_logits[b],
+                masks,
+                None if phrase_costs is None else phrase_costs[b],
             ).cpu()
             if not torch.isfinite(cost).all():
                 raise FloatingPointError(
@@ -115,7 +132,9 @@ class PhraseAwareHungarianMatcher(nn.Module):
                     "diverged (lower SOLVER.BASE_LR or enable SOLVER.CLIP_GRADIENTS)."
                 )
             rows, cols = linear_sum_assignment(cost.numpy())
-            matches.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
+            matches.append(
+                (torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64))
+            )
         return matches
 
     def extra_repr(self) -> str:

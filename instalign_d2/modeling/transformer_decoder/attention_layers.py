@@ -4,6 +4,7 @@ Each is one attention or feed-forward step with its residual connection and Laye
 Mask2Former's two flavours: post-norm (``x = norm(x + f(x))``, its default and ours) or pre-norm
 (``x = x + f(norm(x))``). Positional embeddings are added to queries and keys, never to values.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -72,7 +73,9 @@ class SelfAttentionLayer(nn.Module):
         self.pre_norm = pre_norm
         _xavier_init(self)
 
-    def forward(self, queries: torch.Tensor, query_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self, queries: torch.Tensor, query_pos: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         x = self.norm(queries) if self.pre_norm else queries
         q = k = with_position(x, query_pos)
         update = self.attention(q, k, value=x, need_weights=False)[0]

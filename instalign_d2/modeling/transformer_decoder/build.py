@@ -1,4 +1,5 @@
 """Registry of the query decoders and the builder that ``MODEL.INSTALIGN.DECODER`` selects from."""
+
 from detectron2.utils.registry import Registry
 
 TRANSFORMER_DECODER_REGISTRY = Registry("INSTALIGN_TRANSFORMER_DECODER")
@@ -27,5 +28,7 @@ def build_transformer_decoder(cfg, in_channels: int, mask_dim: int, text_dim: in
     class_name = DECODER_ALIASES.get(name, name)
     if class_name not in TRANSFORMER_DECODER_REGISTRY:
         choices = sorted(set(DECODER_ALIASES) | {n for n, _ in TRANSFORMER_DECODER_REGISTRY})
-        raise KeyError(f"MODEL.INSTALIGN.DECODER={name!r} is not a known decoder; choose one of {choices}.")
+        raise KeyError(
+            f"MODEL.INSTALIGN.DECODER={name!r} is not a known decoder; choose one of {choices}."
+        )
     return TRANSFORMER_DECODER_REGISTRY.get(class_name)(cfg, in_channels, mask_dim, text_dim)

@@ -4,6 +4,7 @@ From queries Q_k: a relevance logit per query (``p = sigmoid(logit)``) and insta
 ``s = V4 . MLP(Q_k)^T`` (Eq. 4) at the stride-4 mask features. The masks also give the next
 block's attention mask (Mask2Former's masked attention).
 """
+
 from __future__ import annotations
 
 from typing import Tuple
@@ -15,14 +16,18 @@ from torch import nn
 from .attention_layers import MLP
 
 
-def masked_attention_mask(mask_logits: torch.Tensor, size: Tuple[int, int], nheads: int) -> torch.Tensor:
+def masked_attention_mask(
+    mask_logits: torch.Tensor, size: Tuple[int, int], nheads: int
+) -> torch.Tensor:
     """Mask2Former's attention mask from the previous prediction.
 
     A query may attend only to the pixels of ``size`` where its (resized) mask probability is at
     least 0.5. A query whose mask is empty would attend to nothing (and give NaN), so such rows are
     left unmasked. Returns ``(B * nheads, N, h * w)`` bool, True = may not attend; no gradient.
     """
-    resized = F.interpolate(mask_logits.detach().float(), size=size, mode="bilinear", align_corners=False)
+    resized = F.interpolate(
+        mask_logits.detach().float(), size=size, mode="bilinear", align_corners=False
+    )
     blocked = resized.sigmoid().flatten(2) < 0.5  # (B, N, h*w)
     blocked = blocked & ~blocked.all(dim=-1, keepdim=True)  # unmask rows that would be fully masked
     return blocked.repeat_interleave(nheads, dim=0)

@@ -14,6 +14,7 @@ queries and after every block (deep supervision). They differ in how the text en
 Block k: ``Q <- CrossAttn(Q, V_k, mask)``, ``(Q, T) <- TextLayer(Q, T)``, ``Q <- SelfAttn(Q)``,
 ``Q <- FFN(Q)``.
 """
+
 from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -33,9 +34,19 @@ from .text_attention import ObjectTextCrossAttention, QueriesReadText
 class DecoderBlock(nn.Module):
     """One block: visual cross-attention, optional text interaction, self-attention, FFN."""
 
-    def __init__(self, dim: int, nheads: int, dim_feedforward: int, dropout: float, pre_norm: bool, text_layer: Optional[nn.Module]):
+    def __init__(
+        self,
+        dim: int,
+        nheads: int,
+        dim_feedforward: int,
+        dropout: float,
+        pre_norm: bool,
+        text_layer: Optional[nn.Module],
+    ):
         super().__init__()
-        self.visual_cross_attention = CrossAttentionLayer(dim, nheads, dropout=dropout, pre_norm=pre_norm)
+        self.visual_cross_attention = CrossAttentionLayer(
+            dim, nheads, dropout=dropout, pre_norm=pre_norm
+        )
         self.text_interaction = text_layer
         self.self_attention = SelfAttentionLayer(dim, nheads, dropout=dropout, pre_norm=pre_norm)
         self.ffn = FeedForwardLayer(dim, dim_feedforward, dropout=dropout, pre_norm=pre_norm)
@@ -50,7 +61,9 @@ class DecoderBlock(nn.Module):
         attn_mask: Optional[torch.Tensor],
         query_pos: torch.Tensor,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        queries = self.visual_cross_attention(queries, visual, attn_mask=attn_mask, memory_pos=visual_pos, query_pos=query_pos)
+        queries = self.visual_cross_attention(
+            queries, visual, attn_mask=attn_mask, memory_pos=visual_pos, query_pos=query_pos
+        )
         if self.text_interaction is not None:
             queries, text = self.text_interaction(queries, text, text_pad_mask, query_pos)
         queries = self.self_attention(queries, query_pos)
@@ -91,7 +104,9 @@ class QueryDecoder(nn.Module):
         """
         super().__init__()
         if hidden_dim % 4:
-            raise ValueError(f"MODEL.INSTALIGN.HIDDEN_DIM={hidden_dim} must be a multiple of 4 (sine positions).")
+            raise ValueError(
+                f"MODEL.INSTALIGN.HIDDEN_DIM={hidden_dim} must be a multiple of 4 (sine positions)."
+            )
         self.num_queries = num_queries
         self.nheads = nheads
         self.num_feature_levels = num_feature_levels
@@ -107,10 +122,14 @@ class QueryDecoder(nn.Module):
                 self.input_proj.append(conv)
             else:
                 self.input_proj.append(nn.Identity())
-        self.text_proj = nn.Linear(text_dim, hidden_dim) if text_dim != hidden_dim else nn.Identity()
+        self.text_proj = (
+            nn.Linear(text_dim, hidden_dim) if text_dim != hidden_dim else nn.Identity()
+        )
 
         self.query_feat = nn.Embedding(num_queries, hidden_dim)  # Q0
-        self.query_embed = nn.Embedding(num_queries, hidden_dim)  # positional embedding of the queries
+        self.query_embed = nn.Embedding(
+            num_queries, hidden_dim
+        )  # positional embedding of the queries
         self.blocks = nn.ModuleList(
             DecoderBlock(
                 hidden_dim,
@@ -118,7 +137,11 @@ class QueryDecoder(nn.Module):
                 dim_feedforward,
                 dropout,
                 pre_norm,
-                self.text_layer_class(hidden_dim, nheads, dropout=dropout, pre_norm=pre_norm) if self.text_layer_class else None,
+                (
+                    self.text_layer_class(hidden_dim, nheads, dropout=dropout, pre_norm=pre_norm)
+                    if self.text_layer_class
+                    else None
+                ),
             )
             for _ in range(dec_layers)
         )
@@ -142,10 +165,14 @@ class QueryDecoder(nn.Module):
             "dropout": c.DROPOUT,
         }
 
-    def _visual_tokens(self, features: Sequence[torch.Tensor]) -> Tuple[List[torch.Tensor], List[torch.Tensor], List[torch.Size]]:
+    def _visual_tokens(
+        self, features: Sequence[torch.Tensor]
+    ) -> Tuple[List[torch.Tensor], List[torch.Tensor], List[torch.Size]]:
         """Flatten V1..V3 to ``(B, h*w, C)`` tokens (+ level embedding) and their sine positions."""
         if len(features) != self.num_feature_levels:
-            raise ValueError(f"{type(self).__name__}: expected {self.num_feature_levels} visual levels, got {len(features)}")
+            raise ValueError(
+                f"{type(self).__name__}: expected {self.num_feature_levels} visual levels, got {len(features)}"
+            )
         tokens, positions, sizes = [], [], []
         for level, feature in enumerate(features):
             sizes.append(feature.shape[-2:])
@@ -154,9 +181,16 @@ class QueryDecoder(nn.Module):
             tokens.append(projected + self.level_embed.weight[level])
         return tokens, positions, sizes
 
-    def _predict(self, queries: torch.Tensor, text: torch.Tensor, mask_features: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def _predict(
+        self, queries: torch.Tensor, text: torch.Tensor, mask_features: torch.Tensor
+    ) -> Dict[str, torch.Tensor]:
         relevance_logits, mask_logits = self.heads(queries, mask_features)
-        return {"relevance_logits": relevance_logits, "mask_logits": mask_logits, "queries": queries, "text": text}
+        return {
+            "relevance_logits": relevance_logits,
+            "mask_logits": mask_logits,
+            "queries": queries,
+            "text": text,
+        }
 
     def forward(
         self,
@@ -186,9 +220,13 @@ class QueryDecoder(nn.Module):
         for k, block in enumerate(self.blocks):
             level = k % self.num_feature_levels
             attn_mask = (
-                masked_attention_mask(predictions[-1]["mask_logits"], sizes[level], self.nheads) if self.mask_attention else None
+                masked_attention_mask(predictions[-1]["mask_logits"], sizes[level], self.nheads)
+                if self.mask_attention
+                else None
             )
-            queries, text = block(queries, text, text_pad_mask, tokens[level], positions[level], attn_mask, query_pos)
+            queries, text = block(
+                queries, text, text_pad_mask, tokens[level], positions[level], attn_mask, query_pos
+            )
             predictions.append(self._predict(queries, text, mask_features))
         return {"predictions": predictions, "text_pad_mask": text_pad_mask}
 

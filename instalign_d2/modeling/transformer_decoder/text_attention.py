@@ -11,6 +11,7 @@ Both take and return ``(queries (B, N, C), text (B, L, C))``; ``text_pad_mask`` 
 with True = padding token. The queries' positional embedding enters the affinities (as in every
 attention of the decoder), never the values; the text carries its positions from the encoder.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -27,7 +28,9 @@ class ObjectTextCrossAttention(nn.Module):
     def __init__(self, dim: int, nheads: int, dropout: float = 0.0, pre_norm: bool = False):
         super().__init__()
         if dim % nheads:
-            raise ValueError(f"ObjectTextCrossAttention: hidden dim {dim} is not divisible by {nheads} heads")
+            raise ValueError(
+                f"ObjectTextCrossAttention: hidden dim {dim} is not divisible by {nheads} heads"
+            )
         self.nheads = nheads
         self.head_dim = dim // nheads
         self.query_proj = nn.Linear(dim, dim)  # W_q
@@ -61,17 +64,23 @@ class ObjectTextCrossAttention(nn.Module):
 
         q = self._split_heads(self.query_proj(with_position(q_in, query_pos)))
         k = self._split_heads(self.text_key_proj(t_in))
-        affinity = q @ k.transpose(-1, -2) / self.head_dim**0.5  # (B, h, N, L), shared by both directions
+        affinity = (
+            q @ k.transpose(-1, -2) / self.head_dim**0.5
+        )  # (B, h, N, L), shared by both directions
 
         # Queries read text: softmax over the valid tokens (finfo.min, not -inf: no NaN for a
         # malformed all-padding row).
         pad = text_pad_mask[:, None, None, :]
         to_text = affinity.masked_fill(pad, torch.finfo(affinity.dtype).min).softmax(dim=-1)
-        query_update = self.query_out_proj(self._merge_heads(to_text @ self._split_heads(self.text_value_proj(t_in))))
+        query_update = self.query_out_proj(
+            self._merge_heads(to_text @ self._split_heads(self.text_value_proj(t_in)))
+        )
 
         # Text reads queries: softmax over the queries, from the same affinities.
         to_queries = affinity.transpose(-1, -2).softmax(dim=-1)  # (B, h, L, N)
-        text_update = self.text_out_proj(self._merge_heads(to_queries @ self._split_heads(self.query_value_proj(q_in))))
+        text_update = self.text_out_proj(
+            self._merge_heads(to_queries @ self._split_heads(self.query_value_proj(q_in)))
+        )
 
         queries = queries + self.dropout(query_update)
         text = text + self.dropout(text_update)
@@ -94,5 +103,7 @@ class QueriesReadText(nn.Module):
         text_pad_mask: torch.Tensor,
         query_pos: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        queries = self.cross_attention(queries, text, memory_pad_mask=text_pad_mask, query_pos=query_pos)
+        queries = self.cross_attention(
+            queries, text, memory_pad_mask=text_pad_mask, query_pos=query_pos
+        )
         return queries, text
