@@ -15,8 +15,10 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 DETECTRON2_PYPI := sal-detectron2==0.7.2
 TRAIN_CONFIG ?= configs/synthetic/instalign_tiny.yaml
 ARGS ?=
-# nvcc for the optional CUDA compile check (torch looks here when CUDA_HOME is unset).
-CUDA_HOME ?= $(shell d=$$(dirname $$(dirname $$(readlink -f $$(command -v nvcc 2>/dev/null) 2>/dev/null) 2>/dev/null) 2>/dev/null); [ -x "$$d/bin/nvcc" ] && echo $$d)
+# CUDA toolkit root for the optional CUDA compile check: $CUDA_HOME, else /usr/local/cuda, else
+# the folder above the nvcc on PATH that holds the CUDA runtime library (nvcc may be a wrapper script).
+CUDA_HOME ?= $(shell for d in /usr/local/cuda "$$(dirname "$$(dirname "$$(readlink -f "$$(command -v nvcc 2>/dev/null)")")")"; do \
+  if [ -x "$$d/bin/nvcc" ] && ls "$$d"/lib*/libcudart.so* >/dev/null 2>&1; then echo "$$d"; break; fi; done)
 export CUDA_HOME
 
 .PHONY: setup train test test-slow test-all cuda-build-check benchmarks clean help
