@@ -1,11 +1,10 @@
 """Shared test fixtures."""
-import os
-
 import pytest
 import torch
 
-# Tests are small; more threads than cores only adds contention on CI's 2 cores.
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Tests use tiny models, where threads gain little; and when anything else runs beside pytest,
+# OpenMP threads that spin-wait for a busy core make small ops hundreds of times slower.
+torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -14,7 +14,12 @@ class TinyGRESNet(nn.Module):
     def __init__(self):
         super().__init__()
         self.backbone = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
-        self.text_encoder = nn.ModuleDict({"embeddings": nn.Embedding(10, 4), "proj": nn.Linear(4, 4), "norm": nn.LayerNorm(4)})
+        self.text_encoder = nn.ModuleDict(
+            {
+                "transformer": nn.ModuleDict({"embeddings": nn.Embedding(10, 4), "proj": nn.Linear(4, 4), "norm": nn.LayerNorm(4)}),
+                "projection": nn.Linear(4, 4),  # new layer on top of the pretrained encoder
+            }
+        )
         self.query_feat = nn.Embedding(5, 4)
         self.level_embed = nn.Parameter(torch.zeros(3, 4))
         self.head = nn.Linear(4, 1)
@@ -61,11 +66,13 @@ def test_every_trainable_parameter_in_exactly_one_group_with_intended_lr_and_dec
         "backbone.0.bias": (1e-5, 0.0),
         "backbone.1.weight": (1e-5, 0.0),  # norm
         "backbone.1.bias": (1e-5, 0.0),
-        "text_encoder.embeddings.weight": (5e-5, 0.0),  # embedding
-        "text_encoder.proj.weight": (5e-5, 0.05),
-        "text_encoder.proj.bias": (5e-5, 0.0),
-        "text_encoder.norm.weight": (5e-5, 0.0),
-        "text_encoder.norm.bias": (5e-5, 0.0),
+        "text_encoder.transformer.embeddings.weight": (5e-5, 0.0),  # embedding
+        "text_encoder.transformer.proj.weight": (5e-5, 0.05),
+        "text_encoder.transformer.proj.bias": (5e-5, 0.0),
+        "text_encoder.transformer.norm.weight": (5e-5, 0.0),
+        "text_encoder.transformer.norm.bias": (5e-5, 0.0),
+        "text_encoder.projection.weight": (1e-4, 0.05),  # new layer: full lr
+        "text_encoder.projection.bias": (1e-4, 0.0),
         "query_feat.weight": (1e-4, 0.0),
         "level_embed": (1e-4, 0.0),
         "head.weight": (1e-4, 0.05),
@@ -149,3 +156,33 @@ def test_linear_decay_reaches_end_lr_at_max_iter(warmup_iters):
     steps = tail[1:] - tail[:-1]
     assert torch.allclose(steps, steps.mean().expand_as(steps), rtol=1e-6, atol=1e-12)
     assert lrs[50] == pytest.approx(1e-4 + (1e-6 - 1e-4) * 0.5, rel=1e-6)
+
+
+def test_groups_of_the_real_instalign_model(tmp_path):
+    """On the real model: the new text projection learns at full rate, the pretrained text
+    transformer and backbone at their multipliers, and AIA's PReLU slope is not decayed."""
+    from detectron2.modeling import build_model
+    from test_model_instalign import CORPUS, tiny_cfg
+
+    from instalign_d2.modeling.language import write_local_text_encoder
+
+    encoder = write_local_text_encoder(str(tmp_path / "enc"), CORPUS * 4, vocab_size=300, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, max_tokens=12)
+    cfg = tiny_cfg(encoder)
+    cfg.SOLVER.BASE_LR, cfg.SOLVER.WEIGHT_DECAY = 1e-4, 0.05
+    cfg.SOLVER.BACKBONE_MULTIPLIER, cfg.SOLVER.TEXT_ENCODER_MULTIPLIER = 0.1, 0.2
+    model = build_model(cfg)
+    got = settings_by_name(build_optimizer(cfg, model))
+    assert set(got) == {n for n, p in model.named_parameters() if p.requires_grad}
+    for name, (lr, decay) in got.items():
+        if name.startswith("backbone."):
+            assert lr == pytest.approx(1e-5), name
+        elif name.startswith("text_encoder.transformer."):
+            assert lr == pytest.approx(2e-5), name
+        else:
+            assert lr == pytest.approx(1e-4), name
+        if name.endswith(".bias") or "norm" in name.lower() or "prelu" in name:
+            assert decay == 0.0, name
+    assert got["aggregation.prelu.weight"][1] == 0.0
+    assert got["text_encoder.projection.weight"] == (pytest.approx(1e-4), 0.05)
+    decayed = [n for n, (_, d) in got.items() if d > 0]
+    assert decayed and all(n.endswith("weight") for n in decayed)

@@ -3,7 +3,9 @@ full-model gradient clipping.
 
 Parameter groups (one per distinct (lr, weight decay), every trainable parameter in exactly one):
 - lr: ``BASE_LR`` times ``SOLVER.BACKBONE_MULTIPLIER`` for ``backbone.*`` and
-  ``SOLVER.TEXT_ENCODER_MULTIPLIER`` for ``text_encoder.*`` (pretrained parts learn slower);
+  ``SOLVER.TEXT_ENCODER_MULTIPLIER`` for the pretrained transformer of the text encoder
+  (``text_encoder.transformer.*``): pretrained parts learn slower; the text encoder's new
+  projection layer learns at the full rate;
 - weight decay: ``WEIGHT_DECAY_NORM`` for normalisation layers, 0 for biases and scalar
   parameters (e.g. AIA's PReLU slope, which decay would push towards a plain ReLU),
   ``WEIGHT_DECAY_EMBED`` for embeddings (``nn.Embedding`` tables, learned queries / level
@@ -94,7 +96,7 @@ def build_param_groups(
                 decay = weight_decay_norm
             elif isinstance(module, nn.Embedding) or param_name in EMBEDDING_PARAM_NAMES or full_name in declared_embeddings:
                 decay = weight_decay_embed
-            elif param_name == "bias" or param.numel() == 1:
+            elif param_name.endswith("bias") or param.numel() == 1:  # incl. attention in_proj_bias
                 decay = 0.0
             else:
                 decay = weight_decay
@@ -128,7 +130,10 @@ def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
         weight_decay=solver.WEIGHT_DECAY,
         weight_decay_norm=solver.WEIGHT_DECAY_NORM,
         weight_decay_embed=solver.WEIGHT_DECAY_EMBED,
-        lr_multipliers={"backbone.": solver.BACKBONE_MULTIPLIER, "text_encoder.": solver.TEXT_ENCODER_MULTIPLIER},
+        lr_multipliers={
+            "backbone.": solver.BACKBONE_MULTIPLIER,
+            "text_encoder.transformer.": solver.TEXT_ENCODER_MULTIPLIER,
+        },
     )
     name = solver.OPTIMIZER.upper()
     if name == "ADAMW":
