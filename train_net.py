@@ -17,7 +17,6 @@ import weakref
 
 import torch
 from detectron2.config import get_cfg
-from detectron2.data import build_detection_test_loader, build_detection_train_loader, get_detection_dataset_dicts
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, default_argument_parser, default_setup, launch
 from detectron2.evaluation import DatasetEvaluators
 from detectron2.utils import comm
@@ -25,6 +24,7 @@ from detectron2.utils.logger import setup_logger
 
 import instalign_d2  # noqa: F401  (registers the architecture, its parts and the datasets)
 from instalign_d2 import add_instalign_config
+from instalign_d2.data.build import build_gres_test_loader, build_gres_train_loader
 from instalign_d2.engine import AtomicCheckpointer, ConfigError, check_config, check_config_file, create_ddp_model
 from instalign_d2.solver import build_lr_scheduler, build_optimizer
 from instalign_d2.solver.optimizer import describe_param_groups
@@ -68,17 +68,12 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        from instalign_d2.data.dataset_mapper import GRESDatasetMapper
-
-        # No-target expressions have no annotations and are real training samples: never filter them.
-        dataset = get_detection_dataset_dicts(cfg.DATASETS.TRAIN, filter_empty=False)
-        return build_detection_train_loader(cfg, dataset=dataset, mapper=GRESDatasetMapper(cfg, is_train=True))
+        return build_gres_train_loader(cfg)
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
-        from instalign_d2.data.dataset_mapper import GRESDatasetMapper
-
-        return build_detection_test_loader(cfg, dataset_name, mapper=GRESDatasetMapper(cfg, is_train=False))
+        # One batch per image: the model encodes each image once for all its expressions.
+        return build_gres_test_loader(cfg, dataset_name)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
