@@ -30,6 +30,9 @@ def add_instalign_config(cfg: CN) -> CN:
     cfg.DATASETS.SYNTHETIC.KIND_WEIGHTS = (0.4, 0.3, 0.3)  # shares of single / multi / no-target expressions
 
     cfg.DATALOADER.GROUP_EXPRESSIONS_BY_IMAGE = True  # test loader: one batch = one image's expressions
+    # Training: 0 = one expression per sample (the paper, ReLA); k > 0 = a sample is an image with
+    # up to k of its expressions, which share one backbone pass (IMS_PER_BATCH then counts images).
+    cfg.DATALOADER.TRAIN_EXPRESSIONS_PER_IMAGE = 0
 
     # ----------------------------------------------------------------------------- backbone
     cfg.MODEL.TIMM = CN()

@@ -212,9 +212,10 @@ class InstAlign(nn.Module):
         """Training: dict of losses (Eq. 13). Inference: one dict per input (docs/interfaces.md §3)."""
         if not self.training:
             return self.inference(batched_inputs)
-        visual_features = self.encode_images(batched_inputs)
+        # Expressions of one image (DATALOADER.TRAIN_EXPRESSIONS_PER_IMAGE) share its visual pass.
+        representatives, image_index = self.group_by_image(batched_inputs)
+        visual_features = self.encode_images([batched_inputs[i] for i in representatives])
         input_ids, attention_mask = self.text_inputs(batched_inputs)
-        image_index = torch.arange(len(batched_inputs), device=self.device)
         outputs = self.decode_expressions(visual_features, image_index, input_ids, attention_mask)
         return self.criterion(
             outputs, self.prepare_targets(batched_inputs, visual_features.padded_size)

@@ -6,10 +6,12 @@ encoder and decoder once per expression (``InstAlign.inference`` groups a batch 
 """
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
+import torch
 from detectron2.data import DatasetCatalog, build_detection_test_loader, build_detection_train_loader
 from detectron2.data import get_detection_dataset_dicts
 
@@ -27,33 +29,62 @@ def group_by_image(dataset_dicts: Sequence[Dict]) -> List[List[Dict]]:
 
 
 class ExpressionGroupMapper:
-    """Maps the expressions of one image with a per-expression mapper, reading the image once."""
+    """Maps the expressions of one image with a per-expression mapper.
 
-    def __init__(self, mapper: Callable[[Dict], Optional[Dict]]):
+    Args:
+        mapper: the per-expression mapper (``GRESDatasetMapper``).
+        max_expressions: training: map a random subset of at most this many (None: all).
+    """
+
+    def __init__(self, mapper: Callable[[Dict], Optional[Dict]], max_expressions: Optional[int] = None):
         self.mapper = mapper
+        self.max_expressions = max_expressions
 
-    def __call__(self, group: Sequence[Dict]) -> List[Dict]:
+    def __call__(self, group: Sequence[Dict]) -> Optional[List[Dict]]:
+        if self.max_expressions is not None and len(group) > self.max_expressions:
+            chosen = np.random.choice(len(group), self.max_expressions, replace=False)
+            group = [group[i] for i in sorted(chosen)]
         mapped = [self.mapper(record) for record in group]
         mapped = [m for m in mapped if m is not None]
-        # The expressions of one image get one image tensor, so the model sees them as one image
-        # without comparing pixels (the resize is deterministic at test time).
+        if not mapped:
+            return None  # training: Detectron2's MapDataset draws another image
+        # Expressions whose images came out identical get one tensor, so the model sees them as one
+        # image without comparing pixels (always so at test time and when training without
+        # augmentation; random crops make each expression's image its own).
         first = next((m for m in mapped if "skipped_reason" not in m), None)
         if first is not None:
             for m in mapped:
-                if "skipped_reason" not in m and m["image"].shape == first["image"].shape:
+                if "skipped_reason" not in m and m["image"] is not first["image"] and torch.equal(m["image"], first["image"]):
                     m["image"] = first["image"]
         return mapped
 
 
-def _identity_collate(batch: List[List[Dict]]) -> List[Dict]:
+def _flatten_collate(batch: List[List[Dict]]) -> List[Dict]:
     return [record for group in batch for record in group]
 
 
 def build_gres_train_loader(cfg, mapper=None):
     """Detectron2's train loader over ``DATASETS.TRAIN``, keeping no-target expressions (which
-    have no annotations and would be dropped by ``FILTER_EMPTY_ANNOTATIONS``)."""
+    have no annotations and would be dropped by ``FILTER_EMPTY_ANNOTATIONS``).
+
+    With ``DATALOADER.TRAIN_EXPRESSIONS_PER_IMAGE = k > 0`` a sample is an image with up to k of
+    its expressions (``IMS_PER_BATCH`` images per batch), so one backbone pass serves k
+    expressions; else a sample is one expression, as in the paper.
+    """
     dataset = get_detection_dataset_dicts(cfg.DATASETS.TRAIN, filter_empty=False)
-    return build_detection_train_loader(cfg, dataset=dataset, mapper=mapper or GRESDatasetMapper(cfg, is_train=True))
+    mapper = mapper or GRESDatasetMapper(cfg, is_train=True)
+    per_image = cfg.DATALOADER.TRAIN_EXPRESSIONS_PER_IMAGE
+    if per_image > 0:
+        groups = group_by_image(dataset)
+        logging.getLogger(__name__).info(
+            "Training samples: %d images with up to %d of their expressions each (%d expressions)",
+            len(groups), per_image, len(dataset),
+        )
+        return build_detection_train_loader(
+            cfg, dataset=groups, mapper=ExpressionGroupMapper(mapper, per_image), aspect_ratio_grouping=False, collate_fn=_flatten_collate
+        )
+    # Every input is resized to IMAGE_SIZE^2, so grouping by aspect ratio would buy nothing.
+    return build_detection_train_loader(cfg, dataset=dataset, mapper=mapper, aspect_ratio_grouping=False)
 
 
 def build_gres_test_loader(cfg, dataset_name: str, mapper=None, group_expressions: Optional[bool] = None):
@@ -66,8 +97,6 @@ def build_gres_test_loader(cfg, dataset_name: str, mapper=None, group_expression
         return build_detection_test_loader(cfg, dataset_name, mapper=mapper)
     groups = group_by_image(DatasetCatalog.get(dataset_name))
     sizes = np.array([len(g) for g in groups])
-    import logging
-
     logging.getLogger(__name__).info(
         "Evaluating %s: %d expressions of %d images (%.1f per image), one batch per image",
         dataset_name, sizes.sum(), len(groups), sizes.mean() if len(sizes) else 0.0,
@@ -76,5 +105,5 @@ def build_gres_test_loader(cfg, dataset_name: str, mapper=None, group_expression
         dataset=groups,
         mapper=ExpressionGroupMapper(mapper),
         num_workers=cfg.DATALOADER.NUM_WORKERS,
-        collate_fn=_identity_collate,
+        collate_fn=_flatten_collate,
     )
