@@ -1,0 +1,188 @@
+#!/usr/bin/env python
+"""InstAlign demo: segment what expressions refer to in images, and show why.
+
+    python demo/demo.py --config-file configs/synthetic/instalign_tiny.yaml \\
+        --input photo.jpg more/*.png --text "the red circle" --text "all triangles" \\
+        --output demo_out --opts MODEL.WEIGHTS output/synthetic/instalign_tiny/model_final.pth
+
+For every image and expression it writes ``<image>__<k>.png``: the merged mask over the image
+(or "NO TARGET"), the top instances in distinct colours with their scores, and the expression
+with the words each instance aligns with highlighted in its colour (the paper's Fig. 6). Per
+image, ``<image>.json`` holds the expressions, no-target probabilities, merged and instance masks
+as COCO RLE, scores and aligned words. A bad image or expression is reported in one line and
+skipped; the others are still written, and the exit status is 1.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import logging
+import os
+import sys
+import tempfile
+from typing import Dict, List
+
+import numpy as np
+import pycocotools.mask as mask_util
+import tqdm
+from detectron2.config import get_cfg
+from detectron2.utils.logger import setup_logger
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import instalign_d2  # noqa: E402,F401  (registers the model)
+from instalign_d2 import add_instalign_config  # noqa: E402
+from instalign_d2.data.image_io import read_image_uint8  # noqa: E402
+from instalign_d2.engine import ConfigError, check_config_file  # noqa: E402
+from instalign_d2.utils.visualizer import draw_answer  # noqa: E402
+from predictor import BadInputError, GRESPredictor  # noqa: E402
+
+logger = logging.getLogger("instalign_d2.demo")
+
+
+def get_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="InstAlign demo on image + text pairs", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--config-file", required=True, metavar="FILE")
+    parser.add_argument("--input", nargs="+", required=True, help="image files or glob patterns")
+    parser.add_argument("--text", action="append", required=True, help="a referring expression (repeat for several)")
+    parser.add_argument("--output", required=True, help="folder for the PNGs and JSON files")
+    parser.add_argument("--max-instances", type=int, default=3, help="instances drawn per answer")
+    parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config overrides, KEY VALUE pairs")
+    return parser
+
+
+def setup_cfg(args):
+    check_config_file(args.config_file)
+    cfg = get_cfg()
+    add_instalign_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    cfg.MODEL.DEVICE = cfg.MODEL.DEVICE if cfg.MODEL.DEVICE != "cuda" or _has_cuda() else "cpu"
+    if cfg.MODEL.WEIGHTS and not os.path.isfile(cfg.MODEL.WEIGHTS):
+        raise ConfigError(f"MODEL.WEIGHTS={cfg.MODEL.WEIGHTS}: no such file; give a trained checkpoint (.pth)")
+    cfg.freeze()
+    return cfg
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def expand_inputs(patterns: List[str]) -> List[str]:
+    """Globs expanded; a pattern that matches nothing is kept, so it is reported as missing."""
+    paths = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(os.path.expanduser(pattern)))
+        paths.extend(matches if matches else [pattern])
+    return paths
+
+
+def _write_atomically(path: str, write) -> None:
+    folder = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=os.path.splitext(path)[1], dir=folder)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _rle(mask: np.ndarray) -> Dict:
+    rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
+    rle["counts"] = rle["counts"].decode("ascii")
+    return rle
+
+
+def answer_record(output: Dict) -> Dict:
+    instances = output["instances"]
+    return {
+        "expression": output["expression"],
+        "nt_prob": float(output["nt_prob"]),
+        "no_target": output["no_target"],
+        "mask_rle": _rle(output["mask"].cpu().numpy()),
+        "mask_area": int(output["mask"].sum()),
+        "instances": [
+            {
+                "score": float(instances.scores[k]),
+                "mask_rle": _rle(instances.pred_masks[k].cpu().numpy()),
+                "words": output["instance_words"][k],
+            }
+            for k in range(len(instances))
+        ],
+    }
+
+
+def report(message: str) -> None:
+    """One line on stderr that does not tear the progress bar."""
+    tqdm.tqdm.write(f"demo: error: {message}", file=sys.stderr)
+
+
+def run(args) -> int:
+    cfg = setup_cfg(args)
+    predictor = GRESPredictor(cfg)
+    os.makedirs(args.output, exist_ok=True)
+    expressions = []
+    failures = 0
+    for k, text in enumerate(args.text):
+        try:
+            expressions.extend(GRESPredictor.check_expressions([text]))
+        except BadInputError as exc:
+            report(f"--text #{k + 1}: {str(exc).replace('expression 1', 'the expression')}")
+            failures += 1
+    if not expressions:
+        return 1
+
+    used_stems = set()
+    for path in tqdm.tqdm(expand_inputs(args.input), desc="images", unit="img", file=sys.stderr):
+        stem = base = os.path.splitext(os.path.basename(path))[0]
+        for n in range(2, 10**6):  # a/x.png and b/x.png must not overwrite each other
+            if stem not in used_stems:
+                break
+            stem = f"{base}_{n}"
+        used_stems.add(stem)
+        try:
+            image_bgr = read_image_uint8(path, "BGR")
+            outputs = predictor(image_bgr, expressions)
+        except FileNotFoundError:
+            report(f"{path}: no such file")
+            failures += 1
+            continue
+        except (OSError, ValueError, SyntaxError) as exc:  # unreadable file, BadInputError
+            reason = str(exc) if isinstance(exc, BadInputError) else f"not a readable image ({type(exc).__name__}: {exc})"
+            report(f"{path}: {reason}")
+            failures += 1
+            continue
+        image_rgb = image_bgr[:, :, ::-1]
+        for k, output in enumerate(outputs):
+            picture = draw_answer(
+                image_rgb, output["expression"], output, predictor.tokenizer, predictor.max_tokens,
+                max_instances=args.max_instances,
+                nt_threshold=cfg.MODEL.INSTALIGN.TEST.NO_TARGET_THRESHOLD,
+            )
+            _write_atomically(os.path.join(args.output, f"{stem}__{k}.png"), lambda tmp: picture.save(tmp, format="PNG"))
+        record = {"image": path, "height": int(image_bgr.shape[0]), "width": int(image_bgr.shape[1]), "answers": [answer_record(o) for o in outputs]}
+
+        def write_json(tmp, record=record):
+            with open(tmp, "w") as f:
+                json.dump(record, f, indent=1)
+
+        _write_atomically(os.path.join(args.output, f"{stem}.json"), write_json)
+    return 1 if failures else 0
+
+
+def main(argv=None) -> int:
+    args = get_parser().parse_args(argv)
+    setup_logger(name="instalign_d2")
+    try:
+        return run(args)
+    except ConfigError as exc:
+        print(f"demo: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

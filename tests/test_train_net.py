@@ -1,0 +1,171 @@
+"""train_net.py end to end on a tiny synthetic dataset: bad input stops at once with one line,
+a short training run writes checkpoints and metrics, --eval-only scores the checkpoint, and
+grouping the expressions of each image gives the same metrics as one expression at a time."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import train_net
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(REPO, "configs", "synthetic", "instalign_tiny.yaml")
+
+# A very small version of the tiny config: few images, a small input, a handful of iterations.
+TINY = [
+    "DATASETS.SYNTHETIC.NUM_TRAIN_IMAGES", "12",
+    "DATASETS.SYNTHETIC.NUM_VAL_IMAGES", "4",
+    "DATASETS.SYNTHETIC.NUM_TEST_IMAGES", "4",
+    "DATASETS.SYNTHETIC.IMAGE_SIZE", "64",
+    "INPUT.IMAGE_SIZE", "64",
+    "MODEL.TIMM.NAME", "test_resnet",
+    "DATALOADER.NUM_WORKERS", "0",
+    "SOLVER.IMS_PER_BATCH", "2",
+    "TEST.EVAL_PERIOD", "0",
+]
+
+
+@pytest.fixture
+def datasets_root(tmp_path, monkeypatch):
+    root = tmp_path / "datasets"
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(root))
+    return root
+
+
+def run(argv, capsys):
+    rc = train_net.invoke_main(argv)
+    captured = capsys.readouterr()
+    return rc, captured.err
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (["DATASETS.TRAIN", "('grefcoco_unc_trian',)"], "DATASETS.TRAIN: unknown dataset 'grefcoco_unc_trian'"),
+        (["DATASETS.TEST", "('nope_val',)"], "DATASETS.TEST: unknown dataset 'nope_val'"),
+        (["MODEL.WEIGHTS", "/no/such/model.pth"], "MODEL.WEIGHTS=/no/such/model.pth: no such file"),
+        (["MODEL.WEIGHTS", "detectron2://ImageNetPretrained/MSRA/R-50.pkl"], "remote weights cannot be fetched"),
+        (["MODEL.TIMM.PRETRAINED_WEIGHTS", "/no/swin.pth"], "MODEL.TIMM.PRETRAINED_WEIGHTS=/no/swin.pth: no such file"),
+        (["SOLVER.AMP.ENABLED", "True"], "SOLVER.AMP.ENABLED=True needs a CUDA GPU"),
+    ],
+)
+def test_bad_config_values_stop_with_one_line_and_write_nothing(extra, expected, tmp_path, datasets_root, capsys):
+    if "AMP" in extra[0] and torch.cuda.is_available():
+        pytest.skip("AMP works on a GPU machine")
+    output = tmp_path / "out"
+    rc, err = run(["--config-file", CONFIG, *TINY, "OUTPUT_DIR", str(output), *extra], capsys)
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("instalign_d2: error: ")
+    assert expected in lines[0]
+    assert not output.exists()
+    assert not datasets_root.exists()  # nothing generated either: checks come first
+
+
+def test_missing_config_file_and_missing_eval_weights(tmp_path, capsys):
+    rc, err = run(["--config-file", str(tmp_path / "nope.yaml")], capsys)
+    assert rc == 2 and f"--config-file {tmp_path / 'nope.yaml'}: no such file" in err
+    rc, err = run(["--config-file", CONFIG, "--eval-only", "OUTPUT_DIR", str(tmp_path / "o")], capsys)
+    assert rc == 2 and "--eval-only needs a checkpoint: add MODEL.WEIGHTS" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_text_encoder_directory_names_the_key(tmp_path, datasets_root, capsys):
+    rc, err = run(
+        ["--config-file", os.path.join(REPO, "configs", "grefcoco", "instalign_swin_base.yaml"), "DATASETS.TRAIN", "('synthetic_gres_train',)",
+         "DATASETS.TEST", "('synthetic_gres_val',)", "MODEL.TEXT_ENCODER.NAME", str(tmp_path / "roberta-base"), "OUTPUT_DIR", str(tmp_path / "o")],
+        capsys,
+    )
+    assert rc == 2 and f"MODEL.TEXT_ENCODER.NAME={tmp_path / 'roberta-base'!s}" in err
+
+
+def _metrics_rows(output):
+    with open(output / "metrics.json") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def test_short_training_then_eval_only_and_grouped_equals_ungrouped(tmp_path, datasets_root, capsys):
+    output = tmp_path / "train"
+    rc, err = run(["--config-file", CONFIG, *TINY, "SOLVER.MAX_ITER", "4", "SOLVER.CHECKPOINT_PERIOD", "2", "OUTPUT_DIR", str(output)], capsys)
+    assert rc == 0, err
+    # the dataset and its text encoder were generated on first use
+    assert (datasets_root / "synthetic_gres" / "text_encoder" / "vocab.json").exists()
+    assert (output / "last_checkpoint").read_text() == "model_final.pth"
+    assert {"model_0000001.pth", "model_0000003.pth", "model_final.pth", "config.yaml"} <= set(os.listdir(output))
+    rows = _metrics_rows(output)
+    assert [r["iteration"] for r in rows if "total_loss" in r][-1] == 3
+    final = rows[-1]  # the evaluation after training is logged too
+    assert "grefcoco/gIoU" in final and "grefcoco/N_acc" in final
+    results_file = output / "inference" / "synthetic_gres_val_results.json"
+    assert results_file.exists()
+
+    weights = str(output / "model_final.pth")
+    eval_dir = tmp_path / "eval"
+    args = train_net.default_argument_parser().parse_args(
+        ["--config-file", CONFIG, "--eval-only", *TINY, "MODEL.WEIGHTS", weights, "OUTPUT_DIR", str(eval_dir)]
+    )
+    grouped = train_net.main(args)
+    args.opts += ["DATALOADER.GROUP_EXPRESSIONS_BY_IMAGE", "False", "OUTPUT_DIR", str(tmp_path / "eval_ungrouped")]
+    ungrouped = train_net.main(args)
+    assert grouped["synthetic_gres_val"]["grefcoco"]["num_expressions"] == ungrouped["synthetic_gres_val"]["grefcoco"]["num_expressions"] > 0
+    for key, value in grouped["synthetic_gres_val"]["grefcoco"].items():
+        assert ungrouped["synthetic_gres_val"]["grefcoco"][key] == pytest.approx(value, abs=1e-6), key
+    # the eval-only run scored the checkpoint as the end of training did
+    with open(results_file) as f:
+        at_end_of_training = json.load(f)
+    assert json.dumps(at_end_of_training, sort_keys=True) == json.dumps(
+        json.load(open(eval_dir / "inference" / "synthetic_gres_val_results.json")), sort_keys=True
+    )
+
+
+def test_two_gloo_processes_train_and_evaluate(tmp_path, datasets_root, capsys):
+    output = tmp_path / "ddp"
+    rc, err = run(
+        ["--config-file", CONFIG, "--num-gpus", "2", *TINY, "SOLVER.MAX_ITER", "3", "SOLVER.CHECKPOINT_PERIOD", "100", "OUTPUT_DIR", str(output)],
+        capsys,
+    )
+    assert rc == 0, err
+    assert (output / "model_final.pth").exists()
+    log = (output / "log.txt").read_text()
+    assert "World size: 2" in log
+    assert "grefcoco/gIoU" in _metrics_rows(output)[-1]
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_continues_with_the_saved_state(tmp_path):
+    """A run killed with SIGKILL right after a checkpoint resumes from it: same iteration, and the
+    optimizer and lr schedule continue where they were (the lr after resuming equals the lr of an
+    uninterrupted run at that iteration)."""
+    env = dict(os.environ, DETECTRON2_DATASETS=str(tmp_path / "datasets"), PYTHONUNBUFFERED="1")
+    common = [sys.executable, os.path.join(REPO, "train_net.py"), "--config-file", CONFIG, *TINY, "SOLVER.MAX_ITER", "40", "SOLVER.CHECKPOINT_PERIOD", "10"]
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(common + ["OUTPUT_DIR", str(killed)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while not (killed / "model_0000019.pth").exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert (killed / "model_0000019.pth").exists()
+    assert not (killed / "model_final.pth").exists()
+    saved = (killed / "last_checkpoint").read_text()
+    assert saved in {"model_0000009.pth", "model_0000019.pth", "model_0000029.pth"}  # never a half-written file
+    torch.load(killed / saved, weights_only=False)  # loads
+
+    resumed = subprocess.run(common + ["OUTPUT_DIR", str(killed), "--resume"], env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    start = int(saved[len("model_") : -len(".pth")]) + 1
+    assert f"Starting training from iteration {start}" in (killed / "log.txt").read_text()
+
+    straight = tmp_path / "straight"
+    subprocess.run(common + ["OUTPUT_DIR", str(straight)], env=env, check=True, capture_output=True)
+    lr_resumed = {r["iteration"]: r["lr"] for r in _metrics_rows(killed) if "lr" in r}
+    lr_straight = {r["iteration"]: r["lr"] for r in _metrics_rows(straight) if "lr" in r}
+    assert max(lr_resumed) == max(lr_straight) == 39
+    for iteration in lr_straight:
+        if iteration >= start:
+            assert lr_resumed[iteration] == pytest.approx(lr_straight[iteration], rel=1e-9)
