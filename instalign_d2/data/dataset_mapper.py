@@ -90,8 +90,9 @@ class GRESDatasetMapper:
         self.augmentations = list(augmentations) if self.is_train else []
         self.eval_resolution = eval_resolution
         self.num_skipped = 0  # samples of this worker whose image could not be read
-        # Test mapper: the last image read. Evaluation maps the expressions of one image one after
-        # the other (data/build.py), so each image is decoded once, not once per expression.
+        # The last image read: evaluation (and training with TRAIN_EXPRESSIONS_PER_IMAGE) maps the
+        # expressions of one image one after the other (data/build.py), so each image is decoded
+        # once, not once per expression. Nothing modifies it in place (transforms make copies).
         self._last_image: Tuple[Optional[str], Optional[np.ndarray]] = (None, None)
         mode = "train" if self.is_train else "test"
         logger.info(
@@ -126,7 +127,7 @@ class GRESDatasetMapper:
     def _read_image(self, dataset_dict: dict) -> Tuple[Optional[np.ndarray], str]:
         """The image, or None and a one-line reason."""
         file_name = dataset_dict["file_name"]
-        if not self.is_train and self._last_image[0] == file_name:
+        if self._last_image[0] == file_name:
             return self._last_image[1], ""
         try:
             image = read_image_uint8(file_name, self.image_format)
@@ -140,8 +141,7 @@ class GRESDatasetMapper:
                 f"image {file_name} is {image.shape[1]}x{image.shape[0]} but its annotation says "
                 f"{expected[1]}x{expected[0]} (wrong file or EXIF rotation)"
             )
-        if not self.is_train:
-            self._last_image = (file_name, image)
+        self._last_image = (file_name, image)
         return image, ""
 
     def _augment(self, image: np.ndarray, masks: np.ndarray) -> T.Transform:

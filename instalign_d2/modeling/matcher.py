@@ -3,7 +3,8 @@
 Eq. 5 picks the assignment minimising the summed cost of Eq. 6:
 ``cost(i, j) = l_score * BCE(p_i, 1) + l_mask * (BCE + Dice)(s_i, s_j) + l_phrase * L_phrase(i)``.
 As Mask2Former's matcher, the mask costs are computed on points drawn uniformly at random (the
-same points for every prediction/ground-truth pair of an image), which is far cheaper than full masks.
+same points for every prediction/ground-truth pair of the batch), which is far cheaper than full
+masks; the costs of all expressions of a batch are computed together.
 """
 
 from __future__ import annotations
@@ -76,24 +77,47 @@ class PhraseAwareHungarianMatcher(nn.Module):
     ) -> torch.Tensor:
         """Eq. 6 for one image: ``(N,)`` relevance logits, ``(N, h, w)`` mask logits, ``(M, H, W)`` masks,
         ``(N,)`` L_phrase -> ``(N, M)`` cost."""
-        num_gt = gt_masks.shape[0]
+        return self.batched_cost_matrices(
+            relevance_logits[None], mask_logits[None], [gt_masks], None if phrase_cost is None else phrase_cost[None]
+        )[0]
+
+    def batched_cost_matrices(
+        self,
+        relevance_logits: torch.Tensor,
+        mask_logits: torch.Tensor,
+        gt_masks: Sequence[torch.Tensor],
+        phrase_costs: Optional[torch.Tensor] = None,
+    ) -> List[torch.Tensor]:
+        """Eq. 6 for every expression of the batch at once -> B matrices ``(N, M_b)``.
+
+        One set of random points serves the whole batch, so the point sampling and the pairwise
+        costs are a few large tensor operations instead of one small set per expression.
+        """
+        batch, num_queries = relevance_logits.shape
         relevance_logits, mask_logits = relevance_logits.float(), mask_logits.float()
+        counts = [int(m.shape[0]) for m in gt_masks]
+        if sum(counts) == 0:
+            return [relevance_logits.new_zeros((num_queries, 0)) for _ in range(batch)]
         points = torch.rand(1, self.num_points, 2, device=mask_logits.device)
         pred_points = point_sample(
-            mask_logits[:, None], points.expand(mask_logits.shape[0], -1, -1), align_corners=False
-        )[:, 0]
+            mask_logits.flatten(0, 1)[:, None], points.expand(batch * num_queries, -1, -1), align_corners=False
+        )[:, 0]  # (B*N, P)
+        all_gt = torch.cat([m for m in gt_masks if m.shape[0]]).to(mask_logits.device)
         gt_points = point_sample(
-            gt_masks[:, None].float(), points.expand(num_gt, -1, -1), align_corners=False
-        )[:, 0]
+            all_gt[:, None].float(), points.expand(all_gt.shape[0], -1, -1), align_corners=False
+        )[:, 0]  # (sum M, P)
 
-        score_cost = F.softplus(-relevance_logits)[:, None]  # BCE(p_i, 1) = -log p_i
-        mask_cost = pairwise_bce_cost(pred_points, gt_points) + pairwise_dice_cost(
-            pred_points, gt_points
-        )
-        cost = self.cost_score * score_cost + self.cost_mask * mask_cost  # Eq. 6
-        if self.cost_phrase and phrase_cost is not None:
-            cost = cost + self.cost_phrase * phrase_cost.float()[:, None]  # Eq. 6, phrase term
-        return cost
+        # Every prediction against every ground truth of the batch; each expression keeps its block.
+        mask_cost = pairwise_bce_cost(pred_points, gt_points) + pairwise_dice_cost(pred_points, gt_points)
+        per_query = self.cost_score * F.softplus(-relevance_logits)  # BCE(p_i, 1) = -log p_i
+        if self.cost_phrase and phrase_costs is not None:
+            per_query = per_query + self.cost_phrase * phrase_costs.float()  # Eq. 6, phrase term
+        costs, offset = [], 0
+        for b, count in enumerate(counts):
+            block = mask_cost[b * num_queries : (b + 1) * num_queries, offset : offset + count]
+            costs.append(per_query[b][:, None] + self.cost_mask * block)  # Eq. 6
+            offset += count
+        return costs
 
     @torch.no_grad()
     def forward(
@@ -114,18 +138,14 @@ class PhraseAwareHungarianMatcher(nn.Module):
             B pairs ``(prediction_indices, gt_indices)`` of int64 tensors of length ``min(N, M_b)``
             (empty for ``M_b = 0``), sorted by prediction index, as ``linear_sum_assignment`` gives them.
         """
+        costs = self.batched_cost_matrices(relevance_logits, mask_logits, gt_masks, phrase_costs)
         matches = []
-        for b, masks in enumerate(gt_masks):
-            if masks.shape[0] == 0:
+        for cost in costs:
+            if cost.shape[1] == 0:
                 empty = torch.empty(0, dtype=torch.int64)
                 matches.append((empty, empty.clone()))
                 continue
-            cost = self.cost_matrix(
-                relevance_logits[b],
-                mask_logits[b],
-                masks,
-                None if phrase_costs is None else phrase_costs[b],
-            ).cpu()
+            cost = cost.cpu()
             if not torch.isfinite(cost).all():
                 raise FloatingPointError(
                     "PhraseAwareHungarianMatcher: the matching cost has NaN/inf entries; the model's predictions "

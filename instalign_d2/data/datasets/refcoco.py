@@ -7,23 +7,12 @@ names), ``refcocog_umd_*`` and ``refcocog_google_*``.
 
 from __future__ import annotations
 
-import logging
 import os
-import time
-from typing import Callable, Dict, List, Mapping
+from typing import Callable, Dict, List
 
 from instalign_d2.data.datasets.catalog import register_gres_dataset
-from instalign_d2.data.datasets.refer_common import (
-    CocoIndex,
-    as_id_list,
-    build_expression_dicts,
-    first_existing,
-    kind_of_target_count,
-    load_refs,
-    require_path,
-)
-
-logger = logging.getLogger(__name__)
+from instalign_d2.data.datasets.grefcoco import load_grefcoco_json
+from instalign_d2.data.datasets.refer_common import first_existing
 
 # (folder, split_by) -> splits; the registered name is f"{name}_{split_by}_{split}".
 REFCOCO_VARIANTS = {
@@ -66,34 +55,20 @@ def load_refcoco(
     dataset_name: str = "refcoco",
     source: str = "refcoco",
 ) -> List[dict]:
-    """One dataset dict per sentence of the refs of ``split``; each has exactly one target."""
-    require_path(refs_file, f"{dataset_name}: refs file", REFCOCO_LAYOUT)
-    require_path(instances_file, f"{dataset_name}: instances file", REFCOCO_LAYOUT)
-    require_path(image_root, f"{dataset_name}: image folder", REFCOCO_LAYOUT)
-    start = time.perf_counter()
-    refs = load_refs(refs_file)
-    index = CocoIndex.from_file(instances_file)
+    """One dataset dict per sentence of the refs of ``split``; each has exactly one target.
 
-    def describe(ref: Mapping, targets: List[dict]) -> Dict[str, object]:
-        return {
-            "empty": not targets,
-            "expression_kind": kind_of_target_count(len(targets)),
-            "source": source,
-        }
-
-    dicts = build_expression_dicts(
-        refs,
-        index,
-        split=split,
+    The REFER refs of RefCOCO/+/g are gRefCOCO's format with one ``ann_id`` per ref, so the
+    gRefCOCO loader reads them.
+    """
+    return load_grefcoco_json(
+        refs_file,
+        instances_file,
+        image_root,
+        split,
         dataset_name=dataset_name,
-        image_file=lambda image: os.path.join(image_root, image["file_name"]),
-        target_ids=lambda ref: as_id_list(ref.get("ann_id")),
-        describe_ref=describe,
+        source=source,
+        layout=REFCOCO_LAYOUT,
     )
-    logger.info(
-        "%s: loaded in %.2f s from %s", dataset_name, time.perf_counter() - start, refs_file
-    )
-    return dicts
 
 
 def refcoco_dataset_names() -> List[str]:
