@@ -10,6 +10,12 @@ Works on GPUs and on a CPU-only machine (``--num-gpus N`` there starts N gloo pr
 """
 from __future__ import annotations
 
+import warnings
+
+# detectron2 decorates a few functions with torch.jit.script, which torch 2.14 deprecates; the
+# warning says nothing to our users.
+warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
+
 import logging
 import os
 import sys
@@ -88,8 +94,16 @@ def build_config(args):
     check_config_file(args.config_file)
     cfg = get_cfg()
     add_instalign_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    try:
+        cfg.merge_from_file(args.config_file)
+    except (KeyError, ValueError, AssertionError) as exc:
+        raise ConfigError(f"--config-file {args.config_file}: {exc}") from None
+    if len(args.opts) % 2:
+        raise ConfigError(f"options after the flags must be KEY VALUE pairs, got an odd list: {' '.join(args.opts)}")
+    try:
+        cfg.merge_from_list(args.opts)
+    except (KeyError, ValueError, AssertionError) as exc:
+        raise ConfigError(f"command-line option: {exc} (keys are listed in instalign_d2/config.py and detectron2's defaults)") from None
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         # Detectron2 defaults to CUDA; a laptop or CI machine has none.
         cfg.MODEL.DEVICE = "cpu"

@@ -14,6 +14,12 @@ skipped; the others are still written, and the exit status is 1.
 """
 from __future__ import annotations
 
+import warnings
+
+# detectron2 decorates a few functions with torch.jit.script, which torch 2.14 deprecates; the
+# warning says nothing to our users.
+warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
+
 import argparse
 import glob
 import json

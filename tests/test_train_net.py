@@ -67,6 +67,14 @@ def test_bad_config_values_stop_with_one_line_and_write_nothing(extra, expected,
     assert not datasets_root.exists()  # nothing generated either: checks come first
 
 
+def test_unknown_key_and_malformed_options_stop_with_one_line(tmp_path, capsys):
+    rc, err = run(["--config-file", CONFIG, "MODEL.INSTALIGN.NUM_QUERIES", "5", "OUTPUT_DIR", str(tmp_path / "o")], capsys)
+    assert rc == 2 and "MODEL.INSTALIGN.NUM_QUERIES" in err and len(err.strip().splitlines()) == 1
+    rc, err = run(["--config-file", CONFIG, "SOLVER.MAX_ITER"], capsys)
+    assert rc == 2 and "KEY VALUE pairs" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
 def test_missing_config_file_and_missing_eval_weights(tmp_path, capsys):
     rc, err = run(["--config-file", str(tmp_path / "nope.yaml")], capsys)
     assert rc == 2 and f"--config-file {tmp_path / 'nope.yaml'}: no such file" in err
@@ -78,10 +86,10 @@ def test_missing_config_file_and_missing_eval_weights(tmp_path, capsys):
 def test_missing_text_encoder_directory_names_the_key(tmp_path, datasets_root, capsys):
     rc, err = run(
         ["--config-file", os.path.join(REPO, "configs", "grefcoco", "instalign_swin_base.yaml"), "DATASETS.TRAIN", "('synthetic_gres_train',)",
-         "DATASETS.TEST", "('synthetic_gres_val',)", "MODEL.TEXT_ENCODER.NAME", str(tmp_path / "roberta-base"), "OUTPUT_DIR", str(tmp_path / "o")],
+         "DATASETS.TEST", "('synthetic_gres_val',)", "MODEL.TIMM.PRETRAINED_WEIGHTS", "", "MODEL.TEXT_ENCODER.NAME", str(tmp_path / "roberta-base"), "OUTPUT_DIR", str(tmp_path / "o")],
         capsys,
     )
-    assert rc == 2 and f"MODEL.TEXT_ENCODER.NAME={tmp_path / 'roberta-base'!s}" in err
+    assert rc == 2 and f"MODEL.TEXT_ENCODER.NAME='{tmp_path / 'roberta-base'}'" in err
 
 
 def _metrics_rows(output):
@@ -112,9 +120,11 @@ def test_short_training_then_eval_only_and_grouped_equals_ungrouped(tmp_path, da
     grouped = train_net.main(args)
     args.opts += ["DATALOADER.GROUP_EXPRESSIONS_BY_IMAGE", "False", "OUTPUT_DIR", str(tmp_path / "eval_ungrouped")]
     ungrouped = train_net.main(args)
-    assert grouped["synthetic_gres_val"]["grefcoco"]["num_expressions"] == ungrouped["synthetic_gres_val"]["grefcoco"]["num_expressions"] > 0
-    for key, value in grouped["synthetic_gres_val"]["grefcoco"].items():
-        assert ungrouped["synthetic_gres_val"]["grefcoco"][key] == pytest.approx(value, abs=1e-6), key
+    # Detectron2 returns the single dataset's dict itself
+    grouped, ungrouped = grouped["grefcoco"], ungrouped["grefcoco"]
+    assert grouped["num_expressions"] == ungrouped["num_expressions"] > 0
+    for key, value in grouped.items():
+        assert ungrouped[key] == pytest.approx(value, abs=1e-6), key
     # the eval-only run scored the checkpoint as the end of training did
     with open(results_file) as f:
         at_end_of_training = json.load(f)
@@ -156,7 +166,7 @@ def test_resume_after_sigkill_continues_with_the_saved_state(tmp_path):
     assert saved in {"model_0000009.pth", "model_0000019.pth", "model_0000029.pth"}  # never a half-written file
     torch.load(killed / saved, weights_only=False)  # loads
 
-    resumed = subprocess.run(common + ["OUTPUT_DIR", str(killed), "--resume"], env=env, capture_output=True, text=True)
+    resumed = subprocess.run(common[:4] + ["--resume"] + common[4:] + ["OUTPUT_DIR", str(killed)], env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     start = int(saved[len("model_") : -len(".pth")]) + 1
     assert f"Starting training from iteration {start}" in (killed / "log.txt").read_text()

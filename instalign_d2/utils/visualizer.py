@@ -149,26 +149,30 @@ def draw_answer(
     owners = highlighted_words(words) if words else []
 
     margin, line_h = 8, int(font.size * 1.5)
+    title_h = small.size + margin  # panel titles above the images
     text_lines = _layout_words(sentence, words, owners, font, 2 * panel_w + margin - 2 * margin)
-    canvas_h = panel_h + margin * 3 + line_h * (len(text_lines) + 1) + small.size * 2
+    canvas_h = title_h + panel_h + margin * 3 + line_h * (len(text_lines) + 1) + small.size * 2
     canvas = Image.new("RGB", (2 * panel_w + 3 * margin, canvas_h), (255, 255, 255))
-    canvas.paste(panels[0], (margin, margin))
-    canvas.paste(panels[1], (2 * margin + panel_w, margin))
+    top = margin + title_h
+    canvas.paste(panels[0], (margin, top))
+    canvas.paste(panels[1], (2 * margin + panel_w, top))
     draw = ImageDraw.Draw(canvas)
+    draw.text((margin, margin), "merged mask (answer)", fill=(80, 80, 80), font=small, anchor="lt")
+    draw.text((2 * margin + panel_w, margin), f"top instances ({kept} shown, relevance score)", fill=(80, 80, 80), font=small, anchor="lt")
 
     for (x, y), text, colour in labels:
-        px, py = 2 * margin + panel_w + x * scale, max(margin, margin + y * scale - small.size - 2)
+        px, py = 2 * margin + panel_w + x * scale, max(top, top + y * scale - small.size - 2)
         box = draw.textbbox((px, py), text, font=small, anchor="lt")
         draw.rectangle(box, fill=colour)
         draw.text((px, py), text, fill=(0, 0, 0), font=small, anchor="lt")
     if no_target:
         banner = f"NO TARGET  (p = {nt_prob:.2f})"
-        cx, cy = margin + panel_w / 2, margin + panel_h / 2
+        cx, cy = margin + panel_w / 2, top + panel_h / 2
         box = draw.textbbox((cx, cy), banner, font=font, anchor="mm")
         draw.rectangle((box[0] - 6, box[1] - 4, box[2] + 6, box[3] + 4), fill=(0, 0, 0))
         draw.text((cx, cy), banner, fill=(255, 255, 255), font=font, anchor="mm")
 
-    y = panel_h + 2 * margin
+    y = top + panel_h + margin
     for line in text_lines:
         x = margin
         for text, colour in line:

@@ -28,12 +28,12 @@ PHRASE_ORDER = ("size", "colour", "shape")  # "the big red circle"
 # word -> (axis of the centre, sign): the referent has the smallest sign * coordinate.
 SPATIAL_WORDS = {"leftmost": (0, 1), "rightmost": (0, -1), "topmost": (1, 1), "bottommost": (1, -1)}
 # "leftmost" is unambiguous only when the runner-up's centre is this far away (fraction of side).
-SPATIAL_MARGIN = 0.15
+SPATIAL_MARGIN = 0.25
 
 KINDS = ("single", "multi", "no_target")
 DEFAULT_KIND_WEIGHTS = (0.40, 0.30, 0.30)
 TEMPLATE_WEIGHTS = {
-    "single": {"attribute": 0.6, "spatial": 0.4},
+    "single": {"attribute": 0.7, "spatial": 0.3},
     "multi": {"conjunction": 0.4, "all_of_shape": 0.3, "all_of_colour": 0.3},
     "no_target": {"no_target": 1.0},
 }

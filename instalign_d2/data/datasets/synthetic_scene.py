@@ -36,8 +36,9 @@ COLOURS: Dict[str, Tuple[int, int, int]] = {
 SIZES = ("big", "small")
 ATTRIBUTE_VALUES = {"shape": SHAPES, "colour": tuple(COLOURS), "size": SIZES}
 
-# Object "radius" as a fraction of the image side: two size classes far apart (area ratio ~3).
-RADIUS_RANGE = {"small": (0.070, 0.085), "big": (0.130, 0.155)}
+# Object "radius" as a fraction of the image side: two size classes far apart (area ratio ~2.7),
+# the small one still ~30 px across at 160 px, so its shape is legible at the model's strides.
+RADIUS_RANGE = {"small": (0.090, 0.105), "big": (0.150, 0.170)}
 BIG_PROBABILITY = 0.4
 NUM_OBJECTS_RANGE = (2, 6)
 # How many colours / shape kinds one scene draws from (few, so attributes repeat and both

@@ -30,6 +30,7 @@ def write_local_text_encoder(
     num_heads: int = 4,
     intermediate_size: int = 256,
     max_tokens: int = 20,
+    dropout: float = 0.1,
     save_weights: bool = False,
     seed: int = 0,
 ) -> str:
@@ -41,6 +42,8 @@ def write_local_text_encoder(
         vocab_size: upper bound of the BPE vocabulary (special tokens included).
         hidden_size, num_layers, num_heads, intermediate_size: size of the RoBERTa model.
         max_tokens: longest tokenised expression the model must accept (position table size).
+        dropout: hidden and attention dropout (RoBERTa's 0.1; a model trained from scratch on a
+            small synthetic task learns faster without).
         save_weights: also save randomly initialised weights (seeded), so that
             ``MODEL.TEXT_ENCODER.PRETRAINED: True`` loads reproducible weights.
         seed: seed of those weights.
@@ -66,6 +69,8 @@ def write_local_text_encoder(
         # RoBERTa numbers positions from pad_id + 1 = 2, so it needs max_tokens + 2 entries.
         max_position_embeddings=max_tokens + 2,
         type_vocab_size=1,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
         pad_token_id=1,
         bos_token_id=0,
         eos_token_id=2,
