@@ -31,7 +31,7 @@ from detectron2.utils.logger import setup_logger
 import instalign_d2  # noqa: F401  (registers the architecture, its parts and the datasets)
 from instalign_d2 import add_instalign_config
 from instalign_d2.data.build import build_gres_test_loader, build_gres_train_loader
-from instalign_d2.engine import AtomicCheckpointer, ConfigError, check_config, check_config_file, create_ddp_model
+from instalign_d2.engine import AtomicCheckpointer, ConfigError, check_config, check_config_file, create_ddp_model, finish_distributed
 from instalign_d2.solver import build_lr_scheduler, build_optimizer
 from instalign_d2.solver.optimizer import describe_param_groups
 
@@ -153,6 +153,13 @@ def main(args):
     return trainer.train()
 
 
+def distributed_main(args):
+    """``main`` in each launched process; the processes leave together (see finish_distributed)."""
+    results = main(args)
+    finish_distributed()
+    return results
+
+
 def invoke_main(argv=None) -> int:
     args = default_argument_parser().parse_args(argv)
     try:
@@ -165,7 +172,7 @@ def invoke_main(argv=None) -> int:
         print(f"instalign_d2: error: {exc}", file=sys.stderr)
         return 2
     launch(
-        main,
+        distributed_main if args.num_gpus * args.num_machines > 1 else main,
         args.num_gpus,
         num_machines=args.num_machines,
         machine_rank=args.machine_rank,

@@ -9,7 +9,7 @@ from detectron2.engine import launch
 from detectron2.utils import comm
 from torch import nn
 
-from instalign_d2.engine import create_ddp_model
+from instalign_d2.engine import create_ddp_model, finish_distributed
 
 GLOBAL_BATCH = 8
 
@@ -51,6 +51,7 @@ def _worker(out_dir):
     losses = _train_steps(model, x[shard], y[shard])
     weights = [p.detach().clone() for p in model.module.parameters()]
     torch.save({"losses": losses, "weights": weights}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finish_distributed()
 
 
 def _free_port():

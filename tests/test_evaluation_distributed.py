@@ -9,6 +9,7 @@ from detectron2.data import MetadataCatalog
 from detectron2.engine import launch
 from detectron2.utils import comm
 
+from instalign_d2.engine import finish_distributed
 from instalign_d2.evaluation.gres_evaluation import GRESEvaluator, predictions_path
 
 SIZE = 12
@@ -47,6 +48,7 @@ def evaluate_shards(jobs):
     """Worker: one evaluation per (dataset_name, evaluator_type, output_dir, result_file) job."""
     for job in jobs:
         evaluate_shard(*job)
+    finish_distributed()
 
 
 def evaluate_shard(dataset_name, evaluator_type, output_dir, result_file):

@@ -1,4 +1,4 @@
 """Training-loop helpers that Detectron2's DefaultTrainer needs on CPU-only machines."""
 from .checks import ConfigError, check_config, check_config_file  # noqa: F401
-from .ddp import create_ddp_model  # noqa: F401
+from .ddp import create_ddp_model, finish_distributed  # noqa: F401
 from .checkpoint import AtomicCheckpointer  # noqa: F401

@@ -27,3 +27,17 @@ def create_ddp_model(model: nn.Module, *, fp16_compression: bool = False, **kwar
 
         ddp.register_comm_hook(state=None, hook=comm_hooks.fp16_compress_hook)
     return ddp
+
+
+def finish_distributed() -> None:
+    """Wait for every process, then tear the process group down.
+
+    A gloo worker that simply returns while its peers still hold the connection can die with
+    "terminate called without an active exception" (SIGABRT) as the interpreter exits; leaving
+    together and destroying the group first avoids that.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
