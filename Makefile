@@ -26,6 +26,7 @@ export CUDA_HOME
 help:
 	@echo "make train   # train InstAlign on the embedded synthetic dataset (CPU is fine)"
 	@echo "make test    # fast test suite;  make test-slow / test-all for the rest"
+	@echo "make benchmarks  # the README's speed and memory tables"
 
 setup: $(STAMPS)/package
 
@@ -87,6 +88,12 @@ cuda-build-check: setup
 	FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$${TORCH_CUDA_ARCH_LIST:-9.0}" $(PY) setup.py -q build_ext \
 	  --build-temp "$$tmp/temp" --build-lib "$$tmp/lib" && \
 	ls "$$tmp"/lib/instalign_d2/_C*.so && echo "CUDA sources compiled." ; rc=$$?; rm -rf "$$tmp"; exit $$rc
+
+# The benchmark tables of the README (minutes on 2 cores; the paper config's rows dominate).
+benchmarks: setup
+	$(PY) tools/benchmark_ms_deform_attn.py
+	$(PY) tools/analyze_model.py --config-file configs/grefcoco/instalign_swin_base.yaml --tasks parameter flop time
+	$(PY) tools/benchmark_inference.py --images 1 --repeats 3
 
 clean:
 	rm -rf build *.egg-info instalign_d2/_C*.so

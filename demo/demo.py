@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 from typing import Dict, List
 
 import numpy as np
@@ -40,6 +39,7 @@ import instalign_d2  # noqa: E402,F401  (registers the model)
 from instalign_d2 import add_instalign_config  # noqa: E402
 from instalign_d2.data.image_io import read_image_uint8  # noqa: E402
 from instalign_d2.engine import ConfigError, check_config_file  # noqa: E402
+from instalign_d2.utils.atomic_io import atomic_write_json, atomic_write_path  # noqa: E402
 from instalign_d2.utils.visualizer import draw_answer  # noqa: E402
 from predictor import BadInputError, GRESPredictor  # noqa: E402
 
@@ -83,18 +83,6 @@ def expand_inputs(patterns: List[str]) -> List[str]:
         matches = sorted(glob.glob(os.path.expanduser(pattern)))
         paths.extend(matches if matches else [pattern])
     return paths
-
-
-def _write_atomically(path: str, write) -> None:
-    folder = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=os.path.splitext(path)[1], dir=folder)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _rle(mask: np.ndarray) -> Dict:
@@ -169,14 +157,9 @@ def run(args) -> int:
                 max_instances=args.max_instances,
                 nt_threshold=cfg.MODEL.INSTALIGN.TEST.NO_TARGET_THRESHOLD,
             )
-            _write_atomically(os.path.join(args.output, f"{stem}__{k}.png"), lambda tmp: picture.save(tmp, format="PNG"))
+            atomic_write_path(os.path.join(args.output, f"{stem}__{k}.png"), lambda tmp: picture.save(tmp, format="PNG"))
         record = {"image": path, "height": int(image_bgr.shape[0]), "width": int(image_bgr.shape[1]), "answers": [answer_record(o) for o in outputs]}
-
-        def write_json(tmp, record=record):
-            with open(tmp, "w") as f:
-                json.dump(record, f, indent=1)
-
-        _write_atomically(os.path.join(args.output, f"{stem}.json"), write_json)
+        atomic_write_json(os.path.join(args.output, f"{stem}.json"), record, indent=1)
     return 1 if failures else 0
 
 

@@ -18,7 +18,7 @@ def test_save_then_load_round_trip(tmp_path):
     loaded = AtomicCheckpointer(other, save_dir=str(tmp_path)).resume_or_load("", resume=True)
     assert loaded["iteration"] == 9
     assert torch.equal(other.weight, model.weight)
-    assert [p for p in os.listdir(tmp_path) if p.endswith(".tmp")] == []
+    assert [p for p in os.listdir(tmp_path) if p.startswith(".")] == []
 
 
 def test_failure_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -41,5 +41,5 @@ def test_failure_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch
     assert (tmp_path / "last_checkpoint").read_text() == "model_0000009.pth"
     assert not (tmp_path / "model_0000019.pth").exists()
     assert (tmp_path / "model_0000009.pth").read_bytes() == before
-    assert [p for p in os.listdir(tmp_path) if p.endswith(".tmp")] == []
+    assert [p for p in os.listdir(tmp_path) if p.startswith(".")] == []
     assert AtomicCheckpointer(nn.Linear(3, 2), save_dir=str(tmp_path)).resume_or_load("", resume=True)["iteration"] == 9

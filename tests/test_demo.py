@@ -150,4 +150,4 @@ def test_demo_writes_pictures_and_json_and_reports_each_bad_input(trained, tmp_p
                 assert 0.0 <= instance["score"] <= 1.0
             picture = Image.open(output / f"{stem}__{k}.png")
             assert picture.mode == "RGB" and picture.width >= 2 * width
-    assert not [p for p in os.listdir(output) if p.startswith(".tmp_")]
+    assert not [p for p in os.listdir(output) if p.startswith(".")]

@@ -93,6 +93,10 @@ def highlighted_words(words: Sequence[WordAlignment], top_k: int = 2, min_share:
     return owner
 
 
+def _boxes_overlap(a, b) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
 def _overlay(image: np.ndarray, mask: np.ndarray, colour, alpha: float) -> np.ndarray:
     out = image.astype(np.float32)
     out[mask] = (1 - alpha) * out[mask] + alpha * np.asarray(colour, np.float32)
@@ -160,9 +164,18 @@ def draw_answer(
     draw.text((margin, margin), "merged mask (answer)", fill=(80, 80, 80), font=small, anchor="lt")
     draw.text((2 * margin + panel_w, margin), f"top instances ({kept} shown, relevance score)", fill=(80, 80, 80), font=small, anchor="lt")
 
+    placed: List[Tuple[float, float, float, float]] = []
     for (x, y), text, colour in labels:
         px, py = 2 * margin + panel_w + x * scale, max(top, top + y * scale - small.size - 2)
         box = draw.textbbox((px, py), text, font=small, anchor="lt")
+        width, height = box[2] - box[0], box[3] - box[1]
+        px = min(px, 2 * margin + 2 * panel_w - width)  # keep the label inside the panel
+        # Instances often overlap (several queries on one object): move a label down until it
+        # hides no earlier one, so every score stays readable.
+        while any(_boxes_overlap((px, py, px + width, py + height), other) for other in placed):
+            py += height + 2
+        box = draw.textbbox((px, py), text, font=small, anchor="lt")
+        placed.append(box)
         draw.rectangle(box, fill=colour)
         draw.text((px, py), text, fill=(0, 0, 0), font=small, anchor="lt")
     if no_target:
