@@ -1,0 +1,161 @@
+#!/usr/bin/env python
+"""What does the visual path of a model know about each object? Linear probes on the synthetic set.
+
+    python tools/probe_features.py --config-file configs/synthetic/instalign_tiny.yaml \\
+        --weights output/synthetic/instalign_tiny/model_final.pth      # or --weights none
+
+For every object of the synthetic dataset (its attributes are in ``instances.json``) the features of
+each visual map are averaged over the object's visible pixels (the mask resized to the map with area
+weights); a linear classifier (multinomial logistic regression, L-BFGS, small L2) is fitted on the
+objects of ``--train-images`` training images and scored on those of ``--val-images`` validation
+images, once per attribute (shape, colour, size) and map (the backbone's res2..res5 and the pixel
+decoder's mask features). High accuracy means the attribute can be read linearly from that map;
+chance is 1 / number of values. Comparing a trained model with ``--weights none`` (random init) shows
+what training taught the visual path. Prints a table; ``--json`` also writes the numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import sys
+from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
+import pycocotools.mask as mask_util
+import torch
+import torch.nn.functional as F
+from tabulate import tabulate
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import instalign_d2  # noqa: E402,F401  (registers the model and the datasets)
+from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
+from detectron2.config import get_cfg  # noqa: E402
+from detectron2.data import DatasetCatalog  # noqa: E402
+from detectron2.modeling import build_model  # noqa: E402
+from instalign_d2 import add_instalign_config  # noqa: E402
+from instalign_d2.data.dataset_mapper import GRESDatasetMapper  # noqa: E402
+from instalign_d2.data.datasets.synthetic import INSTANCES_FILE, synthetic_root  # noqa: E402
+from instalign_d2.utils.atomic_io import atomic_write_json  # noqa: E402
+
+ATTRIBUTES = ("shape", "colour", "size")
+
+
+def fit_linear_probe(
+    train_x: np.ndarray, train_y: Sequence, test_x: np.ndarray, test_y: Sequence, l2: float = 1e-3
+) -> float:
+    """Accuracy on the test set of a multinomial logistic regression fitted on the training set.
+
+    Features are standardised with the training statistics; labels are any hashable values.
+    """
+    classes = sorted(set(train_y))
+    index = {c: i for i, c in enumerate(classes)}
+    # A test label never seen in training can only be wrong: map it to an impossible class.
+    ya = torch.tensor([index[c] for c in train_y])
+    yb = torch.tensor([index.get(c, -1) for c in test_y])
+    xa = torch.as_tensor(train_x, dtype=torch.float64)
+    xb = torch.as_tensor(test_x, dtype=torch.float64)
+    mean, std = xa.mean(0), xa.std(0).clamp(min=1e-6)
+    xa, xb = (xa - mean) / std, (xb - mean) / std
+    linear = torch.nn.Linear(xa.shape[1], len(classes)).double()
+    optimizer = torch.optim.LBFGS(linear.parameters(), max_iter=300, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(linear(xa), ya) + l2 * linear.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    with torch.no_grad():
+        return float((linear(xb).argmax(1) == yb).double().mean())
+
+
+def pool_over_mask(feature_map: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``(C, h, w)`` features averaged over a ``(H, W)`` mask resized to ``(h, w)`` by area."""
+    weights = F.interpolate(mask[None, None].float(), size=feature_map.shape[-2:], mode="area")[0, 0]
+    return (feature_map * weights).sum((1, 2)) / weights.sum().clamp(min=1e-6)
+
+
+def object_features(model, mapper, split: str, num_images: int, annotations_by_image) -> Tuple[Dict[str, np.ndarray], Dict[str, List]]:
+    """Pooled features of every object in the first ``num_images`` images of ``split``."""
+    features: Dict[str, List[np.ndarray]] = collections.defaultdict(list)
+    labels: Dict[str, List] = collections.defaultdict(list)
+    seen = set()
+    for record in DatasetCatalog.get(split):
+        if record["image_id"] in seen:
+            continue
+        if len(seen) == num_images:
+            break
+        seen.add(record["image_id"])
+        sample = mapper(record)
+        with torch.no_grad():
+            images = model.preprocess([sample])
+            maps = {k: v[0] for k, v in model.backbone(images.tensor).items()}
+            maps["mask_features"] = model.encode_images([sample]).mask_features[0]
+        height, width = images.image_sizes[0]
+        for annotation in annotations_by_image[record["image_id"]]:
+            mask = torch.from_numpy(mask_util.decode(annotation["segmentation"]))
+            mask = F.interpolate(mask[None, None].float(), size=(height, width), mode="nearest")[0, 0]
+            mask = F.pad(mask, (0, images.tensor.shape[-1] - width, 0, images.tensor.shape[-2] - height))
+            for name, feature_map in maps.items():
+                features[name].append(pool_over_mask(feature_map, mask).numpy())
+            for attribute in ATTRIBUTES:
+                labels[attribute].append(annotation[attribute])
+    return {k: np.stack(v) for k, v in features.items()}, labels
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config-file", required=True)
+    parser.add_argument("--weights", required=True, help="a checkpoint, or 'none' for random init")
+    parser.add_argument("--train-images", type=int, default=400)
+    parser.add_argument("--val-images", type=int, default=200)
+    parser.add_argument("--json", help="also write the accuracies to this file")
+    parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[])
+    args = parser.parse_args(argv)
+
+    cfg = add_instalign_config(get_cfg())
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.freeze()
+    instances_path = os.path.join(synthetic_root(), INSTANCES_FILE)
+    if not os.path.isfile(instances_path):
+        print(f"probe_features: error: {instances_path} not found; generate the synthetic dataset first "
+              "(python -m instalign_d2.data.datasets.synthetic, or make train)", file=sys.stderr)
+        return 2
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    if args.weights != "none":
+        if not os.path.isfile(args.weights):
+            print(f"probe_features: error: --weights {args.weights} not found", file=sys.stderr)
+            return 2
+        DetectionCheckpointer(model).load(args.weights)
+    with open(instances_path) as f:
+        annotations = json.load(f)["annotations"]
+    by_image = collections.defaultdict(list)
+    for annotation in annotations:
+        by_image[annotation["image_id"]].append(annotation)
+
+    mapper = GRESDatasetMapper(cfg, is_train=False)
+    train_x, train_labels = object_features(model, mapper, "synthetic_gres_train", args.train_images, by_image)
+    val_x, val_labels = object_features(model, mapper, "synthetic_gres_val", args.val_images, by_image)
+    accuracy = {
+        name: {a: 100 * fit_linear_probe(train_x[name], train_labels[a], val_x[name], val_labels[a]) for a in ATTRIBUTES}
+        for name in train_x
+    }
+    chance = {a: 100 / len(set(train_labels[a])) for a in ATTRIBUTES}
+    rows = [[name] + [f"{accuracy[name][a]:.1f}" for a in ATTRIBUTES] for name in sorted(accuracy)]
+    rows.append(["(chance)"] + [f"{chance[a]:.1f}" for a in ATTRIBUTES])
+    print(f"linear probes, {len(train_labels['shape'])} training / {len(val_labels['shape'])} validation objects, "
+          f"weights: {args.weights}")
+    print(tabulate(rows, headers=["features"] + [f"{a} acc %" for a in ATTRIBUTES], tablefmt="github"))
+    if args.json:
+        atomic_write_json(args.json, {"weights": args.weights, "accuracy": accuracy, "chance": chance})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
