@@ -119,16 +119,28 @@ def prepare_data(cfg) -> None:
     from instalign_d2.data.datasets.synthetic import ensure_synthetic_gres, synthetic_root
 
     synthetic = cfg.DATASETS.SYNTHETIC
-    ensure_synthetic_gres(
-        synthetic_root(),
-        num_train_images=synthetic.NUM_TRAIN_IMAGES,
-        num_val_images=synthetic.NUM_VAL_IMAGES,
-        num_test_images=synthetic.NUM_TEST_IMAGES,
-        image_size=synthetic.IMAGE_SIZE,
-        seed=synthetic.SEED,
-        expressions_per_image=synthetic.EXPRESSIONS_PER_IMAGE,
-        kind_weights=tuple(synthetic.KIND_WEIGHTS),
-    )
+    # This runs before Detectron2 sets up its loggers (in each launched process): show the
+    # generator's progress on the console now, or a first run would sit silent for half a minute.
+    generator_logger = logging.getLogger("instalign_d2.data.datasets.synthetic")
+    console = logging.StreamHandler(sys.stdout)
+    console.setFormatter(logging.Formatter("[%(asctime)s %(name)s]: %(message)s", datefmt="%m/%d %H:%M:%S"))
+    level = generator_logger.level
+    generator_logger.addHandler(console)
+    generator_logger.setLevel(logging.INFO)
+    try:
+        ensure_synthetic_gres(
+            synthetic_root(),
+            num_train_images=synthetic.NUM_TRAIN_IMAGES,
+            num_val_images=synthetic.NUM_VAL_IMAGES,
+            num_test_images=synthetic.NUM_TEST_IMAGES,
+            image_size=synthetic.IMAGE_SIZE,
+            seed=synthetic.SEED,
+            expressions_per_image=synthetic.EXPRESSIONS_PER_IMAGE,
+            kind_weights=tuple(synthetic.KIND_WEIGHTS),
+        )
+    finally:
+        generator_logger.removeHandler(console)
+        generator_logger.setLevel(level)
 
 
 def setup(args):

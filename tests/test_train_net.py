@@ -43,6 +43,16 @@ def run(argv, capsys):
     return rc, captured.err
 
 
+def test_first_run_shows_the_dataset_generation_on_the_console(datasets_root, capsys):
+    cfg = train_net.build_config(train_net.default_argument_parser().parse_args(["--config-file", CONFIG, *TINY]))
+    train_net.prepare_data(cfg)
+    out = capsys.readouterr().out
+    assert "synthetic GRES: drawing 20 images" in out  # 12 + 4 + 4, before any Detectron2 logger exists
+    assert (datasets_root / "synthetic_gres" / "generator.json").is_file()
+    train_net.prepare_data(cfg)  # a second run finds it complete
+    assert "is up to date" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     "extra, expected",
     [
