@@ -38,13 +38,21 @@ DEFAULT_CONFIGS = [
 WORDS = "the left right big small red blue green person dog car and all both two man woman on with".split()
 
 
+def known_words(tokenizer) -> List[str]:
+    """The words of WORDS that the tokenizer keeps whole (a small synthetic vocabulary would split
+    "person" into bytes and push expressions past MAX_TOKENS); all of them if too few are."""
+    whole = [w for w in WORDS if len(tokenizer.tokenize(" " + w)) == 1]
+    return whole if len(whole) >= 5 else WORDS
+
+
 def make_inputs(model, size: int, images: int, per_image: int, seed: int = 0) -> List[List[Dict]]:
     g = torch.Generator().manual_seed(seed)
+    words = known_words(model.text_encoder.tokenizer)
     groups = []
     for i in range(images):
         image = torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=g)
         sentences = [
-            " ".join(WORDS[j] for j in torch.randint(0, len(WORDS), (int(torch.randint(2, 9, (1,), generator=g)),), generator=g))
+            " ".join(words[j] for j in torch.randint(0, len(words), (int(torch.randint(2, 9, (1,), generator=g)),), generator=g))
             for _ in range(per_image)
         ]
         tokens = model.text_encoder.tokenize(sentences)
