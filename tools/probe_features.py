@@ -92,8 +92,11 @@ def object_features(model, mapper, split: str, num_images: int, annotations_by_i
         sample = mapper(record)
         with torch.no_grad():
             images = model.preprocess([sample])
-            maps = {k: v[0] for k, v in model.backbone(images.tensor).items()}
-            maps["mask_features"] = model.encode_images([sample]).mask_features[0]
+            backbone_maps = model.backbone(images.tensor)
+            # encode_images' visual path, split open so the backbone runs once for both kinds of map
+            mask_features, _ = model.pixel_decoder.forward_features(backbone_maps)
+            maps = {k: v[0] for k, v in backbone_maps.items()}
+            maps["mask_features"] = mask_features[0]
         height, width = images.image_sizes[0]
         for annotation in annotations_by_image[record["image_id"]]:
             mask = torch.from_numpy(mask_util.decode(annotation["segmentation"]))

@@ -12,7 +12,7 @@ from typing import Dict, List, Sequence
 import numpy as np
 from pycocotools import mask as mask_util
 
-from .file_io import atomic_write_json
+from instalign_d2.utils.atomic_io import atomic_write_json
 
 DUMP_FORMAT = "instalign_d2.gres_predictions"
 DUMP_VERSION = 1
