@@ -16,6 +16,7 @@ import warnings
 # warning says nothing to our users.
 warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
 
+import contextlib
 import logging
 import os
 import sys
@@ -104,6 +105,11 @@ def build_config(args):
         cfg.merge_from_list(args.opts)
     except (KeyError, ValueError, AssertionError) as exc:
         raise ConfigError(f"command-line option: {exc} (keys are listed in instalign_d2/config.py and detectron2's defaults)") from None
+    if args.eval_only:
+        # The checkpoint holds the whole model: the backbone's initial weights are neither read
+        # nor made (a user scoring a downloaded checkpoint needs no Swin file, no pre-training).
+        cfg.MODEL.TIMM.PRETRAINED_WEIGHTS = ""
+        cfg.MODEL.TIMM.SYNTHETIC_PRETRAIN.ITERATIONS = 0
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         # Detectron2 defaults to CUDA; a laptop or CI machine has none.
         cfg.MODEL.DEVICE = "cpu"
@@ -111,24 +117,40 @@ def build_config(args):
     return cfg
 
 
+@contextlib.contextmanager
+def console_progress(*logger_names: str):
+    """Show these loggers' INFO lines on the console while the block runs.
+
+    Data preparation runs before Detectron2 sets up its loggers (in each launched process); without
+    this a first run would sit silent while it generates the dataset and pre-trains the backbone.
+    """
+    console = logging.StreamHandler(sys.stdout)
+    console.setFormatter(logging.Formatter("[%(asctime)s %(name)s]: %(message)s", datefmt="%m/%d %H:%M:%S"))
+    loggers = [logging.getLogger(name) for name in logger_names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.addHandler(console)
+        lg.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.removeHandler(console)
+            lg.setLevel(level)
+
+
 def prepare_data(cfg) -> None:
-    """Generate the embedded synthetic dataset (and its text encoder) when the config uses it."""
+    """Generate the embedded synthetic dataset (and its text encoder) when the config uses it, and
+    the synthetically pre-trained backbone when the config asks for one."""
     names = list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
     if not any(name.startswith("synthetic_gres") for name in names):
         return
     from instalign_d2.data.datasets.synthetic import ensure_synthetic_gres, synthetic_root
+    from instalign_d2.modeling.backbone import synthetic_pretraining
 
     synthetic = cfg.DATASETS.SYNTHETIC
-    # This runs before Detectron2 sets up its loggers (in each launched process): show the
-    # generator's progress on the console now, or a first run would sit silent for half a minute.
-    generator_logger = logging.getLogger("instalign_d2.data.datasets.synthetic")
-    console = logging.StreamHandler(sys.stdout)
-    console.setFormatter(logging.Formatter("[%(asctime)s %(name)s]: %(message)s", datefmt="%m/%d %H:%M:%S"))
-    level = generator_logger.level
-    generator_logger.addHandler(console)
-    generator_logger.setLevel(logging.INFO)
-    try:
-        ensure_synthetic_gres(
+    with console_progress("instalign_d2.data.datasets.synthetic", synthetic_pretraining.__name__):
+        root = ensure_synthetic_gres(
             synthetic_root(),
             num_train_images=synthetic.NUM_TRAIN_IMAGES,
             num_val_images=synthetic.NUM_VAL_IMAGES,
@@ -138,9 +160,8 @@ def prepare_data(cfg) -> None:
             expressions_per_image=synthetic.EXPRESSIONS_PER_IMAGE,
             kind_weights=tuple(synthetic.KIND_WEIGHTS),
         )
-    finally:
-        generator_logger.removeHandler(console)
-        generator_logger.setLevel(level)
+        if cfg.MODEL.BACKBONE.NAME == "TimmBackbone" and cfg.MODEL.TIMM.SYNTHETIC_PRETRAIN.ITERATIONS > 0:
+            synthetic_pretraining.ensure_synthetic_pretrained_backbone(cfg, root)
 
 
 def setup(args):

@@ -41,6 +41,11 @@ class GRESPredictor:
 
     def __init__(self, cfg):
         self.cfg = cfg.clone()
+        if cfg.MODEL.WEIGHTS:
+            # The checkpoint replaces every weight: the backbone's initial weights need not exist here.
+            self.cfg.defrost()
+            self.cfg.MODEL.TIMM.PRETRAINED_WEIGHTS = ""
+            self.cfg.freeze()
         self.model = build_model(self.cfg).eval()
         if cfg.MODEL.WEIGHTS:
             AtomicCheckpointer(self.model).load(cfg.MODEL.WEIGHTS)

@@ -43,6 +43,14 @@ def add_instalign_config(cfg: CN) -> CN:
     cfg.MODEL.TIMM.DROP_PATH_RATE = 0.3  # stochastic depth, as Mask2Former's Swin-B
     cfg.MODEL.TIMM.NORM_OUTPUTS = True  # LayerNorm after each returned stage, as Mask2Former's Swin
     cfg.MODEL.TIMM.KWARGS = CN(new_allowed=True)  # extra keyword arguments of timm.create_model
+    # Pre-training on the synthetic scenes' object attributes, our stand-in for ImageNet
+    # pre-training (modeling/backbone/synthetic_pretraining.py): with ITERATIONS > 0, train_net.py
+    # writes PRETRAINED_WEIGHTS when that file is absent or was made with other settings.
+    cfg.MODEL.TIMM.SYNTHETIC_PRETRAIN = CN()
+    cfg.MODEL.TIMM.SYNTHETIC_PRETRAIN.ITERATIONS = 0  # 0 = off
+    cfg.MODEL.TIMM.SYNTHETIC_PRETRAIN.IMS_PER_BATCH = 32
+    cfg.MODEL.TIMM.SYNTHETIC_PRETRAIN.BASE_LR = 0.002
+    cfg.MODEL.TIMM.SYNTHETIC_PRETRAIN.SEED = 0
 
     # ----------------------------------------------------------------------------- text encoder
     cfg.MODEL.TEXT_ENCODER = CN()

@@ -485,6 +485,7 @@ def test_analyze_model_tool_counts_parameters_flops_and_time(text_encoder_dir, t
     cfg.merge_from_file(os.path.join(root, "configs", "synthetic", "instalign_tiny.yaml"))
     cfg.merge_from_list(opts)
     cfg.MODEL.TEXT_ENCODER.PRETRAINED = False
+    cfg.MODEL.TIMM.PRETRAINED_WEIGHTS = ""  # as the tool: random init, nothing read
     reference = build_model(cfg)
     params = results["parameters"]
     assert params["total"] == sum(p.numel() for p in reference.parameters())

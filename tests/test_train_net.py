@@ -24,6 +24,8 @@ TINY = [
     "DATASETS.SYNTHETIC.IMAGE_SIZE", "64",
     "INPUT.IMAGE_SIZE", "64",
     "MODEL.TIMM.NAME", "test_resnet",
+    "MODEL.TIMM.SYNTHETIC_PRETRAIN.ITERATIONS", "2",
+    "MODEL.TIMM.SYNTHETIC_PRETRAIN.IMS_PER_BATCH", "2",
     "DATALOADER.NUM_WORKERS", "0",
     "SOLVER.IMS_PER_BATCH", "2",
     "TEST.EVAL_PERIOD", "0",
@@ -60,7 +62,10 @@ def test_first_run_shows_the_dataset_generation_on_the_console(datasets_root, ca
         (["DATASETS.TEST", "('nope_val',)"], "DATASETS.TEST: unknown dataset 'nope_val'"),
         (["MODEL.WEIGHTS", "/no/such/model.pth"], "MODEL.WEIGHTS=/no/such/model.pth: no such file"),
         (["MODEL.WEIGHTS", "detectron2://ImageNetPretrained/MSRA/R-50.pkl"], "remote weights cannot be fetched"),
-        (["MODEL.TIMM.PRETRAINED_WEIGHTS", "/no/swin.pth"], "MODEL.TIMM.PRETRAINED_WEIGHTS=/no/swin.pth: no such file"),
+        (
+            ["MODEL.TIMM.PRETRAINED_WEIGHTS", "/no/swin.pth", "MODEL.TIMM.SYNTHETIC_PRETRAIN.ITERATIONS", "0"],
+            "MODEL.TIMM.PRETRAINED_WEIGHTS=/no/swin.pth: no such file",
+        ),
         (["SOLVER.AMP.ENABLED", "True"], "SOLVER.AMP.ENABLED=True needs a CUDA GPU"),
     ],
 )

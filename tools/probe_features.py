@@ -37,10 +37,8 @@ from detectron2.modeling import build_model  # noqa: E402
 from instalign_d2 import add_instalign_config  # noqa: E402
 from instalign_d2.data.dataset_mapper import GRESDatasetMapper  # noqa: E402
 from instalign_d2.data.datasets.synthetic import INSTANCES_FILE, synthetic_root  # noqa: E402
+from instalign_d2.modeling.backbone.synthetic_pretraining import ATTRIBUTES, pool_over_masks  # noqa: E402
 from instalign_d2.utils.atomic_io import atomic_write_json  # noqa: E402
-
-ATTRIBUTES = ("shape", "colour", "size")
-
 
 def fit_linear_probe(
     train_x: np.ndarray, train_y: Sequence, test_x: np.ndarray, test_y: Sequence, l2: float = 1e-3
@@ -72,12 +70,6 @@ def fit_linear_probe(
         return float((linear(xb).argmax(1) == yb).double().mean())
 
 
-def pool_over_mask(feature_map: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``(C, h, w)`` features averaged over a ``(H, W)`` mask resized to ``(h, w)`` by area."""
-    weights = F.interpolate(mask[None, None].float(), size=feature_map.shape[-2:], mode="area")[0, 0]
-    return (feature_map * weights).sum((1, 2)) / weights.sum().clamp(min=1e-6)
-
-
 def object_features(model, mapper, split: str, num_images: int, annotations_by_image) -> Tuple[Dict[str, np.ndarray], Dict[str, List]]:
     """Pooled features of every object in the first ``num_images`` images of ``split``."""
     features: Dict[str, List[np.ndarray]] = collections.defaultdict(list)
@@ -103,7 +95,7 @@ def object_features(model, mapper, split: str, num_images: int, annotations_by_i
             mask = F.interpolate(mask[None, None].float(), size=(height, width), mode="nearest")[0, 0]
             mask = F.pad(mask, (0, images.tensor.shape[-1] - width, 0, images.tensor.shape[-2] - height))
             for name, feature_map in maps.items():
-                features[name].append(pool_over_mask(feature_map, mask).numpy())
+                features[name].append(pool_over_masks(feature_map, mask[None])[0].numpy())
             for attribute in ATTRIBUTES:
                 labels[attribute].append(annotation[attribute])
     return {k: np.stack(v) for k, v in features.items()}, labels
@@ -123,6 +115,8 @@ def main(argv=None) -> int:
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
     cfg.MODEL.DEVICE = "cpu"
+    # The checkpoint holds the backbone; "none" means random weights, not the pre-trained trunk.
+    cfg.MODEL.TIMM.PRETRAINED_WEIGHTS = ""
     cfg.freeze()
     instances_path = os.path.join(synthetic_root(), INSTANCES_FILE)
     if not os.path.isfile(instances_path):

@@ -52,8 +52,21 @@ def check_config(cfg, *, eval_only: bool = False, resume: bool = False) -> None:
         raise ConfigError("--eval-only needs a checkpoint: add MODEL.WEIGHTS path/to/model_final.pth after the options")
 
     timm = getattr(cfg.MODEL, "TIMM", None)
+    pretrain_iterations = timm.SYNTHETIC_PRETRAIN.ITERATIONS if timm is not None else 0
+    if pretrain_iterations > 0 and not eval_only:
+        if not timm.PRETRAINED_WEIGHTS:
+            raise ConfigError(
+                "MODEL.TIMM.SYNTHETIC_PRETRAIN.ITERATIONS > 0 writes its backbone to MODEL.TIMM.PRETRAINED_WEIGHTS, "
+                "which is empty: give a path, e.g. $DETECTRON2_DATASETS/synthetic_gres/backbone.pth"
+            )
+        if not any(name.startswith("synthetic_gres") for name in cfg.DATASETS.TRAIN):
+            raise ConfigError(
+                "MODEL.TIMM.SYNTHETIC_PRETRAIN.ITERATIONS > 0 pre-trains on the synthetic dataset, which is not "
+                f"in DATASETS.TRAIN {tuple(cfg.DATASETS.TRAIN)}; set it to 0 and give pre-trained weights instead."
+            )
     if cfg.MODEL.BACKBONE.NAME == "TimmBackbone" and timm is not None and timm.PRETRAINED_WEIGHTS:
-        if not os.path.isfile(expand_path(timm.PRETRAINED_WEIGHTS)):
+        # A file that synthetic pre-training will make need not exist yet.
+        if not os.path.isfile(expand_path(timm.PRETRAINED_WEIGHTS)) and not (pretrain_iterations > 0 and not eval_only):
             raise ConfigError(
                 f"MODEL.TIMM.PRETRAINED_WEIGHTS={timm.PRETRAINED_WEIGHTS}: no such file. Give a local timm "
                 f"checkpoint of {timm.NAME} (.pth or .safetensors), or '' to start from random weights."

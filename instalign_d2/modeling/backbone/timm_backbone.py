@@ -139,6 +139,8 @@ class TimmBackbone(Backbone):
         weights = (
             _resolve_weights_path(pretrained_weights, model_name) if pretrained_weights else ""
         )
+        # What builds the same timm model again (synthetic pre-training saves its trunk through it).
+        self.timm_kwargs = dict(kwargs)
         if weights:
             # timm's own loader: it reads .pth/.safetensors, unwraps {"model": ...}, and applies the
             # model's checkpoint filter (Swin: original-release key names, window-size resizing).
