@@ -10,8 +10,10 @@ weights); a linear classifier (multinomial logistic regression, L-BFGS, small L2
 objects of ``--train-images`` training images and scored on those of ``--val-images`` validation
 images, once per attribute (shape, colour, size) and map (the backbone's res2..res5 and the pixel
 decoder's mask features). High accuracy means the attribute can be read linearly from that map;
-chance is 1 / number of values. Comparing a trained model with ``--weights none`` (random init) shows
-what training taught the visual path. Prints a table; ``--json`` also writes the numbers.
+chance is 1 / number of values. Comparing a trained model with ``--weights none`` (the model as the
+config initialises it: random weights, except a backbone that MODEL.TIMM.PRETRAINED_WEIGHTS names;
+add ``--opts MODEL.TIMM.PRETRAINED_WEIGHTS ""`` for a fully random one) shows what training taught
+the visual path. Prints a table; ``--json`` also writes the numbers.
 """
 from __future__ import annotations
 
@@ -104,7 +106,12 @@ def object_features(model, mapper, split: str, num_images: int, annotations_by_i
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", required=True)
-    parser.add_argument("--weights", required=True, help="a checkpoint, or 'none' for random init")
+    parser.add_argument(
+        "--weights",
+        required=True,
+        help="a checkpoint, or 'none' for the model as the config initialises it (random weights, but the "
+        "backbone from MODEL.TIMM.PRETRAINED_WEIGHTS when set; --opts MODEL.TIMM.PRETRAINED_WEIGHTS '' for none)",
+    )
     parser.add_argument("--train-images", type=int, default=400)
     parser.add_argument("--val-images", type=int, default=200)
     parser.add_argument("--json", help="also write the accuracies to this file")
@@ -115,8 +122,8 @@ def main(argv=None) -> int:
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
     cfg.MODEL.DEVICE = "cpu"
-    # The checkpoint holds the backbone; "none" means random weights, not the pre-trained trunk.
-    cfg.MODEL.TIMM.PRETRAINED_WEIGHTS = ""
+    if args.weights != "none":
+        cfg.MODEL.TIMM.PRETRAINED_WEIGHTS = ""  # the checkpoint holds the backbone: nothing else to read
     cfg.freeze()
     instances_path = os.path.join(synthetic_root(), INSTANCES_FILE)
     if not os.path.isfile(instances_path):
