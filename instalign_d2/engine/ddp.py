@@ -34,10 +34,23 @@ def finish_distributed() -> None:
 
     A gloo worker that simply returns while its peers still hold the connection can die with
     "terminate called without an active exception" (SIGABRT) as the interpreter exits; leaving
-    together and destroying the group first avoids that.
+    together and destroying the group first avoids most of it. Not all: a CI run still saw one
+    such abort after the group was destroyed. So a launched worker (a child process) then leaves
+    at once, after flushing its logs, without the interpreter's teardown where gloo's threads
+    abort; by then its results are in files and logs, and the parent only reads its exit code.
     """
+    import logging
+    import multiprocessing
+    import os
+    import sys
+
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+    if multiprocessing.parent_process() is not None:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
