@@ -68,15 +68,28 @@ class ObjectAttributeSet:
         return sum(len(labels) for labels in self.labels)
 
 
-def load_object_attributes(root: str, split: str, image_size: int, max_images: Optional[int] = None) -> ObjectAttributeSet:
-    """Read a split of a generated synthetic dataset (``root`` holds ``instances.json`` and ``images/``)."""
+def read_instances(root: str) -> dict:
+    """The ``instances.json`` of a generated synthetic dataset (all splits)."""
+    from instalign_d2.data.datasets.synthetic import INSTANCES_FILE
+
+    with open(os.path.join(root, INSTANCES_FILE)) as f:
+        return json.load(f)
+
+
+def load_object_attributes(
+    root: str, split: str, image_size: int, max_images: Optional[int] = None, instances: Optional[dict] = None
+) -> ObjectAttributeSet:
+    """Read a split of a generated synthetic dataset (``root`` holds ``instances.json`` and ``images/``).
+
+    ``instances``: that file already read (:func:`read_instances`), to read it once for several splits.
+    """
     from detectron2.data import detection_utils
     from detectron2.data import transforms as T
 
     from instalign_d2.data.datasets.synthetic import IMAGES_DIR, INSTANCES_FILE
 
-    with open(os.path.join(root, INSTANCES_FILE)) as f:
-        instances = json.load(f)
+    if instances is None:
+        instances = read_instances(root)
     objects_by_image = collections.defaultdict(list)
     for annotation in instances["annotations"]:
         objects_by_image[annotation["image_id"]].append(annotation)
@@ -290,8 +303,9 @@ def ensure_synthetic_pretrained_backbone(cfg, dataset_root: str) -> str:
                     return path
             logger.info("backbone pre-training: %s was made with other settings; making it again", path)
         start = time.perf_counter()
-        train_set = load_object_attributes(dataset_root, "train", cfg.INPUT.IMAGE_SIZE)
-        val_set = load_object_attributes(dataset_root, "val", cfg.INPUT.IMAGE_SIZE)
+        instances = read_instances(dataset_root)
+        train_set = load_object_attributes(dataset_root, "train", cfg.INPUT.IMAGE_SIZE, instances=instances)
+        val_set = load_object_attributes(dataset_root, "val", cfg.INPUT.IMAGE_SIZE, instances=instances)
         logger.info(
             "backbone pre-training: %s from random weights, %d iterations of %d images; "
             "classifying the shape, colour and size of %d objects in %d training images",
