@@ -12,6 +12,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMPS := $(VENV)/.instalign-stamps
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+TORCH_DISK_GB := 7# the pinned wheels take 5.6 GB in the venv, plus pip's unpacking room
 DETECTRON2_PYPI := sal-detectron2==0.7.2
 TRAIN_CONFIG ?= configs/synthetic/instalign_tiny.yaml
 ARGS ?=
@@ -41,6 +42,11 @@ $(STAMPS)/torch: | $(PY)
 	@if $(PY) -c 'import torch, torchvision' 2>/dev/null; then \
 	  echo "torch $$($(PY) -c 'import torch; print(torch.__version__)') already installed, kept."; \
 	else \
+	  free_gb=$$(df -Pk "$(VENV)" | awk 'NR == 2 { print int($$4 / 1048576) }'); \
+	  if [ "$$free_gb" -lt $(TORCH_DISK_GB) ]; then \
+	    echo "make setup: torch with its CUDA libraries needs about $(TORCH_DISK_GB) GB of free disk; the disk of $(VENV) has $$free_gb GB free. Free some space, or set VENV= to a folder on a larger disk." >&2; \
+	    exit 1; \
+	  fi; \
 	  $(PIP) install -q $(TORCH_PINS); \
 	fi
 	@touch $@

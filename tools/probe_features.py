@@ -88,8 +88,11 @@ def object_features(model, mapper, split: str, num_images: int, annotations_by_i
             images = model.preprocess([sample])
             backbone_maps = model.backbone(images.tensor)
             # encode_images' visual path, split open so the backbone runs once for both kinds of map
-            mask_features, _ = model.pixel_decoder.forward_features(backbone_maps)
+            mask_features, decoder_levels = model.pixel_decoder.forward_features(backbone_maps)
             maps = {k: v[0] for k, v in backbone_maps.items()}
+            # the maps the POT blocks' cross-attention reads, named by stride
+            for level in decoder_levels:
+                maps[f"decoder_s{images.tensor.shape[-1] // level.shape[-1]}"] = level[0]
             maps["mask_features"] = mask_features[0]
         height, width = images.image_sizes[0]
         for annotation in annotations_by_image[record["image_id"]]:

@@ -5,7 +5,8 @@ Parameter groups (one per distinct (lr, weight decay), every trainable parameter
 - lr: ``BASE_LR`` times ``SOLVER.BACKBONE_MULTIPLIER`` for ``backbone.*`` and
   ``SOLVER.TEXT_ENCODER_MULTIPLIER`` for the pretrained transformer of the text encoder
   (``text_encoder.transformer.*``): pretrained parts learn slower; the text encoder's new
-  projection layer learns at the full rate;
+  projection layer learns at the full rate; ``SOLVER.PIXEL_DECODER_MULTIPLIER`` for
+  ``pixel_decoder.*`` (1 in the paper's configs);
 - weight decay: ``WEIGHT_DECAY_NORM`` for normalisation layers, 0 for biases and scalar
   parameters (e.g. AIA's PReLU slope, which decay would push towards a plain ReLU),
   ``WEIGHT_DECAY_EMBED`` for embeddings (``nn.Embedding`` tables, learned queries / level
@@ -133,6 +134,7 @@ def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
         lr_multipliers={
             "backbone.": solver.BACKBONE_MULTIPLIER,
             "text_encoder.transformer.": solver.TEXT_ENCODER_MULTIPLIER,
+            "pixel_decoder.": solver.PIXEL_DECODER_MULTIPLIER,
         },
     )
     name = solver.OPTIMIZER.upper()
