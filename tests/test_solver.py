@@ -160,7 +160,7 @@ def test_linear_decay_reaches_end_lr_at_max_iter(warmup_iters):
 
 def test_groups_of_the_real_instalign_model(tmp_path):
     """On the real model: the new text projection learns at full rate, the pretrained text
-    transformer and backbone at their multipliers, and AIA's PReLU slope is not decayed."""
+    transformer, the backbone and the pixel decoder at their multipliers, and AIA's PReLU slope is not decayed."""
     from detectron2.modeling import build_model
     from test_model_instalign import CORPUS, tiny_cfg
 
@@ -170,6 +170,7 @@ def test_groups_of_the_real_instalign_model(tmp_path):
     cfg = tiny_cfg(encoder)
     cfg.SOLVER.BASE_LR, cfg.SOLVER.WEIGHT_DECAY = 1e-4, 0.05
     cfg.SOLVER.BACKBONE_MULTIPLIER, cfg.SOLVER.TEXT_ENCODER_MULTIPLIER = 0.1, 0.2
+    cfg.SOLVER.PIXEL_DECODER_MULTIPLIER = 0.5
     model = build_model(cfg)
     got = settings_by_name(build_optimizer(cfg, model))
     assert set(got) == {n for n, p in model.named_parameters() if p.requires_grad}
@@ -178,6 +179,8 @@ def test_groups_of_the_real_instalign_model(tmp_path):
             assert lr == pytest.approx(1e-5), name
         elif name.startswith("text_encoder.transformer."):
             assert lr == pytest.approx(2e-5), name
+        elif name.startswith("pixel_decoder."):
+            assert lr == pytest.approx(5e-5), name
         else:
             assert lr == pytest.approx(1e-4), name
         if name.endswith(".bias") or "norm" in name.lower() or "prelu" in name:
