@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import os
 import sys
 from typing import Dict, List, Sequence, Tuple
@@ -39,7 +38,7 @@ from detectron2.modeling import build_model  # noqa: E402
 from instalign_d2 import add_instalign_config  # noqa: E402
 from instalign_d2.data.dataset_mapper import GRESDatasetMapper  # noqa: E402
 from instalign_d2.data.datasets.synthetic import INSTANCES_FILE, synthetic_root  # noqa: E402
-from instalign_d2.modeling.backbone.synthetic_pretraining import ATTRIBUTES, pool_over_masks  # noqa: E402
+from instalign_d2.modeling.backbone.synthetic_pretraining import ATTRIBUTES, pool_over_masks, read_instances  # noqa: E402
 from instalign_d2.utils.atomic_io import atomic_write_json  # noqa: E402
 
 def fit_linear_probe(
@@ -140,8 +139,7 @@ def main(argv=None) -> int:
             print(f"probe_features: error: --weights {args.weights} not found", file=sys.stderr)
             return 2
         DetectionCheckpointer(model).load(args.weights)
-    with open(instances_path) as f:
-        annotations = json.load(f)["annotations"]
+    annotations = read_instances(synthetic_root())["annotations"]
     by_image = collections.defaultdict(list)
     for annotation in annotations:
         by_image[annotation["image_id"]].append(annotation)
