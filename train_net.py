@@ -35,6 +35,9 @@ from instalign_d2.data.build import build_gres_test_loader, build_gres_train_loa
 from instalign_d2.engine import AtomicCheckpointer, ConfigError, check_config, check_config_file, create_ddp_model, finish_distributed
 from instalign_d2.solver import build_lr_scheduler, build_optimizer
 from instalign_d2.solver.optimizer import describe_param_groups
+from instalign_d2.synthetic import backbone_pretraining
+from instalign_d2.synthetic import generator as synthetic_generator
+from instalign_d2.synthetic.params import SyntheticParams, synthetic_root
 
 logger = logging.getLogger("instalign_d2")
 
@@ -145,23 +148,18 @@ def prepare_data(cfg) -> None:
     names = list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
     if not any(name.startswith("synthetic_gres") for name in names):
         return
-    from instalign_d2.data.datasets.synthetic import ensure_synthetic_gres, synthetic_root
-    from instalign_d2.modeling.backbone import synthetic_pretraining
-
-    synthetic = cfg.DATASETS.SYNTHETIC
-    with console_progress("instalign_d2.data.datasets.synthetic", synthetic_pretraining.__name__):
-        root = ensure_synthetic_gres(
-            synthetic_root(),
-            num_train_images=synthetic.NUM_TRAIN_IMAGES,
-            num_val_images=synthetic.NUM_VAL_IMAGES,
-            num_test_images=synthetic.NUM_TEST_IMAGES,
-            image_size=synthetic.IMAGE_SIZE,
-            seed=synthetic.SEED,
-            expressions_per_image=synthetic.EXPRESSIONS_PER_IMAGE,
-            kind_weights=tuple(synthetic.KIND_WEIGHTS),
-        )
-        if cfg.MODEL.BACKBONE.NAME == "TimmBackbone" and cfg.MODEL.TIMM.SYNTHETIC_PRETRAIN.ITERATIONS > 0:
-            synthetic_pretraining.ensure_synthetic_pretrained_backbone(cfg, root)
+    with console_progress(synthetic_generator.__name__, backbone_pretraining.__name__):
+        try:
+            root = synthetic_generator.ensure_synthetic_gres(
+                synthetic_root(), SyntheticParams.from_config(cfg)
+            )
+        except (ValueError, FileExistsError) as exc:
+            raise ConfigError(str(exc)) from None
+        if (
+            cfg.MODEL.BACKBONE.NAME == "TimmBackbone"
+            and cfg.MODEL.TIMM.SYNTHETIC_PRETRAIN.ITERATIONS > 0
+        ):
+            backbone_pretraining.ensure_synthetic_pretrained_backbone(cfg, root)
 
 
 def setup(args):

@@ -5,6 +5,8 @@
 """
 from detectron2.config import CfgNode as CN
 
+from instalign_d2.synthetic.params import SyntheticParams
+
 
 def add_instalign_config(cfg: CN) -> CN:
     """Add InstAlign's keys (in place) and return ``cfg``."""
@@ -19,15 +21,18 @@ def add_instalign_config(cfg: CN) -> CN:
     cfg.INPUT.AUGMENT.CONTRAST = 0.2
     cfg.INPUT.AUGMENT.SATURATION = 0.2
 
+    # The embedded synthetic set (instalign_d2/synthetic), generated under
+    # $DETECTRON2_DATASETS/synthetic_gres when absent. Its defaults are SyntheticParams' own.
+    defaults = SyntheticParams()
     cfg.DATASETS.SYNTHETIC = CN()
-    # generated under $DETECTRON2_DATASETS/synthetic_gres when absent (or made with other settings)
-    cfg.DATASETS.SYNTHETIC.SEED = 0  # the generator is deterministic given this seed
-    cfg.DATASETS.SYNTHETIC.NUM_TRAIN_IMAGES = 3000
-    cfg.DATASETS.SYNTHETIC.NUM_VAL_IMAGES = 300
-    cfg.DATASETS.SYNTHETIC.NUM_TEST_IMAGES = 300
-    cfg.DATASETS.SYNTHETIC.IMAGE_SIZE = 160  # side of the generated images (pixels)
-    cfg.DATASETS.SYNTHETIC.EXPRESSIONS_PER_IMAGE = 6  # expressions drawn per image (repeats dropped)
-    cfg.DATASETS.SYNTHETIC.KIND_WEIGHTS = (0.4, 0.3, 0.3)  # shares of single / multi / no-target expressions
+    # The dataset's seed, separate from SEED: runs of several training seeds meet one val set.
+    cfg.DATASETS.SYNTHETIC.SEED = defaults.seed
+    cfg.DATASETS.SYNTHETIC.NUM_TRAIN_IMAGES = defaults.num_train_images
+    cfg.DATASETS.SYNTHETIC.NUM_VAL_IMAGES = defaults.num_val_images
+    cfg.DATASETS.SYNTHETIC.NUM_TEST_IMAGES = defaults.num_test_images
+    cfg.DATASETS.SYNTHETIC.IMAGE_SIZE = defaults.image_size  # side of the generated images
+    cfg.DATASETS.SYNTHETIC.EXPRESSIONS_PER_IMAGE = defaults.expressions_per_image
+    cfg.DATASETS.SYNTHETIC.KIND_WEIGHTS = defaults.kind_weights  # single / multi / no-target
 
     cfg.DATALOADER.GROUP_EXPRESSIONS_BY_IMAGE = True  # test loader: one batch = one image's expressions
     # Training: 0 = one expression per sample (the paper, ReLA); k > 0 = a sample is an image with
@@ -44,13 +49,13 @@ def add_instalign_config(cfg: CN) -> CN:
     cfg.MODEL.TIMM.NORM_OUTPUTS = True  # LayerNorm after each returned stage, as Mask2Former's Swin
     cfg.MODEL.TIMM.KWARGS = CN(new_allowed=True)  # extra keyword arguments of timm.create_model
     # Pre-training on the synthetic scenes' object attributes, our stand-in for ImageNet
-    # pre-training (modeling/backbone/synthetic_pretraining.py): with ITERATIONS > 0, train_net.py
+    # pre-training (synthetic/backbone_pretraining.py): with ITERATIONS > 0, train_net.py
     # writes PRETRAINED_WEIGHTS when that file is absent or was made with other settings.
     cfg.MODEL.TIMM.SYNTHETIC_PRETRAIN = CN()
     cfg.MODEL.TIMM.SYNTHETIC_PRETRAIN.ITERATIONS = 0  # 0 = off
     cfg.MODEL.TIMM.SYNTHETIC_PRETRAIN.IMS_PER_BATCH = 32
     cfg.MODEL.TIMM.SYNTHETIC_PRETRAIN.BASE_LR = 0.002
-    cfg.MODEL.TIMM.SYNTHETIC_PRETRAIN.SEED = 0
+    cfg.MODEL.TIMM.SYNTHETIC_PRETRAIN.SEED = -1  # -1: Detectron2's SEED (0 when that is -1 too)
 
     # ----------------------------------------------------------------------------- text encoder
     cfg.MODEL.TEXT_ENCODER = CN()

@@ -13,8 +13,8 @@ from instalign_d2.config import add_instalign_config
 from instalign_d2.data.dataset_mapper import GRESDatasetMapper
 from instalign_d2.data.image_io import read_image_uint8
 from instalign_d2.data.masks import instance_masks, mask_to_rle, merged_mask
-from instalign_d2.modeling.language.local_encoder import write_local_text_encoder
-from instalign_d2.modeling.language.tokenizer import load_tokenizer
+from instalign_d2.synthetic.text_encoder import write_local_text_encoder
+from instalign_d2.utils.tokenizer import load_tokenizer
 
 H, W, S, MAX_TOKENS = 24, 36, 16, 12
 CORPUS = [

@@ -13,7 +13,7 @@ from detectron2.structures import Instances
 import instalign_d2.instalign_model  # noqa: F401  (registers InstAlign)
 from instalign_d2.config import add_instalign_config
 from instalign_d2.instalign_model import InstAlign
-from instalign_d2.modeling.language import write_local_text_encoder
+from instalign_d2.synthetic.text_encoder import write_local_text_encoder
 
 SIZE = 64  # input side (the mapper's INPUT.IMAGE_SIZE)
 MAX_TOKENS = 12

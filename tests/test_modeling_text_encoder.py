@@ -5,12 +5,9 @@ import torch
 from detectron2.config import get_cfg
 
 from instalign_d2.config import add_instalign_config
-from instalign_d2.modeling.language import (
-    TextEncoder,
-    TextEncoderNotFoundError,
-    build_text_encoder,
-    write_local_text_encoder,
-)
+from instalign_d2.modeling.language import TextEncoder, build_text_encoder
+from instalign_d2.synthetic.text_encoder import write_local_text_encoder
+from instalign_d2.utils.tokenizer import TextEncoderNotFoundError
 
 CORPUS = [
     "the red cube on the left",

@@ -164,7 +164,7 @@ def test_groups_of_the_real_instalign_model(tmp_path):
     from detectron2.modeling import build_model
     from test_model_instalign import CORPUS, tiny_cfg
 
-    from instalign_d2.modeling.language import write_local_text_encoder
+    from instalign_d2.synthetic.text_encoder import write_local_text_encoder
 
     encoder = write_local_text_encoder(str(tmp_path / "enc"), CORPUS * 4, vocab_size=300, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, max_tokens=12)
     cfg = tiny_cfg(encoder)

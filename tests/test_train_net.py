@@ -55,6 +55,18 @@ def test_first_run_shows_the_dataset_generation_on_the_console(datasets_root, ca
     assert "is up to date" in capsys.readouterr().out
 
 
+def test_a_dataset_made_with_other_parameters_stops_the_run_and_stays(tmp_path, datasets_root, capsys):
+    argv = ["--config-file", CONFIG, *TINY, "OUTPUT_DIR", str(tmp_path / "out")]
+    train_net.prepare_data(train_net.build_config(train_net.default_argument_parser().parse_args(argv)))
+    refs = (datasets_root / "synthetic_gres" / "grefs(unc).json").read_bytes()
+    capsys.readouterr()
+    rc, err = run(argv + ["DATASETS.SYNTHETIC.SEED", "4242"], capsys)
+    assert rc == 2 and len(err.strip().splitlines()) == 1
+    assert "synthetic_gres was generated with other parameters: seed 0 (asked: 4242)" in err
+    assert (datasets_root / "synthetic_gres" / "grefs(unc).json").read_bytes() == refs
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize(
     "extra, expected",
     [

@@ -37,8 +37,8 @@ from detectron2.data import DatasetCatalog  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from instalign_d2 import add_instalign_config  # noqa: E402
 from instalign_d2.data.dataset_mapper import GRESDatasetMapper  # noqa: E402
-from instalign_d2.data.datasets.synthetic import INSTANCES_FILE, synthetic_root  # noqa: E402
-from instalign_d2.modeling.backbone.synthetic_pretraining import ATTRIBUTES, pool_over_masks, read_instances  # noqa: E402
+from instalign_d2.synthetic.backbone_pretraining import ATTRIBUTES, pool_over_masks  # noqa: E402
+from instalign_d2.synthetic.params import INSTANCES_FILE, read_instances, synthetic_root  # noqa: E402
 from instalign_d2.utils.atomic_io import atomic_write_json  # noqa: E402
 
 def fit_linear_probe(
@@ -130,7 +130,7 @@ def main(argv=None) -> int:
     instances_path = os.path.join(synthetic_root(), INSTANCES_FILE)
     if not os.path.isfile(instances_path):
         print(f"probe_features: error: {instances_path} not found; generate the synthetic dataset first "
-              "(python -m instalign_d2.data.datasets.synthetic, or make train)", file=sys.stderr)
+              "(python -m instalign_d2.synthetic, or make train)", file=sys.stderr)
         return 2
     torch.manual_seed(0)
     model = build_model(cfg).eval()

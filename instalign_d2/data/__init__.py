@@ -1,4 +1,4 @@
-"""GRES data: dataset loaders and registration, the synthetic generator, GT masks, the mapper.
+"""GRES data: dataset loaders and registration, GT masks, the mapper.
 
 Importing this package registers every dataset name (see ``datasets/builtin.py``).
 """

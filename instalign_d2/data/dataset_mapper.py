@@ -25,7 +25,7 @@ from PIL import Image
 from instalign_d2.data.augmentation import CROP_TRIES, MIN_TARGET_KEPT, build_gres_augmentations
 from instalign_d2.data.image_io import read_image_uint8
 from instalign_d2.data.masks import instance_masks, transform_masks
-from instalign_d2.modeling.language.tokenizer import load_tokenizer, tokenize
+from instalign_d2.utils.tokenizer import load_tokenizer, tokenize
 
 logger = logging.getLogger(__name__)
 

@@ -74,7 +74,7 @@ def check_config(cfg, *, eval_only: bool = False, resume: bool = False) -> None:
 
     text = getattr(cfg.MODEL, "TEXT_ENCODER", None)
     if text is not None and not _text_encoder_will_be_generated(cfg):
-        from instalign_d2.modeling.language.tokenizer import TextEncoderNotFoundError, resolve_text_encoder
+        from instalign_d2.utils.tokenizer import TextEncoderNotFoundError, resolve_text_encoder
 
         try:
             resolve_text_encoder(text.NAME)

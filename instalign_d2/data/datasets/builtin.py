@@ -1,4 +1,4 @@
-"""Register every built-in dataset name (DESIGN.md §5) at import, as Detectron2's ``builtin.py``.
+"""Register every built-in dataset name at import, as Detectron2's ``builtin.py``.
 
 Paths are computed from ``$DETECTRON2_DATASETS`` (default ``./datasets``) when a dataset loads.
 """

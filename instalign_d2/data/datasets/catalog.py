@@ -50,3 +50,39 @@ def register_gres_dataset(
         DatasetCatalog.remove(name)
     DatasetCatalog.register(name, load)
     refresh_metadata(name, evaluator_type=evaluator_type, split=split, **metadata)
+
+
+def register_splits(
+    splits: Dict[str, str],
+    paths: Callable[[str], Dict[str, str]],
+    load: Callable[[Dict[str, str], str, str], List[dict]],
+    *,
+    evaluator_type: str,
+    root: Callable[[], str],
+) -> None:
+    """Register each ``name -> split`` of one dataset, whose files ``paths(root())`` locates.
+
+    Args:
+        splits: dataset name -> split name (e.g. ``{"grefcoco_unc_val": "val"}``).
+        paths: datasets root -> that dataset's files; must give ``dataset_root`` and ``image_root``.
+        load: ``(paths, split, name)`` -> dataset dicts.
+        evaluator_type: picks the evaluator (see :func:`register_gres_dataset`).
+        root: returns the datasets root; called when a split loads, so that a change of
+            ``$DETECTRON2_DATASETS`` after import is honoured.
+    """
+    for name, split in splits.items():
+
+        def load_split(split=split, name=name):
+            located = paths(root())
+            dicts = load(located, split, name)
+            return dicts, {key: located[key] for key in ("dataset_root", "image_root")}
+
+        located = paths(root())
+        register_gres_dataset(
+            name,
+            load_split,
+            evaluator_type=evaluator_type,
+            split=split,
+            dataset_root=located["dataset_root"],
+            image_root=located["image_root"],
+        )

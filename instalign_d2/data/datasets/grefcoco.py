@@ -12,7 +12,7 @@ import os
 import time
 from typing import Callable, Dict, List, Mapping
 
-from instalign_d2.data.datasets.catalog import register_gres_dataset
+from instalign_d2.data.datasets.catalog import register_splits
 from instalign_d2.data.datasets.refer_common import (
     CocoIndex,
     as_id_list,
@@ -108,26 +108,12 @@ def load_grefcoco_json(
 
 def register_all_grefcoco(root: Callable[[], str]) -> None:
     """Register ``grefcoco_unc_{train,val,testA,testB}``; ``root()`` is read when a split loads."""
-    for split in GREFCOCO_SPLITS:
-        name = f"grefcoco_unc_{split}"
-
-        def load(split=split, name=name):
-            paths = grefcoco_paths(root())
-            dicts = load_grefcoco_json(
-                paths["refs_file"],
-                paths["instances_file"],
-                paths["image_root"],
-                split,
-                dataset_name=name,
-            )
-            return dicts, {"dataset_root": paths["dataset_root"], "image_root": paths["image_root"]}
-
-        paths = grefcoco_paths(root())
-        register_gres_dataset(
-            name,
-            load,
-            evaluator_type="grefcoco",
-            split=split,
-            dataset_root=paths["dataset_root"],
-            image_root=paths["image_root"],
-        )
+    register_splits(
+        {f"grefcoco_unc_{split}": split for split in GREFCOCO_SPLITS},
+        grefcoco_paths,
+        lambda paths, split, name: load_grefcoco_json(
+            paths["refs_file"], paths["instances_file"], paths["image_root"], split, dataset_name=name
+        ),
+        evaluator_type="grefcoco",
+        root=root,
+    )

@@ -7,10 +7,11 @@ names), ``refcocog_umd_*`` and ``refcocog_google_*``.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Callable, Dict, List
 
-from instalign_d2.data.datasets.catalog import register_gres_dataset
+from instalign_d2.data.datasets.catalog import register_splits
 from instalign_d2.data.datasets.grefcoco import load_grefcoco_json
 from instalign_d2.data.datasets.refer_common import first_existing
 
@@ -83,31 +84,18 @@ def refcoco_dataset_names() -> List[str]:
 def register_all_refcoco(root: Callable[[], str]) -> None:
     """Register the RefCOCO family; ``root()`` is read when a split loads."""
     for (folder, split_by), splits in REFCOCO_VARIANTS.items():
-        for split in splits:
-            for prefix in (folder,) + NAME_ALIASES.get(folder, ()):
-                name = f"{prefix}_{split_by}_{split}"
-
-                def load(folder=folder, split_by=split_by, split=split, name=name):
-                    paths = refcoco_paths(root(), folder, split_by)
-                    dicts = load_refcoco(
-                        paths["refs_file"],
-                        paths["instances_file"],
-                        paths["image_root"],
-                        split,
-                        dataset_name=name,
-                        source=folder,
-                    )
-                    return dicts, {
-                        "dataset_root": paths["dataset_root"],
-                        "image_root": paths["image_root"],
-                    }
-
-                paths = refcoco_paths(root(), folder, split_by)
-                register_gres_dataset(
-                    name,
-                    load,
-                    evaluator_type="refcoco",
-                    split=split,
-                    dataset_root=paths["dataset_root"],
-                    image_root=paths["image_root"],
-                )
+        prefixes = (folder,) + NAME_ALIASES.get(folder, ())
+        register_splits(
+            {f"{prefix}_{split_by}_{split}": split for split in splits for prefix in prefixes},
+            functools.partial(refcoco_paths, folder=folder, split_by=split_by),
+            lambda paths, split, name, folder=folder: load_refcoco(
+                paths["refs_file"],
+                paths["instances_file"],
+                paths["image_root"],
+                split,
+                dataset_name=name,
+                source=folder,
+            ),
+            evaluator_type="refcoco",
+            root=root,
+        )

@@ -15,7 +15,7 @@ import os
 import time
 from typing import Callable, Dict, List, Mapping
 
-from instalign_d2.data.datasets.catalog import register_gres_dataset
+from instalign_d2.data.datasets.catalog import register_splits
 from instalign_d2.data.datasets.refer_common import (
     CocoIndex,
     DatasetLayoutError,
@@ -144,28 +144,18 @@ def load_refzom(
 
 def register_all_refzom(root: Callable[[], str]) -> None:
     """Register ``refzom_final_{train,test}``; ``root()`` is read when a split loads."""
-    for split in REFZOM_SPLITS:
-        name = f"refzom_final_{split}"
-
-        def load(split=split, name=name):
-            paths = refzom_paths(root())
-            dicts = load_refzom(
-                paths["refs_file"],
-                paths["instances_file"],
-                split,
-                image_root=paths["image_root"],
-                train_image_root=paths["train_image_root"],
-                val_image_root=paths["val_image_root"],
-                dataset_name=name,
-            )
-            return dicts, {"dataset_root": paths["dataset_root"], "image_root": paths["image_root"]}
-
-        paths = refzom_paths(root())
-        register_gres_dataset(
-            name,
-            load,
-            evaluator_type="refzom",
-            split=split,
-            dataset_root=paths["dataset_root"],
+    register_splits(
+        {f"refzom_final_{split}": split for split in REFZOM_SPLITS},
+        refzom_paths,
+        lambda paths, split, name: load_refzom(
+            paths["refs_file"],
+            paths["instances_file"],
+            split,
             image_root=paths["image_root"],
-        )
+            train_image_root=paths["train_image_root"],
+            val_image_root=paths["val_image_root"],
+            dataset_name=name,
+        ),
+        evaluator_type="refzom",
+        root=root,
+    )

@@ -1,14 +1,14 @@
 """Load the text encoder's tokenizer from a local directory and tokenise expressions.
 
 The mapper (data side) and the text encoder (model side) share this, so both always agree on
-ids, padding and truncation.
+ids, padding and truncation; it lives in ``utils`` so that neither side imports the other.
 """
 from __future__ import annotations
 
 import logging
 import os
 from functools import lru_cache
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -74,3 +74,12 @@ def tokenize(tokenizer, sentences: Sequence[str], max_tokens: int) -> Dict[str, 
             len(too_long), max_tokens, too_long[0][:80],
         )
     return {"input_ids": encoded["input_ids"].long(), "attention_mask": encoded["attention_mask"].long()}
+
+
+def is_text_encoder_dir(directory: Optional[str]) -> bool:
+    """True when ``directory`` holds a tokenizer and a model config that transformers can load."""
+    if not directory or not os.path.isdir(directory):
+        return False
+    names = set(os.listdir(directory))
+    has_tokenizer = {"vocab.json", "merges.txt"} <= names or "tokenizer.json" in names
+    return has_tokenizer and "config.json" in names

@@ -32,7 +32,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from instalign_d2.data.datasets.synthetic_scene import ATTRIBUTE_VALUES
+from detectron2.data import detection_utils
+from detectron2.data import transforms as T
+from iopath.common.file_io import file_lock
+
+from instalign_d2.modeling.backbone.timm_backbone import TimmBackbone
+from instalign_d2.synthetic.params import IMAGES_DIR, INSTANCES_FILE, read_instances, read_marker
+from instalign_d2.synthetic.scene import ATTRIBUTE_VALUES
 from instalign_d2.utils.atomic_io import atomic_write_json, atomic_write_path
 from instalign_d2.utils.paths import expand_path
 
@@ -68,14 +74,6 @@ class ObjectAttributeSet:
         return sum(len(labels) for labels in self.labels)
 
 
-def read_instances(root: str) -> dict:
-    """The ``instances.json`` of a generated synthetic dataset (all splits)."""
-    from instalign_d2.data.datasets.synthetic import INSTANCES_FILE
-
-    with open(os.path.join(root, INSTANCES_FILE)) as f:
-        return json.load(f)
-
-
 def load_object_attributes(
     root: str, split: str, image_size: int, max_images: Optional[int] = None, instances: Optional[dict] = None
 ) -> ObjectAttributeSet:
@@ -83,11 +81,6 @@ def load_object_attributes(
 
     ``instances``: that file already read (:func:`read_instances`), to read it once for several splits.
     """
-    from detectron2.data import detection_utils
-    from detectron2.data import transforms as T
-
-    from instalign_d2.data.datasets.synthetic import IMAGES_DIR, INSTANCES_FILE
-
     if instances is None:
         instances = read_instances(root)
     objects_by_image = collections.defaultdict(list)
@@ -253,6 +246,12 @@ def save_timm_trunk(backbone, path: str) -> None:
     atomic_write_path(path, lambda tmp: torch.save(state, tmp))
 
 
+def pretraining_seed(cfg) -> int:
+    """``SYNTHETIC_PRETRAIN.SEED``, or Detectron2's ``SEED`` when that is -1 (0 when both are)."""
+    seed = cfg.MODEL.TIMM.SYNTHETIC_PRETRAIN.SEED
+    return int(seed if seed >= 0 else max(cfg.SEED, 0))
+
+
 def pretraining_settings(cfg, dataset_params: Mapping) -> Dict[str, object]:
     """What the pre-trained file depends on; a different value means the file must be made again."""
     timm_cfg = cfg.MODEL.TIMM
@@ -268,7 +267,7 @@ def pretraining_settings(cfg, dataset_params: Mapping) -> Dict[str, object]:
         "iterations": settings.ITERATIONS,
         "ims_per_batch": settings.IMS_PER_BATCH,
         "base_lr": settings.BASE_LR,
-        "seed": settings.SEED,
+        "seed": pretraining_seed(cfg),
         "dataset": dict(dataset_params),
     }
 
@@ -284,11 +283,6 @@ def ensure_synthetic_pretrained_backbone(cfg, dataset_root: str) -> str:
     others wait. The settings file is written after the weights, so a run killed in between makes
     the weights again next time instead of trusting them. Returns the path of the weights.
     """
-    from iopath.common.file_io import file_lock
-
-    from instalign_d2.data.datasets.synthetic import read_marker
-    from instalign_d2.modeling.backbone.timm_backbone import TimmBackbone
-
     path = os.path.abspath(expand_path(cfg.MODEL.TIMM.PRETRAINED_WEIGHTS))
     marker = read_marker(dataset_root)
     if marker is None:
@@ -311,7 +305,7 @@ def ensure_synthetic_pretrained_backbone(cfg, dataset_root: str) -> str:
             "classifying the shape, colour and size of %d objects in %d training images",
             cfg.MODEL.TIMM.NAME, settings.ITERATIONS, settings.IMS_PER_BATCH, train_set.num_objects, len(train_set),
         )
-        torch.manual_seed(settings.SEED)  # the trunk's initial weights
+        torch.manual_seed(pretraining_seed(cfg))  # the trunk's initial weights
         arguments = TimmBackbone.from_config(cfg)
         arguments.update(pretrained_weights="", freeze=False)
         backbone = TimmBackbone(**arguments)
@@ -323,7 +317,7 @@ def ensure_synthetic_pretrained_backbone(cfg, dataset_root: str) -> str:
             base_lr=settings.BASE_LR,
             pixel_mean=cfg.MODEL.PIXEL_MEAN,
             pixel_std=cfg.MODEL.PIXEL_STD,
-            seed=settings.SEED,
+            seed=pretraining_seed(cfg),
         )
         accuracy = attribute_accuracy(backbone, classifiers, _Normalize(cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD), val_set)
         os.makedirs(os.path.dirname(path), exist_ok=True)

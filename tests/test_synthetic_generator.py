@@ -1,8 +1,11 @@
 """The synthetic GRES generator: determinism, proportions, masks that match the drawn pixels, and
 expressions whose referents an independent reading of the sentence confirms."""
 
+import dataclasses
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -10,8 +13,14 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from PIL import Image
 
 import instalign_d2.data  # noqa: F401  (registers the datasets)
-from instalign_d2.data.datasets import synthetic
-from instalign_d2.data.datasets.synthetic import ensure_synthetic_gres, generate_synthetic_gres
+from instalign_d2.synthetic import __main__ as synthetic_cli
+from instalign_d2.synthetic import generator
+from instalign_d2.synthetic.generator import (
+    SyntheticDatasetMismatch,
+    ensure_synthetic_gres,
+    generate_synthetic_gres,
+)
+from instalign_d2.synthetic.params import SyntheticParams, synthetic_root
 from instalign_d2.data.masks import decode_segmentation
 
 # The closed vocabulary, written out here rather than imported, so the reading below is independent.
@@ -97,7 +106,7 @@ def referents(sentence, objects, image_size):
 @pytest.fixture(scope="module")
 def tiny_dataset(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("synthetic") / "synthetic_gres")
-    stats = generate_synthetic_gres(root, seed=7, workers=1, **TINY)
+    stats = generate_synthetic_gres(root, SyntheticParams(seed=7, **TINY), workers=1)
     return root, stats
 
 
@@ -193,7 +202,7 @@ def test_every_expression_names_exactly_its_targets(tiny_dataset):
 def test_loader_reads_the_generated_split(tiny_dataset, monkeypatch):
     root, stats = tiny_dataset
     monkeypatch.setenv("DETECTRON2_DATASETS", os.path.dirname(root))
-    assert synthetic.synthetic_root() == root
+    assert synthetic_root() == root
     dicts = DatasetCatalog.get("synthetic_gres_val")
     assert len(dicts) == stats["val"]["expressions"]
     assert {d["source"] for d in dicts} == {"synthetic_gres"}
@@ -202,23 +211,22 @@ def test_loader_reads_the_generated_split(tiny_dataset, monkeypatch):
         d["empty"] == (d["expression_kind"] == "no_target") == (d["annotations"] == [])
         for d in dicts
     )
-    assert {d["expression_template"] for d in dicts} <= set(synthetic.TEMPLATE_NAMES)
+    assert {d["expression_template"] for d in dicts} <= set(generator.TEMPLATE_NAMES)
     meta = MetadataCatalog.get("synthetic_gres_val")
     assert meta.evaluator_type == "grefcoco" and meta.dataset_root == root
 
 
 def test_statistics_follow_the_requested_proportions(tmp_path):
     weights = (0.2, 0.2, 0.6)
-    stats = generate_synthetic_gres(
-        str(tmp_path / "s"),
+    params = SyntheticParams(
         seed=1,
-        workers=1,
         num_train_images=150,
         num_val_images=0,
         num_test_images=0,
         image_size=48,
         kind_weights=weights,
     )
+    stats = generate_synthetic_gres(str(tmp_path / "s"), params, workers=1)
     train = stats["train"]
     assert train["expressions"] >= 150 * 5.5  # ~6 per image
     for kind, weight in zip(("single", "multi", "no_target"), weights):
@@ -234,106 +242,134 @@ def test_statistics_follow_the_requested_proportions(tmp_path):
 
 
 def test_same_seed_same_bytes_any_worker_count(tmp_path):
-    params = dict(num_train_images=70, num_val_images=2, num_test_images=2, image_size=48, seed=3)
-    generate_synthetic_gres(str(tmp_path / "a"), workers=1, **params)
-    generate_synthetic_gres(
-        str(tmp_path / "b"), workers=2, **params
-    )  # >= 64 images: a process pool
-    generate_synthetic_gres(str(tmp_path / "c"), workers=1, **{**params, "seed": 4})
+    params = SyntheticParams(
+        num_train_images=70, num_val_images=2, num_test_images=2, image_size=48, seed=3
+    )
+    generate_synthetic_gres(str(tmp_path / "a"), params, workers=1)
+    generate_synthetic_gres(str(tmp_path / "b"), params, workers=2)  # >= 64 images: a pool
+    other_seed = dataclasses.replace(params, seed=4)
+    generate_synthetic_gres(str(tmp_path / "c"), other_seed, workers=1)
     for name in ("grefs(unc).json", "instances.json", "images/train/000069.png"):
         assert _read(tmp_path / "a", name) == _read(tmp_path / "b", name), name
         assert _read(tmp_path / "a", name) != _read(tmp_path / "c", name), name
 
 
-def test_ensure_generates_once_and_again_only_for_other_parameters(tmp_path, monkeypatch):
+def _files(root) -> dict:
+    """Every file under ``root`` (relative path -> bytes)."""
+    out = {}
+    for folder, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(folder, name)
+            out[os.path.relpath(path, root)] = _read(folder, name)
+    return out
+
+
+def test_output_does_not_depend_on_the_string_hash_seed(tmp_path):
+    """Python draws a new string-hash seed per process: two processes with different
+    PYTHONHASHSEED values must write the same bytes, file for file."""
+    args = ["--num-train-images", "40", "--num-val-images", "20", "--num-test-images", "0"]
+    args += ["--image-size", "48", "--seed", "11", "--workers", "1"]
+    for hash_seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+        root = str(tmp_path / f"hash{hash_seed}")
+        subprocess.run(
+            [sys.executable, "-m", "instalign_d2.synthetic", "--root", root, *args],
+            env=env,
+            check=True,
+            capture_output=True,
+        )
+    first, second = _files(tmp_path / "hash1"), _files(tmp_path / "hash2")
+    assert len(first) > 60 and sorted(first) == sorted(second)
+    different = [name for name in first if first[name] != second[name]]
+    assert different == []
+
+
+def test_ensure_generates_once_and_never_replaces_a_dataset(tmp_path, monkeypatch):
     root = str(tmp_path / "synthetic_gres")
-    params = dict(num_train_images=3, num_val_images=1, num_test_images=1, image_size=48, seed=0)
-    assert ensure_synthetic_gres(root, workers=1, **params) == root
+    params = SyntheticParams(
+        num_train_images=3, num_val_images=1, num_test_images=1, image_size=48, seed=0
+    )
+    assert ensure_synthetic_gres(root, params, workers=1) == root
     first = _read(root, "grefs(unc).json")
 
     def fail(*args, **kwargs):
         raise AssertionError("regenerated an up-to-date dataset")
 
-    with monkeypatch.context() as m:
-        m.setattr(synthetic, "generate_synthetic_gres", fail)
-        ensure_synthetic_gres(root, workers=1, **params)
-    ensure_synthetic_gres(root, workers=1, **{**params, "seed": 5})
-    assert json.loads(_read(root, "generator.json"))["params"]["seed"] == 5
-    assert _read(root, "grefs(unc).json") != first
+    monkeypatch.setattr(generator, "generate_synthetic_gres", fail)
+    ensure_synthetic_gres(root, params, workers=1)
+    # Other parameters: one error that names the folder and what differs; nothing is touched.
+    with pytest.raises(SyntheticDatasetMismatch) as error:
+        ensure_synthetic_gres(root, dataclasses.replace(params, seed=5), workers=1)
+    message = str(error.value)
+    assert root in message and "seed 0 (asked: 5)" in message and "\n" not in message
+    assert _read(root, "grefs(unc).json") == first
 
 
 def test_foreign_folder_is_never_replaced(tmp_path):
     root = tmp_path / "synthetic_gres"
     root.mkdir()
     (root / "precious.txt").write_text("user data")
+    params = SyntheticParams(num_train_images=1, num_val_images=0, num_test_images=0, image_size=48)
     with pytest.raises(FileExistsError, match="generator.json"):
-        ensure_synthetic_gres(
-            str(root), num_train_images=1, num_val_images=0, num_test_images=0, image_size=48
-        )
+        ensure_synthetic_gres(str(root), params)
     assert (root / "precious.txt").read_text() == "user data"
 
 
 def test_interrupted_run_leaves_nothing(tmp_path, monkeypatch):
-    import instalign_d2.modeling.language.local_encoder as local_encoder
-
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(local_encoder, "write_local_text_encoder", interrupted)
+    monkeypatch.setattr(generator, "write_local_text_encoder", interrupted)
+    params = SyntheticParams(num_train_images=2, num_val_images=0, num_test_images=0, image_size=48)
     with pytest.raises(KeyboardInterrupt):
-        generate_synthetic_gres(
-            str(tmp_path / "s"),
-            num_train_images=2,
-            num_val_images=0,
-            num_test_images=0,
-            image_size=48,
-        )
+        generate_synthetic_gres(str(tmp_path / "s"), params)
     assert os.listdir(tmp_path) == []
 
 
 def test_bad_parameters_are_named():
     with pytest.raises(ValueError, match="image_size"):
-        synthetic.synthetic_params(image_size=8)
+        SyntheticParams(image_size=8)
     with pytest.raises(ValueError, match="kind_weights"):
-        synthetic.synthetic_params(kind_weights=(1.0, 0.0))
+        SyntheticParams(kind_weights=(1.0, 0.0))
 
 
-def test_cli_writes_the_dataset(tmp_path):
+def test_params_from_the_config_are_the_dataclass_defaults():
+    from detectron2.config import get_cfg
+
+    from instalign_d2.config import add_instalign_config
+
+    cfg = add_instalign_config(get_cfg())
+    assert SyntheticParams.from_config(cfg) == SyntheticParams()
+    cfg.DATASETS.SYNTHETIC.SEED = 9
+    cfg.DATASETS.SYNTHETIC.KIND_WEIGHTS = [1, 1, 1]  # YAML gives lists of ints: same params
+    assert SyntheticParams.from_config(cfg) == SyntheticParams(seed=9, kind_weights=(1.0,) * 3)
+
+
+def test_cli_writes_the_dataset_and_refuses_other_parameters(tmp_path, capsys):
     root = tmp_path / "cli"
-    synthetic.main(
-        [
-            "--root",
-            str(root),
-            "--seed",
-            "2",
-            "--num-train-images",
-            "2",
-            "--num-val-images",
-            "1",
-            "--num-test-images",
-            "1",
-            "--image-size",
-            "48",
-            "--workers",
-            "1",
-        ]
-    )
+    args = ["--root", str(root), "--num-train-images", "2", "--num-val-images", "1"]
+    args += ["--num-test-images", "1", "--image-size", "48", "--workers", "1"]
+    assert synthetic_cli.main(args + ["--seed", "2"]) == 0
     marker = json.loads((root / "generator.json").read_text())
     assert marker["params"]["seed"] == 2 and marker["params"]["num_train_images"] == 2
+    assert synthetic_cli.main(args + ["--seed", "3"]) == 2
+    assert "seed 2 (asked: 3)" in capsys.readouterr().err
+    assert synthetic_cli.main(args + ["--seed", "3", "--force"]) == 0
+    assert json.loads((root / "generator.json").read_text())["params"]["seed"] == 3
 
 
 def test_text_encoder_knows_every_word_and_maps_samples(tiny_dataset, monkeypatch):
     from transformers import AutoModel
 
     from instalign_d2.data.dataset_mapper import GRESDatasetMapper
-    from instalign_d2.modeling.language.tokenizer import load_tokenizer
+    from instalign_d2.utils.tokenizer import load_tokenizer
 
     root, _ = tiny_dataset
     encoder_dir = os.path.join(root, "text_encoder")
     tokenizer = load_tokenizer(encoder_dir)
     refs = json.loads(_read(root, "grefs(unc).json"))
     sentences = [s["raw"] for r in refs for s in r["sentences"]] + [
-        f"the {word}" for word in synthetic.VOCABULARY
+        f"the {word}" for word in generator.VOCABULARY
     ]
     for text in sentences:
         ids = tokenizer(text)["input_ids"]

@@ -10,11 +10,12 @@ from detectron2.config import get_cfg
 
 import train_net
 from instalign_d2 import add_instalign_config
-from instalign_d2.data.datasets.synthetic import generate_synthetic_gres
-from instalign_d2.data.datasets.synthetic_scene import ATTRIBUTE_VALUES
 from instalign_d2.engine.checks import ConfigError, check_config
 from instalign_d2.modeling.backbone import TimmBackbone
-from instalign_d2.modeling.backbone import synthetic_pretraining as sp
+from instalign_d2.synthetic import backbone_pretraining as sp
+from instalign_d2.synthetic.generator import generate_synthetic_gres
+from instalign_d2.synthetic.params import SyntheticParams
+from instalign_d2.synthetic.scene import ATTRIBUTE_VALUES
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "synthetic", "instalign_tiny.yaml")
@@ -23,7 +24,10 @@ CONFIG = os.path.join(REPO, "configs", "synthetic", "instalign_tiny.yaml")
 @pytest.fixture(scope="module")
 def dataset_root(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("pretrain") / "synthetic_gres")
-    generate_synthetic_gres(root, seed=3, workers=1, num_train_images=24, num_val_images=8, num_test_images=2, image_size=64)
+    params = SyntheticParams(
+        seed=3, num_train_images=24, num_val_images=8, num_test_images=2, image_size=64
+    )
+    generate_synthetic_gres(root, params, workers=1)
     return root
 
 

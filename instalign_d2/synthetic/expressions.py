@@ -20,7 +20,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from instalign_d2.data.datasets.synthetic_scene import ATTRIBUTE_VALUES, SHAPE_PLURALS
+from instalign_d2.synthetic.scene import ATTRIBUTE_VALUES, SHAPE_PLURALS
 
 Filter = Dict[str, str]
 
@@ -118,7 +118,9 @@ def spatial_candidates(objects, centers, image_size) -> List[Tuple[Filter, str, 
         # A filter naming all three attributes matches at most one object: no group.
         if len(keys) == 3:
             continue
-        for group_filter in {tuple((k, o[k]) for k in keys) for o in objects}:
+        # dict.fromkeys: distinct values in object order (a set's order would follow string
+        # hashes, which change with PYTHONHASHSEED, and with it the drawn expressions).
+        for group_filter in dict.fromkeys(tuple((k, o[k]) for k in keys) for o in objects):
             filt = dict(group_filter)
             group = matching(objects, filt)
             if len(group) < 2:
@@ -155,7 +157,7 @@ def _group_expression(
     options = []
     for other in (None,) + tuple(extra):
         keys = (head,) if other is None else (head, other)
-        for value in {tuple(o[k] for k in keys) for o in objects}:
+        for value in dict.fromkeys(tuple(o[k] for k in keys) for o in objects):  # object order
             filt = dict(zip(keys, value))
             group = matching(objects, filt)
             if len(group) >= 2:

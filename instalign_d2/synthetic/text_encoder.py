@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from typing import Iterable, Optional
+from typing import Iterable
 
 # RoBERTa's special tokens, in the order that gives its ids: <s>=0, <pad>=1, </s>=2, <unk>=3.
 ROBERTA_SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
@@ -95,12 +95,3 @@ def write_local_text_encoder(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return directory
-
-
-def is_text_encoder_dir(directory: Optional[str]) -> bool:
-    """True when ``directory`` holds a tokenizer and a model config that transformers can load."""
-    if not directory or not os.path.isdir(directory):
-        return False
-    names = set(os.listdir(directory))
-    has_tokenizer = {"vocab.json", "merges.txt"} <= names or "tokenizer.json" in names
-    return has_tokenizer and "config.json" in names
