@@ -158,16 +158,12 @@ def test_linear_decay_reaches_end_lr_at_max_iter(warmup_iters):
     assert lrs[50] == pytest.approx(1e-4 + (1e-6 - 1e-4) * 0.5, rel=1e-6)
 
 
-def test_groups_of_the_real_instalign_model(tmp_path):
+def test_groups_of_the_real_instalign_model(tiny_cfg):
     """On the real model: the new text projection learns at full rate, the pretrained text
     transformer, the backbone and the pixel decoder at their multipliers, and AIA's PReLU slope is not decayed."""
     from detectron2.modeling import build_model
-    from test_model_instalign import CORPUS, tiny_cfg
 
-    from instalign_d2.synthetic.text_encoder import write_local_text_encoder
-
-    encoder = write_local_text_encoder(str(tmp_path / "enc"), CORPUS * 4, vocab_size=300, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, max_tokens=12)
-    cfg = tiny_cfg(encoder)
+    cfg = tiny_cfg()
     cfg.SOLVER.BASE_LR, cfg.SOLVER.WEIGHT_DECAY = 1e-4, 0.05
     cfg.SOLVER.BACKBONE_MULTIPLIER, cfg.SOLVER.TEXT_ENCODER_MULTIPLIER = 0.1, 0.2
     cfg.SOLVER.PIXEL_DECODER_MULTIPLIER = 0.5

@@ -1,6 +1,5 @@
 """tools/eval_predictions.py: a dump scored without the model gives the evaluator's numbers."""
 
-import importlib.util
 import json
 import os
 import uuid
@@ -16,16 +15,6 @@ from instalign_d2.evaluation.prediction_dump import read_dump
 from instalign_d2.evaluation.rescoring import results_from_dump
 
 H, W, S = 10, 14, 8
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_tool():
-    spec = importlib.util.spec_from_file_location(
-        "eval_predictions", os.path.join(ROOT, "tools", "eval_predictions.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def rect(x0, y0, x1, y1):
@@ -91,7 +80,7 @@ def model_run(dicts, resolution, seed=0):
 @pytest.mark.parametrize(
     "evaluator_type, resolution", [("grefcoco", "input"), ("refzom", "original")]
 )
-def test_dump_rescored_equals_evaluator(tmp_path, evaluator_type, resolution):
+def test_dump_rescored_equals_evaluator(tmp_path, evaluator_type, resolution, load_tool):
     name, dicts = register(evaluator_type)
     evaluator = GRESEvaluator(
         name, output_dir=str(tmp_path / "eval"), eval_resolution=resolution, dump_predictions=True
@@ -107,7 +96,7 @@ def test_dump_rescored_equals_evaluator(tmp_path, evaluator_type, resolution):
     dump_file = predictions_path(str(tmp_path / "eval"), name)
     results, skipped = results_from_dump(read_dump(dump_file), dicts)
     assert [r.sent_id for r in results] == [100, 101, 102, 103] and [s[1] for s in skipped] == [104]
-    got = load_tool().main(["--predictions", dump_file, "--output-dir", str(tmp_path / "tool")])
+    got = load_tool("eval_predictions").main(["--predictions", dump_file, "--output-dir", str(tmp_path / "tool")])
     assert got == expected  # exactly the same numbers, through the same metric code
     saved = json.load(open(tmp_path / "tool" / f"{name}_results.json"))
     assert saved["eval_resolution"] == resolution

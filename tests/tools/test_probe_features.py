@@ -1,21 +1,9 @@
-"""tools/probe_features.py: the linear probe (its mask pooling is tested in test_synthetic_pretraining)."""
-import importlib.util
-import os
-
+"""tools/probe_features.py: the linear probe (its mask pooling is tested with the backbone pre-training)."""
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
-def load_tool():
-    spec = importlib.util.spec_from_file_location("probe_features", os.path.join(ROOT, "tools", "probe_features.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_probe_reads_a_linearly_coded_label_and_not_noise():
-    probe = load_tool()
+def test_probe_reads_a_linearly_coded_label_and_not_noise(load_tool):
+    probe = load_tool("probe_features")
     rng = np.random.default_rng(0)
     labels = rng.choice(["circle", "star", "cross"], size=300)
     codes = {"circle": [3, 0], "star": [0, 3], "cross": [-3, -3]}
