@@ -34,6 +34,10 @@ def add_instalign_config(cfg: CN) -> CN:
     cfg.DATASETS.SYNTHETIC.EXPRESSIONS_PER_IMAGE = defaults.expressions_per_image
     cfg.DATASETS.SYNTHETIC.KIND_WEIGHTS = defaults.kind_weights  # single / multi / no-target
 
+    # A split whose images are missing (or undecodable) beyond this share stops the run: that is a
+    # broken download, not a few bad files. Below it, those expressions are skipped and counted.
+    cfg.DATASETS.MAX_MISSING_IMAGE_FRACTION = 0.01
+
     cfg.DATALOADER.GROUP_EXPRESSIONS_BY_IMAGE = True  # test loader: one batch = one image's expressions
     # Training: 0 = one expression per sample (the paper, ReLA); k > 0 = a sample is an image with
     # up to k of its expressions, which share one backbone pass (IMS_PER_BATCH then counts images).
