@@ -42,7 +42,10 @@ def make_inputs(
     device="cpu",
     generator=None,
 ):
-    """Random inputs; locations spread over [-0.3, 1.3] so that some points lie (partly) outside."""
+    """Random inputs; locations spread over [-0.3, 1.3] so that some points lie (partly) outside.
+    Without a generator, a fixed seed: every draw of these tests is reproducible."""
+    if generator is None:
+        generator = torch.Generator().manual_seed(0)
     num_levels = len(shapes)
     tokens = sum(h * w for h, w in shapes)
     value = torch.randn(batch, tokens, heads, channels, dtype=dtype, generator=generator)
@@ -313,6 +316,89 @@ def test_extension_rejects_levels_that_overrun_value():
         )
 
 
+@needs_cpp
+@pytest.mark.parametrize(
+    "shapes,starts,pattern",
+    [
+        ([[3, 3], [2, 1]], [0, 9], r"level 1 .*\(2, 1\) starting at level_start_index 9 .*S=10"),
+        ([[3, 3], [1, 1]], [0, -1], r"level 1 .*starting at level_start_index -1"),
+        ([[0, 3], [1, 1]], [0, 0], r"level 0 .*\(0, 3\)"),
+        ([[2**40, 2**40], [1, 1]], [0, 1], r"level 0 .*does not fit in value's S=10"),
+    ],
+    ids=["past-the-end", "negative-start", "empty-level", "overflowing-product"],
+)
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_extension_checks_levels_in_both_directions(shapes, starts, pattern, direction):
+    """The shared C++ entry checks the level tables for every device before any kernel runs."""
+    value, _, _, locations, weights = make_inputs([(3, 3), (1, 1)], 1, 1, 2, 2, 1)
+    args = [value, torch.tensor(shapes), torch.tensor(starts), locations, weights]
+    with pytest.raises(RuntimeError, match=pattern):
+        if direction == "forward":
+            msda_module._EXTENSION.ms_deform_attn_forward(*args, 64)
+        else:
+            grad_output = torch.zeros(1, 2, 2, dtype=value.dtype)
+            msda_module._EXTENSION.ms_deform_attn_backward(*args, grad_output, 64)
+
+
+@needs_cpp
+def test_extension_refuses_level_tables_on_another_device_and_too_many_levels():
+    value, spatial_shapes, starts, locations, weights = make_inputs([(3, 3), (1, 1)], 1, 1, 2, 2, 1)
+    with pytest.raises(RuntimeError, match=r"must be on the CPU or on value's device cpu"):
+        msda_module._EXTENSION.ms_deform_attn_forward(
+            value, spatial_shapes.to("meta"), starts, locations, weights, 64
+        )
+    levels = msda_module._EXTENSION.MSDA_MAX_LEVELS + 1
+    many = [(1, 1)] * levels
+    value, spatial_shapes, starts, locations, weights = make_inputs(many, 1, 1, 2, 2, 1)
+    with pytest.raises(RuntimeError, match=rf"at most {levels - 1} levels, got {levels}"):
+        msda_module._EXTENSION.ms_deform_attn_forward(
+            value, spatial_shapes, starts, locations, weights, 64
+        )
+    # The reference has no such limit, and the wrapper does not impose one on it.
+    out = ms_deform_attn(value, many, None, locations, weights, impl="pytorch")
+    assert out.shape == (1, 2, 2)
+
+
+def outside_with_non_finite_weights(device="cpu"):
+    """Samples entirely outside their level (no corner on the map), with weights inf, -inf,
+    NaN and 1, next to one ordinary sample inside."""
+    value, spatial_shapes, starts, _, _ = make_inputs([(4, 4), (2, 3)], 1, 1, 3, 5, 1)
+    outside = torch.tensor([[-5.0, 0.5], [0.5, 1.75], [-0.2, -0.2], [2.0, 2.0]])
+    locations = torch.cat([outside, torch.tensor([[0.4, 0.6]])]).to(torch.float64)
+    locations = locations.view(1, 5, 1, 1, 1, 2).expand(1, 5, 1, 2, 1, 2).contiguous()
+    weights = torch.tensor([math.inf, -math.inf, math.nan, 1.0, 0.5], dtype=torch.float64)
+    weights = weights.view(1, 5, 1, 1, 1).expand(1, 5, 1, 2, 1).contiguous()
+    grad_output = torch.ones(1, 5, 3, dtype=torch.float64)
+    return [t.to(device) for t in (value, spatial_shapes, starts, locations, weights, grad_output)]
+
+
+@needs_cpp
+def test_outside_samples_with_non_finite_weights_have_zero_location_and_weight_gradients():
+    """A sample with no corner on the map contributes zero around its location, so its location
+    and weight gradients are 0 whatever its weight (0 * inf would be NaN).  The kernels give
+    that on both devices, as CUDA's grid_sample does; the CPU grid_sample multiplies the zero
+    padding by the infinite weight and gives NaN, so the reference is compared where the
+    weights are finite."""
+    *inputs, grad_output = outside_with_non_finite_weights()
+    out, (grad_value, grad_locations, grad_weights) = output_and_grads(
+        "cpu", *inputs, grad_output=grad_output
+    )
+    _, (_, ref_locations, ref_weights) = output_and_grads(
+        "pytorch", *inputs, grad_output=grad_output
+    )
+    assert torch.equal(grad_locations[:, :4], torch.zeros_like(grad_locations[:, :4]))
+    assert torch.equal(grad_weights[:, :4], torch.zeros_like(grad_weights[:, :4]))
+    finite = slice(3, 5)  # weights 1 (outside) and 0.5 (inside)
+    torch.testing.assert_close(
+        grad_locations[:, finite], ref_locations[:, finite], rtol=0, atol=1e-12
+    )
+    torch.testing.assert_close(grad_weights, ref_weights, rtol=0, atol=1e-12)
+    # The inside sample is untouched by its neighbours' weights.
+    assert grad_locations[:, 4].abs().sum() > 0 and torch.isfinite(out[:, 4]).all()
+    assert torch.equal(out[:, :4], torch.zeros_like(out[:, :4]))
+    assert torch.isfinite(grad_value).all()
+
+
 # --------------------------------------------------------------------------- bad input
 def good_inputs():
     generator = torch.Generator().manual_seed(17)
@@ -385,6 +471,21 @@ def with_replaced(index, tensor):
             ValueError,
             r"one device, got value on meta",
         ),
+        (
+            with_replaced(1, torch.tensor([[3, 4], [1, 1]], device="meta")),
+            ValueError,
+            r"spatial_shapes must be on the CPU or on value's device cpu, got meta",
+        ),
+        (
+            with_replaced(1, [(3, 4.0), (1, 1)]),
+            TypeError,
+            r"spatial_shapes must be an int64 \(levels, 2\) tensor or \(H, W\) pairs of ints",
+        ),
+        (
+            with_replaced(1, [(3, 4), (0, 1)]),
+            ValueError,
+            r"spatial_shapes must hold positive \(H, W\) rows",
+        ),
     ],
     ids=[
         "value-rank",
@@ -398,6 +499,9 @@ def with_replaced(index, tensor):
         "dtype-mismatch",
         "integer-value",
         "device-mismatch",
+        "levels-on-other-device",
+        "float-python-shape",
+        "empty-level",
     ],
 )
 def test_bad_inputs_name_the_argument_and_shapes(inputs, error, pattern):
@@ -479,6 +583,62 @@ def test_cpu_kernel_refuses_half_but_auto_takes_the_reference():
     assert_close_relative(out, expected, 0.03, "bfloat16 output")
 
 
+def test_every_impl_checks_the_dtype_auto_on_cuda_included(monkeypatch):
+    """ "auto" picks the CUDA kernel for CUDA tensors; that choice is checked like an explicit
+    impl="cuda", so float8 gets our message instead of a dispatch error from the extension."""
+    monkeypatch.delenv("INSTALIGN_MSDA_IMPL", raising=False)
+    monkeypatch.setattr(msda_module, "_extension_has_cuda", lambda: True)
+    cuda = torch.device("cuda", 0)
+    assert msda_module._resolve_impl("auto", cuda, torch.bfloat16) == "cuda"
+    for impl in ("auto", "cuda"):
+        with pytest.raises(TypeError, match=r"CUDA kernel supports .*got torch.float8_e4m3fn"):
+            msda_module._resolve_impl(impl, cuda, torch.float8_e4m3fn)
+    # And the same for an impl forced through the environment variable.
+    monkeypatch.setenv("INSTALIGN_MSDA_IMPL", "cuda")
+    with pytest.raises(TypeError, match=r"CUDA kernel supports"):
+        msda_module._resolve_impl("auto", cuda, torch.float8_e5m2)
+    monkeypatch.setenv("INSTALIGN_MSDA_IMPL", "cpu")
+    with pytest.raises(TypeError, match=r"C\+\+ kernel supports float32 and float64"):
+        msda_module._resolve_impl("auto", torch.device("cpu"), torch.float16)
+
+
+def test_every_form_of_the_levels_gives_one_cached_layout():
+    shapes = [(3, 4), (1, 1)]
+    by_tensor = msda_module.level_layout(torch.tensor(shapes), torch.tensor([0, 12]))
+    by_python = msda_module.level_layout(shapes)
+    assert by_tensor is by_python is msda_module.level_layout(by_python)
+    assert by_python.shapes == ((3, 4), (1, 1)) and by_python.starts == (0, 12)
+    assert by_python.num_tokens == 13
+    assert torch.equal(by_python.spatial_shapes, torch.tensor(shapes))
+    assert by_python.spatial_shapes.device.type == "cpu"
+    assert torch.equal(by_python.sizes_xy("cpu"), torch.tensor([[4.0, 3.0], [1.0, 1.0]]))
+    assert by_python.sizes_xy("cpu") is by_python.sizes_xy(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("impl", ["pytorch", pytest.param("cpu", marks=needs_cpp)])
+def test_python_shapes_give_the_tensor_result_without_reading_any_tensor(impl, monkeypatch):
+    """The hot path (python shapes, as the pixel decoder passes them) reads no tensor back:
+    on a GPU each .tolist() would be a synchronisation."""
+    value, spatial_shapes, starts, locations, weights = good_inputs()
+    out_tensor, grads_tensor = output_and_grads(
+        impl, value, spatial_shapes, starts, locations, weights
+    )
+    msda_module.level_layout([(3, 4), (1, 1)])  # what the pixel decoder's first step does
+
+    def no_read_back(*args, **kwargs):
+        raise AssertionError("a tensor was read back to python on the hot path")
+
+    for name in ("tolist", "item", "__int__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, no_read_back)
+    out_python, grads_python = output_and_grads(
+        impl, value, [(3, 4), (1, 1)], None, locations, weights
+    )
+    monkeypatch.undo()
+    torch.testing.assert_close(out_python, out_tensor, rtol=0, atol=0)
+    for g_python, g_tensor in zip(grads_python, grads_tensor):
+        torch.testing.assert_close(g_python, g_tensor, rtol=0, atol=0)
+
+
 # --------------------------------------------------------------------------- CUDA
 CUDA_DTYPE_TOLERANCE = {
     torch.float64: 1e-9,
@@ -498,9 +658,16 @@ def test_cuda_matches_reference(dtype, batch, im2col_step):
             "rebuild with FORCE_CUDA=1"
         )
     shapes = [(7, 5), (1, 1), (3, 4)]
-    inputs64 = make_inputs(shapes, batch, 3, 40, 9, 3, generator=torch.Generator().manual_seed(11))
-    grad64 = torch.randn(batch, 9, 120, dtype=torch.float64)
-    out_ref, grads_ref = output_and_grads("pytorch", *inputs64, grad_output=grad64)
+    generator = torch.Generator().manual_seed(11)
+    inputs64 = make_inputs(shapes, batch, 3, 40, 9, 3, generator=generator)
+    grad64 = torch.randn(batch, 9, 120, dtype=torch.float64, generator=generator)
+    # The reference sees exactly the numbers the kernel sees: rounded to `dtype`, then widened.
+    # (From the unrounded inputs, a sample that the rounding moves across a pixel-centre line
+    # would change its location gradient by O(1) and fail any tolerance.)
+    rounded = [t.to(dtype).double() if t.is_floating_point() else t for t in inputs64]
+    out_ref, grads_ref = output_and_grads(
+        "pytorch", *rounded, grad_output=grad64.to(dtype).double()
+    )
     cuda_inputs = [(t.to(dtype) if t.is_floating_point() else t).cuda() for t in inputs64]
     out, grads = output_and_grads(
         "cuda", *cuda_inputs, grad_output=grad64.to(dtype).cuda(), im2col_step=im2col_step
@@ -528,6 +695,55 @@ def test_cuda_gradcheck_and_auto_dispatch():
     )
     out = ms_deform_attn(value, spatial_shapes, starts, locations, weights, impl="auto")
     assert out.is_cuda and backend_of(out) == "kernel"
+
+
+@pytest.mark.cuda
+@needs_cpp
+def test_cuda_outside_samples_with_non_finite_weights_match_the_cpu_kernel():
+    *inputs, grad_output = outside_with_non_finite_weights()
+    out_cpu, grads_cpu = output_and_grads("cpu", *inputs, grad_output=grad_output)
+    *cuda_inputs, cuda_grad = outside_with_non_finite_weights("cuda")
+    out_cuda, grads_cuda = output_and_grads("cuda", *cuda_inputs, grad_output=cuda_grad)
+    torch.testing.assert_close(out_cuda.cpu(), out_cpu, rtol=0, atol=1e-12)
+    for g_cuda, g_cpu in zip(grads_cuda, grads_cpu):
+        torch.testing.assert_close(g_cuda.cpu(), g_cpu, rtol=0, atol=1e-12, equal_nan=False)
+
+
+@pytest.mark.cuda
+def test_cuda_backward_declares_itself_non_deterministic():
+    value, spatial_shapes, starts, locations, weights = (
+        t.cuda() for t in make_inputs([(3, 2), (1, 1)], 1, 1, 2, 2, 1)
+    )
+    out = ms_deform_attn(value.requires_grad_(), spatial_shapes, starts, locations, weights)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        with pytest.raises(RuntimeError, match="ms_deform_attn_backward_cuda"):
+            out.sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+@pytest.mark.cuda
+def test_cuda_direct_call_checks_levels_and_python_shapes_never_synchronise():
+    value, spatial_shapes, starts, locations, weights = (
+        t.cuda() for t in make_inputs([(3, 3), (1, 1)], 1, 1, 2, 2, 1)
+    )
+    # Level tables on the GPU are read back and checked like CPU ones.
+    with pytest.raises(RuntimeError, match=r"level 0 .*\(4, 4\).*S=10"):
+        msda_module._EXTENSION.ms_deform_attn_forward(
+            value, torch.tensor([[4, 4], [1, 1]]).cuda(), starts, locations, weights, 64
+        )
+    layer = MSDeformAttn(d_model=8, n_levels=2, n_heads=2, n_points=2).cuda()
+    query = torch.randn(2, 10, 8, device="cuda")
+    reference_points = torch.rand(2, 10, 2, 2, device="cuda")
+    layer(query, reference_points, query, [(3, 3), (1, 1)])  # warm-up: the layout's first use
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        layer(query, reference_points, query, [(3, 3), (1, 1)]).sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
 
 
 # --------------------------------------------------------------------------- the layer
@@ -678,6 +894,13 @@ def test_layer_from_config_and_bad_arguments():
     with pytest.raises(ValueError, match=r"d_model=30 must be divisible by n_heads=8"):
         MSDeformAttn(d_model=30, n_heads=8)
     layer = MSDeformAttn(d_model=8, n_levels=1, n_heads=2, n_points=1)
+    with pytest.raises(ValueError, match=r"built for n_levels=1, got 2 spatial shapes"):
+        layer(torch.zeros(1, 3, 8), torch.zeros(1, 3, 1, 2), torch.zeros(1, 5, 8), [(2, 2), (1, 1)])
+    with pytest.raises(ValueError, match=r"query and input_flatten must be \(B, Lq, 8\)"):
+        layer(torch.zeros(1, 3, 6), torch.zeros(1, 3, 1, 2), torch.zeros(1, 4, 8), [(2, 2)])
+    # What only the op checks (here S against the levels) is reported by the op, once.
+    with pytest.raises(ValueError, match=r"value has S=5 tokens but spatial_shapes"):
+        layer(torch.zeros(1, 3, 8), torch.zeros(1, 3, 1, 2), torch.zeros(1, 5, 8), [(2, 2)])
     with pytest.raises(
         ValueError,
         match=r"reference_points must be \(B, Lq, n_levels, 2\) = \(1, 3, 1, 2\), got \(1, 3, 1, 4\)",
@@ -689,3 +912,42 @@ def test_layer_from_config_and_bad_arguments():
             torch.tensor([[2, 2]]),
             torch.tensor([0]),
         )
+
+
+@pytest.mark.parametrize("impl", ["pytorch", pytest.param("cpu", marks=needs_cpp)])
+def test_pixel_decoder_step_reads_no_tensor_back(impl, monkeypatch):
+    """The pixel decoder hands the levels down as python ints: after the first step (which
+    validates the layout), a training step reads nothing back from the device -- on a GPU no
+    host-device synchronisation, and a step that CUDA graphs can capture."""
+    from detectron2.layers import ShapeSpec
+
+    from instalign_d2.modeling.pixel_decoder import MSDeformAttnPixelDecoder
+
+    torch.manual_seed(0)
+    shapes = {
+        f"res{k}": ShapeSpec(channels=8 * k, stride=2**k) for k in range(2, 6)
+    }  # strides 4..32
+    decoder = MSDeformAttnPixelDecoder(
+        shapes,
+        conv_dim=32,
+        mask_dim=16,
+        transformer_enc_layers=2,
+        transformer_nheads=4,
+        transformer_dim_feedforward=32,
+        msda_impl=impl,
+    )
+    features = {
+        name: torch.randn(2, spec.channels, 64 // spec.stride, 96 // spec.stride)
+        for name, spec in shapes.items()
+    }
+    decoder(features)  # first step: the layout is checked and cached
+
+    def no_read_back(*args, **kwargs):
+        raise AssertionError("a tensor was read back to python during the step")
+
+    for name in ("tolist", "item", "__int__", "__index__", "__bool__", "__float__"):
+        monkeypatch.setattr(torch.Tensor, name, no_read_back)
+    mask_features, multi_scale = decoder(features)
+    (mask_features.sum() + sum(level.sum() for level in multi_scale)).backward()
+    monkeypatch.undo()
+    assert decoder.encoder.layers[0].self_attn.sampling_offsets.weight.grad.abs().sum() > 0

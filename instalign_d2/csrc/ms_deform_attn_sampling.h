@@ -28,6 +28,18 @@ struct MSDASizes {
   int64_t points;
 };
 
+// Most levels one call may have.  The levels travel to the kernels by value (kernel arguments
+// on the GPU), so a kernel never reads spatial_shapes or level_start_index from memory: the
+// entry checks them once on the host, and what it checked is exactly what the kernels use.
+constexpr int64_t kMaxLevels = 16;
+
+// (height, width) and first token of each level, for `MSDASizes::levels` levels.
+struct MSDALevels {
+  int64_t height[kMaxLevels];
+  int64_t width[kMaxLevels];
+  int64_t start[kMaxLevels];
+};
+
 // The four pixels around one sampling location, in the order (y0, x0), (y0, x1), (y1, x0),
 // (y1, x1).  For each: its token index inside the level (-1 when outside the map), its
 // bilinear weight, and that weight's derivative with respect to the pixel coordinates x and y.
@@ -84,6 +96,24 @@ MSDA_HOST_DEVICE bool bilinear_corners(acc_t loc_x, acc_t loc_y, int64_t height,
   corners.dweight_dy[2] = hx;
   corners.dweight_dy[3] = lx;
   return true;
+}
+
+// Gradient of the output with respect to one sample's normalised location, from its attention
+// weight and the sums over its corners of dweight_dx * dot and dweight_dy * dot (dot = <grad
+// of the output, the corner's value>).  pixel = loc * size - 0.5, so d pixel / d loc = size.
+// A sample with no corner inside the map has no gradient, whatever its weight: multiplying the
+// zero sums by an infinite or NaN weight would give NaN, where grid_sample (the reference)
+// gives 0.
+template <typename acc_t>
+MSDA_HOST_DEVICE void location_gradient(bool inside, acc_t weight, acc_t sum_dx, acc_t sum_dy, int64_t height,
+                                        int64_t width, acc_t& grad_x, acc_t& grad_y) {
+  if (!inside) {
+    grad_x = acc_t(0);
+    grad_y = acc_t(0);
+    return;
+  }
+  grad_x = weight * sum_dx * static_cast<acc_t>(width);
+  grad_y = weight * sum_dy * static_cast<acc_t>(height);
 }
 
 }  // namespace instalign_d2

@@ -26,4 +26,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "multi-scale deformable attention backward: (grad_value, grad_sampling_locations, grad_attention_weights)",
         py::arg("value"), py::arg("spatial_shapes"), py::arg("level_start_index"), py::arg("sampling_locations"),
         py::arg("attention_weights"), py::arg("grad_output"), py::arg("im2col_step"));
+  m.attr("MSDA_MAX_LEVELS") = instalign_d2::kMaxLevels;
+  m.attr("MSDA_CUDA_ITEMS_PER_PASS") = instalign_d2::kCudaItemsPerPass;
+#ifdef WITH_CUDA
+  m.def("ms_deform_attn_cuda_kernel_version", &instalign_d2::ms_deform_attn_cuda_kernel_version,
+        "(binaryVersion, ptxVersion) of the CUDA kernels' image for a device, e.g. (90, 90) for sm_90; "
+        "(-1, -1) when this build has no image that device can run",
+        py::arg("device"));
+#endif
 }

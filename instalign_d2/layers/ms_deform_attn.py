@@ -17,14 +17,24 @@ L levels, P points per head and level):
 
 Each sample is bilinear with zero padding and the ``align_corners=False`` convention (pixel =
 loc * size - 0.5), so points outside the map contribute zero.
+
+``spatial_shapes`` may also be python ``(H, W)`` pairs (``level_start_index`` then None), or a
+:class:`LevelLayout` from :func:`level_layout`.  However given, the levels are validated once per
+distinct layout (a cache keyed on the python shapes) and reach the kernels as CPU tensors that
+they read on the host, so with python shapes or CPU tensors a call makes no host-device
+synchronisation and can be captured in a CUDA graph.  Level tensors on the GPU still work, at
+the cost of one read-back per call.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import operator
 import os
 import warnings
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +42,14 @@ from detectron2.config import configurable
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-__all__ = ["ms_deform_attn", "ms_deform_attn_pytorch", "MSDeformAttn", "msda_extension_info"]
+__all__ = [
+    "LevelLayout",
+    "MSDeformAttn",
+    "level_layout",
+    "ms_deform_attn",
+    "ms_deform_attn_pytorch",
+    "msda_extension_info",
+]
 
 IMPLS = ("auto", "cuda", "cpu", "pytorch")
 IMPL_ENV_VAR = "INSTALIGN_MSDA_IMPL"
@@ -54,11 +71,16 @@ def ms_deform_attn_pytorch(
     attention_weights: torch.Tensor,
 ) -> torch.Tensor:
     """Multi-scale deformable attention with ``F.grid_sample``: slow and memory-hungry, but
-    plainly correct -- the kernels are tested against it.  ``level_start_index`` is implied by
-    ``spatial_shapes`` and only taken for a uniform signature."""
+    plainly correct -- the kernels are tested against it.  ``spatial_shapes``: a tensor, python
+    (H, W) pairs or a LevelLayout; ``level_start_index`` is implied by it and only taken for a
+    uniform signature.  Checks nothing (``ms_deform_attn`` does)."""
     batch, _, heads, head_dim = value.shape
     _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
-    shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    if isinstance(spatial_shapes, LevelLayout):
+        spatial_shapes = spatial_shapes.shapes
+    elif isinstance(spatial_shapes, torch.Tensor):
+        spatial_shapes = spatial_shapes.tolist()
+    shapes = [(int(h), int(w)) for h, w in spatial_shapes]
     values_per_level = value.split([h * w for h, w in shapes], dim=1)
     # grid_sample's grid runs from -1 to 1 across the map, our locations from 0 to 1.
     grids = 2.0 * sampling_locations - 1.0
@@ -91,14 +113,133 @@ def _shape_error(message: str) -> ValueError:
     return ValueError(f"ms_deform_attn: {message}")
 
 
+@dataclass(frozen=True, eq=False)
+class LevelLayout:
+    """The levels of the value maps, checked: ``shapes`` ((H, W) of each level), ``starts``
+    (each level's first token: the running sums of H*W) and ``num_tokens`` (S) as python ints,
+    and the same as int64 CPU tensors for the kernels.  :func:`level_layout` makes one per
+    distinct layout and hands out that same object every time: treat it as read-only."""
+
+    shapes: Tuple[Tuple[int, int], ...]
+    starts: Tuple[int, ...]
+    num_tokens: int
+    spatial_shapes: torch.Tensor
+    level_start_index: torch.Tensor
+    _sizes_xy: Dict[torch.device, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.shapes)
+
+    def sizes_xy(self, device) -> torch.Tensor:
+        """(levels, 2) float32 (W, H) of each level on ``device``, which turns pixel offsets into
+        normalised ones: copied to the device on first use only, so later calls cost nothing
+        (and can run inside a CUDA graph capture)."""
+        device = torch.device(device)
+        sizes = self._sizes_xy.get(device)
+        if sizes is None:
+            sizes = torch.tensor([(w, h) for h, w in self.shapes], dtype=torch.float32)
+            sizes = sizes.view(len(self.shapes), 2).to(device)
+            self._sizes_xy[device] = sizes
+        return sizes
+
+
+LevelShapes = Union[LevelLayout, torch.Tensor, Sequence[Sequence[int]]]
+
+
+@functools.lru_cache(maxsize=256)
+def _layout_of_shapes(shapes: Tuple[Tuple[int, int], ...]) -> LevelLayout:
+    """The checked layout of python shapes: runs once per distinct layout (the cache key)."""
+    if any(h <= 0 or w <= 0 for h, w in shapes):
+        raise _shape_error(f"spatial_shapes must hold positive (H, W) rows, got {list(shapes)}")
+    sizes = [h * w for h, w in shapes]
+    starts = tuple(sum(sizes[:level]) for level in range(len(sizes)))
+    return LevelLayout(
+        shapes=shapes,
+        starts=starts,
+        num_tokens=sum(sizes),
+        spatial_shapes=torch.tensor(shapes, dtype=torch.int64).view(len(shapes), 2),
+        level_start_index=torch.tensor(starts, dtype=torch.int64),
+    )
+
+
+def _read_level_table(name: str, table: torch.Tensor, device: Optional[torch.device]) -> list:
+    """A level tensor's content as python numbers, after its dtype and device are checked.
+    (A table on the GPU is copied back here: the one synchronisation a caller can avoid by
+    passing python shapes or CPU tensors.)"""
+    if table.dtype != torch.int64:
+        raise TypeError(
+            f"ms_deform_attn: {name} must be int64, got {table.dtype}; pass it with .long()"
+        )
+    if device is not None and table.device.type != "cpu" and table.device != device:
+        raise ValueError(
+            f"ms_deform_attn: {name} must be on the CPU or on value's device {device}, "
+            f"got {table.device}"
+        )
+    return table.tolist()
+
+
+def level_layout(
+    spatial_shapes: LevelShapes,
+    level_start_index=None,
+    *,
+    device: Optional[torch.device] = None,
+) -> LevelLayout:
+    """The checked :class:`LevelLayout` of the levels.
+
+    ``spatial_shapes``: a LevelLayout (returned as is), an int64 ``(levels, 2)`` tensor, or
+    python ``(H, W)`` pairs.  ``level_start_index``: None (the running sums of H*W), an int64
+    ``(levels,)`` tensor or python ints, which must be those running sums.  ``device``: value's
+    device, the one place besides the CPU where level tensors may be.  The shapes are checked
+    once per distinct layout; python values and CPU tensors are never synchronised on.
+    """
+    if isinstance(spatial_shapes, LevelLayout):
+        layout = spatial_shapes
+    else:
+        rows = spatial_shapes
+        if isinstance(spatial_shapes, torch.Tensor):
+            if spatial_shapes.dim() != 2 or spatial_shapes.shape[1] != 2:
+                raise _shape_error(
+                    "spatial_shapes must be (levels, 2) with (H, W) rows, got "
+                    f"{tuple(spatial_shapes.shape)}"
+                )
+            rows = _read_level_table("spatial_shapes", spatial_shapes, device)
+        try:
+            shapes = tuple((operator.index(h), operator.index(w)) for h, w in rows)
+        except (TypeError, ValueError) as error:
+            raise TypeError(
+                "ms_deform_attn: spatial_shapes must be an int64 (levels, 2) tensor or (H, W) "
+                f"pairs of ints, got {spatial_shapes!r}"
+            ) from error
+        layout = _layout_of_shapes(shapes)
+    if level_start_index is None:
+        return layout
+    if isinstance(level_start_index, torch.Tensor):
+        if tuple(level_start_index.shape) != (layout.num_levels,):
+            raise _shape_error(
+                f"level_start_index must be (levels,) = ({layout.num_levels},) to match "
+                f"spatial_shapes {list(layout.shapes)}, got {tuple(level_start_index.shape)}"
+            )
+        starts = _read_level_table("level_start_index", level_start_index, device)
+    else:
+        starts = [operator.index(start) for start in level_start_index]
+    if tuple(starts) != layout.starts:
+        raise _shape_error(
+            f"level_start_index {list(starts)} does not match spatial_shapes "
+            f"{[list(shape) for shape in layout.shapes]}; expected the running sums "
+            f"{list(layout.starts)}"
+        )
+    return layout
+
+
 def _check_inputs(
     value, spatial_shapes, level_start_index, sampling_locations, attention_weights
-) -> None:
-    """One clear error for each way the five inputs can disagree."""
+) -> LevelLayout:
+    """Every check of the op's inputs, in one place, with one clear error for each way they can
+    disagree; returns the levels' layout.  Beyond :func:`level_layout` (cached per layout) only
+    python numbers are compared: no synchronisation, microseconds per call."""
     named = {
         "value": value,
-        "spatial_shapes": spatial_shapes,
-        "level_start_index": level_start_index,
         "sampling_locations": sampling_locations,
         "attention_weights": attention_weights,
     }
@@ -109,26 +250,18 @@ def _check_inputs(
             )
     expected_ranks = {
         "value": (4, "(B, S, heads, C_h)"),
-        "spatial_shapes": (2, "(levels, 2)"),
-        "level_start_index": (1, "(levels,)"),
         "sampling_locations": (6, "(B, Lq, heads, levels, points, 2)"),
         "attention_weights": (5, "(B, Lq, heads, levels, points)"),
     }
-    for name, (rank, layout) in expected_ranks.items():
+    for name, (rank, layout_text) in expected_ranks.items():
         if named[name].dim() != rank:
-            raise _shape_error(f"{name} must be {layout}, got shape {tuple(named[name].shape)}")
+            raise _shape_error(
+                f"{name} must be {layout_text}, got shape {tuple(named[name].shape)}"
+            )
+    layout = level_layout(spatial_shapes, level_start_index, device=value.device)
 
     batch, total_tokens, heads, _ = value.shape
-    num_levels = spatial_shapes.shape[0]
-    if spatial_shapes.shape[1] != 2:
-        raise _shape_error(
-            f"spatial_shapes must be (levels, 2) with (H, W) rows, got {tuple(spatial_shapes.shape)}"
-        )
-    if tuple(level_start_index.shape) != (num_levels,):
-        raise _shape_error(
-            f"level_start_index must be (levels,) = ({num_levels},) to match spatial_shapes "
-            f"{tuple(spatial_shapes.shape)}, got {tuple(level_start_index.shape)}"
-        )
+    num_levels = layout.num_levels
     loc_shape = tuple(sampling_locations.shape)
     if (
         loc_shape[0] != batch
@@ -137,20 +270,15 @@ def _check_inputs(
         or loc_shape[5] != 2
     ):
         raise _shape_error(
-            f"sampling_locations {loc_shape} must be (B={batch}, Lq, heads={heads}, levels={num_levels}, points, 2) "
-            f"to match value {tuple(value.shape)} and spatial_shapes {tuple(spatial_shapes.shape)}"
+            f"sampling_locations {loc_shape} must be (B={batch}, Lq, heads={heads}, "
+            f"levels={num_levels}, points, 2) to match value {tuple(value.shape)} and "
+            f"spatial_shapes {list(layout.shapes)}"
         )
     if tuple(attention_weights.shape) != loc_shape[:5]:
         raise _shape_error(
-            f"attention_weights {tuple(attention_weights.shape)} must be sampling_locations' shape without "
-            f"its last dimension, {loc_shape[:5]}"
+            f"attention_weights {tuple(attention_weights.shape)} must be sampling_locations' "
+            f"shape without its last dimension, {loc_shape[:5]}"
         )
-
-    for name in ("spatial_shapes", "level_start_index"):
-        if named[name].dtype != torch.int64:
-            raise TypeError(
-                f"ms_deform_attn: {name} must be int64, got {named[name].dtype}; pass it with .long()"
-            )
     if not value.is_floating_point():
         raise TypeError(f"ms_deform_attn: value must be a floating-point tensor, got {value.dtype}")
     for name in ("sampling_locations", "attention_weights"):
@@ -159,28 +287,15 @@ def _check_inputs(
                 f"ms_deform_attn: {name} is {named[name].dtype} but value is {value.dtype}; "
                 "cast all three floating-point inputs to one dtype"
             )
-    devices = {name: tensor.device for name, tensor in named.items()}
-    if len(set(devices.values())) > 1:
-        listing = ", ".join(f"{name} on {device}" for name, device in devices.items())
+    if len({tensor.device for tensor in named.values()}) > 1:
+        listing = ", ".join(f"{name} on {tensor.device}" for name, tensor in named.items())
         raise ValueError(f"ms_deform_attn: all inputs must be on one device, got {listing}")
-
-    # The kernels index value with these numbers, so they must describe it exactly.  (On a GPU
-    # this reads two tiny tensors back to the host, a sync the reference needs anyway.)
-    shapes = spatial_shapes.tolist()
-    if any(h <= 0 or w <= 0 for h, w in shapes):
-        raise _shape_error(f"spatial_shapes must hold positive (H, W) rows, got {shapes}")
-    sizes = [h * w for h, w in shapes]
-    if sum(sizes) != total_tokens:
+    if total_tokens != layout.num_tokens:
         raise _shape_error(
-            f"value has S={total_tokens} tokens but spatial_shapes {shapes} add up to "
-            f"sum(H*W)={sum(sizes)}; S must be the flattened size of all levels"
+            f"value has S={total_tokens} tokens but spatial_shapes {list(layout.shapes)} add up "
+            f"to sum(H*W)={layout.num_tokens}; S must be the flattened size of all levels"
         )
-    expected_starts = [sum(sizes[:level]) for level in range(num_levels)]
-    if level_start_index.tolist() != expected_starts:
-        raise _shape_error(
-            f"level_start_index {level_start_index.tolist()} does not match spatial_shapes {shapes}; "
-            f"expected the running sums {expected_starts}"
-        )
+    return layout
 
 
 # --------------------------------------------------------------------------- the extension
@@ -218,8 +333,11 @@ def _warn_fallback_once(reason: str) -> None:
         )
 
 
-def _resolve_impl(impl: str, value: torch.Tensor) -> str:
-    """The implementation that will run: "cuda", "cpu" or "pytorch"."""
+def _resolve_impl(impl: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The implementation that will run for value's ``device`` and ``dtype``: "cuda", "cpu" or
+    "pytorch".  Whichever way it was picked ("auto" included), the choice is then checked
+    against what that implementation supports, so an unsupported dtype gets our message rather
+    than a dispatch error from inside the extension."""
     if impl not in IMPLS:
         raise ValueError(f"ms_deform_attn: impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
@@ -231,48 +349,51 @@ def _resolve_impl(impl: str, value: torch.Tensor) -> str:
                 )
             impl = override
     if impl == "auto":
-        if value.is_cuda:
+        if device.type == "cuda":
             if _extension_has_cuda():
-                return "cuda"
-            _warn_fallback_once(
-                f"instalign_d2._C has no CUDA kernels (build: {msda_extension_info()})"
-            )
-            return "pytorch"
-        if value.device.type == "cpu" and value.dtype in _CPU_KERNEL_DTYPES:
+                impl = "cuda"
+            else:
+                _warn_fallback_once(
+                    f"instalign_d2._C has no CUDA kernels (build: {msda_extension_info()})"
+                )
+                impl = "pytorch"
+        elif device.type == "cpu" and dtype in _CPU_KERNEL_DTYPES:
             if _EXTENSION is not None:
-                return "cpu"
-            _warn_fallback_once(
-                "the compiled extension instalign_d2._C is missing or has no ms_deform_attn op"
-            )
-        # Other devices and CPU half precision: only the reference handles them.
-        return "pytorch"
+                impl = "cpu"
+            else:
+                _warn_fallback_once(
+                    "the compiled extension instalign_d2._C is missing or has no ms_deform_attn op"
+                )
+                impl = "pytorch"
+        else:
+            # Other devices and CPU half precision: only the reference handles them.
+            impl = "pytorch"
 
     if impl == "cuda":
-        if not value.is_cuda:
+        if device.type != "cuda":
             raise ValueError(
-                f"ms_deform_attn: impl='cuda' needs CUDA tensors, got value on {value.device}"
+                f"ms_deform_attn: impl='cuda' needs CUDA tensors, got value on {device}"
             )
         if not _extension_has_cuda():
             raise RuntimeError(
                 f"ms_deform_attn: impl='cuda' but instalign_d2._C was built without CUDA kernels "
                 f"(build: {msda_extension_info()}); rebuild with FORCE_CUDA=1 where nvcc is installed: {BUILD_HINT}"
             )
-        if value.dtype not in _CUDA_KERNEL_DTYPES:
+        if dtype not in _CUDA_KERNEL_DTYPES:
             raise TypeError(
-                f"ms_deform_attn: the CUDA kernel supports {_CUDA_KERNEL_DTYPES}, got {value.dtype}"
+                f"ms_deform_attn: the CUDA kernel supports {', '.join(map(str, _CUDA_KERNEL_DTYPES))}, "
+                f"got {dtype}; cast the inputs"
             )
     elif impl == "cpu":
-        if value.device.type != "cpu":
-            raise ValueError(
-                f"ms_deform_attn: impl='cpu' needs CPU tensors, got value on {value.device}"
-            )
+        if device.type != "cpu":
+            raise ValueError(f"ms_deform_attn: impl='cpu' needs CPU tensors, got value on {device}")
         if _EXTENSION is None:
             raise RuntimeError(
                 f"ms_deform_attn: impl='cpu' but the compiled extension instalign_d2._C is missing; {BUILD_HINT}"
             )
-        if value.dtype not in _CPU_KERNEL_DTYPES:
+        if dtype not in _CPU_KERNEL_DTYPES:
             raise TypeError(
-                f"ms_deform_attn: the C++ kernel supports float32 and float64, got {value.dtype}; "
+                f"ms_deform_attn: the C++ kernel supports float32 and float64, got {dtype}; "
                 "cast the inputs or use impl='pytorch'"
             )
     return impl
@@ -324,8 +445,8 @@ class _MSDeformAttnFunction(torch.autograd.Function):
 
 def ms_deform_attn(
     value: torch.Tensor,
-    spatial_shapes: torch.Tensor,
-    level_start_index: torch.Tensor,
+    spatial_shapes: LevelShapes,
+    level_start_index,
     sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
     im2col_step: int = 64,
@@ -333,23 +454,29 @@ def ms_deform_attn(
 ) -> torch.Tensor:
     """Multi-scale deformable attention, (B, Lq, heads*C_h); shapes in the module docstring.
 
+    ``spatial_shapes``: an int64 (levels, 2) tensor, python (H, W) pairs or a LevelLayout;
+    ``level_start_index``: the matching tensor, python ints, or None (see :func:`level_layout`).
     ``impl``: "auto" (CUDA kernel for CUDA tensors, C++ kernel for CPU tensors, the reference
     when the extension lacks them -- with one warning), "cuda", "cpu" or "pytorch".  The
     environment variable ``INSTALIGN_MSDA_IMPL`` overrides "auto".  ``im2col_step`` caps how
     many images one CUDA launch covers (any batch size works); the CPU kernel ignores it.
     """
-    _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    layout = _check_inputs(
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+    )
     if int(im2col_step) < 1:
         raise ValueError(f"ms_deform_attn: im2col_step must be >= 1, got {im2col_step}")
-    chosen = _resolve_impl(impl, value)
+    chosen = _resolve_impl(impl, value.device, value.dtype)
     if chosen == "pytorch":
         return ms_deform_attn_pytorch(
-            value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+            value, layout, layout.level_start_index, sampling_locations, attention_weights
         )
+    # The level tables go to the extension as the layout's CPU tensors: it reads them on the
+    # host and hands the numbers to the kernels as arguments, so nothing waits for the GPU.
     return _MSDeformAttnFunction.apply(
         value.contiguous(),
-        spatial_shapes.contiguous(),
-        level_start_index.contiguous(),
+        layout.spatial_shapes,
+        layout.level_start_index,
         sampling_locations.contiguous(),
         attention_weights.contiguous(),
         int(im2col_step),
@@ -431,52 +558,57 @@ class MSDeformAttn(nn.Module):
         query: torch.Tensor,
         reference_points: torch.Tensor,
         input_flatten: torch.Tensor,
-        input_spatial_shapes: torch.Tensor,
-        input_level_start_index: torch.Tensor,
+        input_spatial_shapes: LevelShapes,
+        input_level_start_index=None,
         input_padding_mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """query (B, Lq, C); reference_points (B, Lq, n_levels, 2) normalised (x, y) in [0, 1];
-        input_flatten (B, S, C); input_spatial_shapes (n_levels, 2) int64 (H, W);
-        input_level_start_index (n_levels,); input_padding_mask (B, S) bool, True = padding,
-        or None.  Returns (B, Lq, C)."""
-        if query.dim() != 3 or query.shape[-1] != self.d_model:
-            raise ValueError(
-                f"MSDeformAttn: query must be (B, Lq, {self.d_model}), got {tuple(query.shape)}"
-            )
-        batch, num_queries, _ = query.shape
+        input_flatten (B, S, C); input_spatial_shapes the n_levels (H, W) -- a LevelLayout,
+        python pairs or an int64 (n_levels, 2) tensor; input_level_start_index None or the
+        matching starts; input_padding_mask (B, S) bool, True = padding, or None.
+        Returns (B, Lq, C).
+
+        The op checks value, locations, weights and levels against each other; this checks only
+        what the op never sees (query, reference_points, the mask, the layer's sizes)."""
+        layout = level_layout(
+            input_spatial_shapes, input_level_start_index, device=input_flatten.device
+        )
         if (
-            input_flatten.dim() != 3
-            or input_flatten.shape[0] != batch
+            query.dim() != 3
+            or input_flatten.dim() != 3
+            or query.shape[-1] != self.d_model
             or input_flatten.shape[-1] != self.d_model
         ):
             raise ValueError(
-                f"MSDeformAttn: input_flatten must be (B={batch}, S, {self.d_model}), got {tuple(input_flatten.shape)}"
+                f"MSDeformAttn: query and input_flatten must be (B, Lq, {self.d_model}) and "
+                f"(B, S, {self.d_model}), got {tuple(query.shape)} and {tuple(input_flatten.shape)}"
+            )
+        batch, num_queries, _ = query.shape
+        if layout.num_levels != self.n_levels:
+            raise ValueError(
+                f"MSDeformAttn: built for n_levels={self.n_levels}, got {layout.num_levels} "
+                f"spatial shapes {list(layout.shapes)}"
             )
         if tuple(reference_points.shape) != (batch, num_queries, self.n_levels, 2):
             raise ValueError(
                 f"MSDeformAttn: reference_points must be (B, Lq, n_levels, 2) = "
                 f"{(batch, num_queries, self.n_levels, 2)}, got {tuple(reference_points.shape)}"
             )
-        if tuple(input_spatial_shapes.shape) != (self.n_levels, 2):
-            raise ValueError(
-                f"MSDeformAttn: input_spatial_shapes must be (n_levels, 2) = ({self.n_levels}, 2), "
-                f"got {tuple(input_spatial_shapes.shape)}"
-            )
-        num_tokens = input_flatten.shape[1]
         head_dim = self.d_model // self.n_heads
 
         value = self.value_proj(input_flatten)
         if input_padding_mask is not None:
             if (
-                tuple(input_padding_mask.shape) != (batch, num_tokens)
+                input_padding_mask.shape != input_flatten.shape[:2]
                 or input_padding_mask.dtype != torch.bool
             ):
                 raise ValueError(
-                    f"MSDeformAttn: input_padding_mask must be bool (B, S) = {(batch, num_tokens)}, got "
-                    f"{input_padding_mask.dtype} {tuple(input_padding_mask.shape)}"
+                    f"MSDeformAttn: input_padding_mask must be bool (B, S) = "
+                    f"{tuple(input_flatten.shape[:2])}, got {input_padding_mask.dtype} "
+                    f"{tuple(input_padding_mask.shape)}"
                 )
             value = value.masked_fill(input_padding_mask[..., None], 0.0)
-        value = value.view(batch, num_tokens, self.n_heads, head_dim)
+        value = value.view(*input_flatten.shape[:2], self.n_heads, head_dim)
 
         offsets = self.sampling_offsets(query).view(
             batch, num_queries, self.n_heads, self.n_levels, self.n_points, 2
@@ -488,7 +620,7 @@ class MSDeformAttn(nn.Module):
             batch, num_queries, self.n_heads, self.n_levels, self.n_points
         )
         # Offsets are in pixels of each level; (W, H) turns them into normalised (x, y).
-        level_sizes_xy = input_spatial_shapes.flip(-1).to(offsets.dtype)
+        level_sizes_xy = layout.sizes_xy(offsets.device).to(offsets.dtype)
         locations = (
             reference_points[:, :, None, :, None, :]
             + offsets / level_sizes_xy[None, None, None, :, None, :]
@@ -500,8 +632,8 @@ class MSDeformAttn(nn.Module):
         )
         output = ms_deform_attn(
             value.to(common),
-            input_spatial_shapes,
-            input_level_start_index,
+            layout,
+            None,
             locations.to(common),
             weights.to(common),
             self.im2col_step,

@@ -45,24 +45,9 @@ inline T scatter_and_dot(T* __restrict__ grad_value_row, const T* __restrict__ v
   return dot;
 }
 
-// The kernels index value with these numbers; a direct call into _C with wrong ones must fail
-// here rather than read outside value.
-void check_levels_fit(const at::Tensor& spatial_shapes, const at::Tensor& level_start_index, const MSDASizes& sizes) {
-  const int64_t* shapes = spatial_shapes.data_ptr<int64_t>();
-  const int64_t* starts = level_start_index.data_ptr<int64_t>();
-  for (int64_t level = 0; level < sizes.levels; ++level) {
-    const int64_t height = shapes[2 * level];
-    const int64_t width = shapes[2 * level + 1];
-    TORCH_CHECK(height > 0 && width > 0 && starts[level] >= 0 && starts[level] + height * width <= sizes.tokens,
-                "ms_deform_attn: level ", level, " of spatial_shapes (", height, ", ", width,
-                ") starting at level_start_index ", starts[level], " does not fit in value's S=", sizes.tokens,
-                " tokens");
-  }
-}
-
 template <typename scalar_t>
-void forward_kernel(const scalar_t* value, const int64_t* shapes, const int64_t* starts, const scalar_t* locations,
-                    const scalar_t* weights, scalar_t* output, const MSDASizes& sz) {
+void forward_kernel(const scalar_t* value, const scalar_t* locations, const scalar_t* weights, scalar_t* output,
+                    const MSDASizes& sz, const MSDALevels& levels) {
   const int64_t row_stride = sz.heads * sz.channels;  // between consecutive tokens of value
   const int64_t samples_per_head = sz.levels * sz.points;
   // About 50k multiply-adds per row at the pixel decoder's sizes: a few rows per task suffice.
@@ -75,9 +60,9 @@ void forward_kernel(const scalar_t* value, const int64_t* shapes, const int64_t*
         const int64_t sample_base = (row * sz.heads + h) * samples_per_head;
         scalar_t* out = output + (row * sz.heads + h) * sz.channels;
         for (int64_t level = 0; level < sz.levels; ++level) {
-          const int64_t height = shapes[2 * level];
-          const int64_t width = shapes[2 * level + 1];
-          const scalar_t* level_value = value + ((b * sz.tokens + starts[level]) * sz.heads + h) * sz.channels;
+          const int64_t height = levels.height[level];
+          const int64_t width = levels.width[level];
+          const scalar_t* level_value = value + ((b * sz.tokens + levels.start[level]) * sz.heads + h) * sz.channels;
           for (int64_t p = 0; p < sz.points; ++p) {
             const int64_t sample = sample_base + level * sz.points + p;
             if (!bilinear_corners<scalar_t>(locations[2 * sample], locations[2 * sample + 1], height, width,
@@ -98,10 +83,10 @@ void forward_kernel(const scalar_t* value, const int64_t* shapes, const int64_t*
 }
 
 template <typename scalar_t>
-void backward_kernel(const scalar_t* value, const int64_t* shapes, const int64_t* starts, const scalar_t* locations,
-                     const scalar_t* weights, const scalar_t* grad_output, scalar_t* grad_value,
-                     scalar_t* grad_location_parts, scalar_t* grad_weight_parts, int64_t channel_block,
-                     int64_t num_blocks, const MSDASizes& sz) {
+void backward_kernel(const scalar_t* value, const scalar_t* locations, const scalar_t* weights,
+                     const scalar_t* grad_output, scalar_t* grad_value, scalar_t* grad_location_parts,
+                     scalar_t* grad_weight_parts, int64_t channel_block, int64_t num_blocks, const MSDASizes& sz,
+                     const MSDALevels& levels) {
   const int64_t row_stride = sz.heads * sz.channels;
   const int64_t samples_per_head = sz.levels * sz.points;
   const int64_t num_samples = sz.batch * sz.queries * sz.heads * samples_per_head;  // per channel block
@@ -120,17 +105,18 @@ void backward_kernel(const scalar_t* value, const int64_t* shapes, const int64_t
         const int64_t sample_base = (row * sz.heads + h) * samples_per_head;
         const scalar_t* grad_row = grad_output + (row * sz.heads + h) * sz.channels + c0;
         for (int64_t level = 0; level < sz.levels; ++level) {
-          const int64_t height = shapes[2 * level];
-          const int64_t width = shapes[2 * level + 1];
-          const int64_t level_offset = ((b * sz.tokens + starts[level]) * sz.heads + h) * sz.channels + c0;
+          const int64_t height = levels.height[level];
+          const int64_t width = levels.width[level];
+          const int64_t level_offset = ((b * sz.tokens + levels.start[level]) * sz.heads + h) * sz.channels + c0;
           const scalar_t* level_value = value + level_offset;
           scalar_t* level_grad_value = grad_value + level_offset;
           for (int64_t p = 0; p < sz.points; ++p) {
             const int64_t sample = sample_base + level * sz.points + p;
-            scalar_t grad_w = 0, grad_px = 0, grad_py = 0;
-            if (bilinear_corners<scalar_t>(locations[2 * sample], locations[2 * sample + 1], height, width,
-                                           corners)) {
-              const scalar_t weight = weights[sample];
+            scalar_t grad_w = 0, sum_dx = 0, sum_dy = 0;
+            const scalar_t weight = weights[sample];
+            const bool inside =
+                bilinear_corners<scalar_t>(locations[2 * sample], locations[2 * sample + 1], height, width, corners);
+            if (inside) {
               for (int k = 0; k < 4; ++k) {
                 if (corners.token[k] < 0) {
                   continue;
@@ -141,13 +127,12 @@ void backward_kernel(const scalar_t* value, const int64_t* shapes, const int64_t
                 const scalar_t dot = scatter_and_dot(level_grad_value + offset, level_value + offset, grad_row,
                                                      weight * corners.weight[k], width_c);
                 grad_w += corners.weight[k] * dot;
-                grad_px += corners.dweight_dx[k] * dot;
-                grad_py += corners.dweight_dy[k] * dot;
+                sum_dx += corners.dweight_dx[k] * dot;
+                sum_dy += corners.dweight_dy[k] * dot;
               }
-              // pixel = loc * size - 0.5, so d pixel / d loc = size.
-              grad_px *= weight * static_cast<scalar_t>(width);
-              grad_py *= weight * static_cast<scalar_t>(height);
             }
+            scalar_t grad_px, grad_py;
+            location_gradient<scalar_t>(inside, weight, sum_dx, sum_dy, height, width, grad_px, grad_py);
             grad_weight[sample] = grad_w;
             grad_location[2 * sample] = grad_px;
             grad_location[2 * sample + 1] = grad_py;
@@ -166,29 +151,25 @@ void check_cpu_dtype(const at::Tensor& value) {
 
 }  // namespace
 
-at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes,
-                                      const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
-                                      const at::Tensor& attention_weights, const MSDASizes& sizes) {
+at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor& sampling_locations,
+                                      const at::Tensor& attention_weights, const MSDASizes& sizes,
+                                      const MSDALevels& levels) {
   check_cpu_dtype(value);
-  check_levels_fit(spatial_shapes, level_start_index, sizes);
   at::Tensor output = at::zeros({sizes.batch, sizes.queries, sizes.heads * sizes.channels}, value.options());
   if (output.numel() == 0) {
     return output;
   }
   AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_forward_cpu", [&] {
-    forward_kernel<scalar_t>(value.data_ptr<scalar_t>(), spatial_shapes.data_ptr<int64_t>(),
-                             level_start_index.data_ptr<int64_t>(), sampling_locations.data_ptr<scalar_t>(),
-                             attention_weights.data_ptr<scalar_t>(), output.data_ptr<scalar_t>(), sizes);
+    forward_kernel<scalar_t>(value.data_ptr<scalar_t>(), sampling_locations.data_ptr<scalar_t>(),
+                             attention_weights.data_ptr<scalar_t>(), output.data_ptr<scalar_t>(), sizes, levels);
   });
   return output;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
-    const at::Tensor& value, const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
-    const at::Tensor& sampling_locations, const at::Tensor& attention_weights, const at::Tensor& grad_output,
-    const MSDASizes& sizes) {
+    const at::Tensor& value, const at::Tensor& sampling_locations, const at::Tensor& attention_weights,
+    const at::Tensor& grad_output, const MSDASizes& sizes, const MSDALevels& levels) {
   check_cpu_dtype(value);
-  check_levels_fit(spatial_shapes, level_start_index, sizes);
   // Enough tasks for every thread (twice over, for balance), in channel blocks of >= 8 so the
   // inner loops stay vectorised.
   const int64_t threads = at::get_num_threads();
@@ -208,11 +189,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
   at::Tensor grad_weight_parts = at::empty(weight_parts_shape, value.options());
   if (sampling_locations.numel() > 0) {
     AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
-      backward_kernel<scalar_t>(value.data_ptr<scalar_t>(), spatial_shapes.data_ptr<int64_t>(),
-                                level_start_index.data_ptr<int64_t>(), sampling_locations.data_ptr<scalar_t>(),
+      backward_kernel<scalar_t>(value.data_ptr<scalar_t>(), sampling_locations.data_ptr<scalar_t>(),
                                 attention_weights.data_ptr<scalar_t>(), grad_output.data_ptr<scalar_t>(),
                                 grad_value.data_ptr<scalar_t>(), grad_location_parts.data_ptr<scalar_t>(),
-                                grad_weight_parts.data_ptr<scalar_t>(), channel_block, num_blocks, sizes);
+                                grad_weight_parts.data_ptr<scalar_t>(), channel_block, num_blocks, sizes, levels);
     });
   } else {
     grad_location_parts.zero_();

@@ -9,13 +9,17 @@
 // the warp with shuffles; only lane 0 writes them, so they need no atomics.  The value
 // gradient is a scatter (queries share pixels), done with atomic adds into a buffer in the
 // math type (float for half/bfloat16, so many small contributions do not round away), cast to
-// the input dtype at the end.
+// the input dtype at the end.  Those float atomics add in whatever order the warps reach them,
+// so the value gradient is not bitwise reproducible: the backward says so to
+// torch.use_deterministic_algorithms, as PyTorch's own scatter-add kernels do.
 #include <ATen/ATen.h>
+#include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/Atomic.cuh>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include <algorithm>
@@ -25,10 +29,10 @@
 namespace instalign_d2 {
 namespace {
 
-constexpr int kWarpSize = 32;
-constexpr int kThreadsPerBlock = 256;
-constexpr int kWarpsPerBlock = kThreadsPerBlock / kWarpSize;
-constexpr int64_t kMaxBlocks = 65535;
+constexpr int kWarpSize = kCudaWarpSize;
+constexpr int kThreadsPerBlock = kCudaThreadsPerBlock;
+constexpr int kWarpsPerBlock = kCudaWarpsPerBlock;
+constexpr int64_t kMaxBlocks = kCudaMaxBlocks;
 
 template <typename T>
 __device__ __forceinline__ T warp_sum(T value) {
@@ -39,11 +43,11 @@ __device__ __forceinline__ T warp_sum(T value) {
 }
 
 // `batch` images starting at `batch_offset` (the launch covers at most im2col_step of them).
+// The levels come by value, as kernel arguments (see MSDALevels).
 template <typename scalar_t>
-__global__ void forward_kernel(const scalar_t* __restrict__ value, const int64_t* __restrict__ shapes,
-                               const int64_t* __restrict__ starts, const scalar_t* __restrict__ locations,
+__global__ void forward_kernel(const scalar_t* __restrict__ value, const scalar_t* __restrict__ locations,
                                const scalar_t* __restrict__ weights, scalar_t* __restrict__ output, MSDASizes sz,
-                               int64_t batch_offset, int64_t batch) {
+                               MSDALevels levels, int64_t batch_offset, int64_t batch) {
   using acc_t = at::opmath_type<scalar_t>;
   const int lane = threadIdx.x % kWarpSize;
   const int64_t num_items = batch * sz.queries * sz.heads;
@@ -60,9 +64,9 @@ __global__ void forward_kernel(const scalar_t* __restrict__ value, const int64_t
     for (int64_t c = lane; c < sz.channels; c += kWarpSize) {
       acc_t acc = 0;
       for (int64_t level = 0; level < sz.levels; ++level) {
-        const int64_t height = shapes[2 * level];
-        const int64_t width = shapes[2 * level + 1];
-        const scalar_t* level_value = value + ((b * sz.tokens + starts[level]) * sz.heads + h) * sz.channels + c;
+        const int64_t height = levels.height[level];
+        const int64_t width = levels.width[level];
+        const scalar_t* level_value = value + ((b * sz.tokens + levels.start[level]) * sz.heads + h) * sz.channels + c;
         for (int64_t p = 0; p < sz.points; ++p) {
           const int64_t sample = sample_base + level * sz.points + p;
           BilinearCorners<acc_t> corners;
@@ -86,12 +90,11 @@ __global__ void forward_kernel(const scalar_t* __restrict__ value, const int64_t
 }
 
 template <typename scalar_t>
-__global__ void backward_kernel(const scalar_t* __restrict__ value, const int64_t* __restrict__ shapes,
-                                const int64_t* __restrict__ starts, const scalar_t* __restrict__ locations,
+__global__ void backward_kernel(const scalar_t* __restrict__ value, const scalar_t* __restrict__ locations,
                                 const scalar_t* __restrict__ weights, const scalar_t* __restrict__ grad_output,
                                 at::opmath_type<scalar_t>* __restrict__ grad_value,
                                 scalar_t* __restrict__ grad_locations, scalar_t* __restrict__ grad_weights,
-                                MSDASizes sz, int64_t batch_offset, int64_t batch) {
+                                MSDASizes sz, MSDALevels levels, int64_t batch_offset, int64_t batch) {
   using acc_t = at::opmath_type<scalar_t>;
   const int lane = threadIdx.x % kWarpSize;
   const int64_t num_items = batch * sz.queries * sz.heads;
@@ -107,9 +110,9 @@ __global__ void backward_kernel(const scalar_t* __restrict__ value, const int64_
     const int64_t sample_base = global_item * samples_per_head;
     const scalar_t* grad_row = grad_output + global_item * sz.channels;
     for (int64_t level = 0; level < sz.levels; ++level) {
-      const int64_t height = shapes[2 * level];
-      const int64_t width = shapes[2 * level + 1];
-      const int64_t level_offset = ((b * sz.tokens + starts[level]) * sz.heads + h) * sz.channels;
+      const int64_t height = levels.height[level];
+      const int64_t width = levels.width[level];
+      const int64_t level_offset = ((b * sz.tokens + levels.start[level]) * sz.heads + h) * sz.channels;
       for (int64_t p = 0; p < sz.points; ++p) {
         const int64_t sample = sample_base + level * sz.points + p;
         BilinearCorners<acc_t> corners;
@@ -118,7 +121,7 @@ __global__ void backward_kernel(const scalar_t* __restrict__ value, const int64_
                                                     corners);
         const acc_t weight = static_cast<acc_t>(weights[sample]);
         // Per-lane partial sums over this lane's channels.
-        acc_t grad_w = 0, grad_px = 0, grad_py = 0;
+        acc_t grad_w = 0, sum_dx = 0, sum_dy = 0;
         if (inside) {
           for (int64_t c = lane; c < sz.channels; c += kWarpSize) {
             const acc_t grad = static_cast<acc_t>(grad_row[c]);
@@ -130,8 +133,8 @@ __global__ void backward_kernel(const scalar_t* __restrict__ value, const int64_
               const int64_t index = level_offset + corners.token[k] * row_stride + c;
               const acc_t dot = grad * static_cast<acc_t>(value[index]);
               grad_w += corners.weight[k] * dot;
-              grad_px += corners.dweight_dx[k] * dot;
-              grad_py += corners.dweight_dy[k] * dot;
+              sum_dx += corners.dweight_dx[k] * dot;
+              sum_dy += corners.dweight_dy[k] * dot;
               gpuAtomicAdd(grad_value + index, weight * corners.weight[k] * grad);
             }
           }
@@ -139,13 +142,14 @@ __global__ void backward_kernel(const scalar_t* __restrict__ value, const int64_
         // `inside` is the same for the whole warp, but reduce unconditionally anyway: it keeps
         // every lane at the shuffles and writes the zero gradients of outside samples.
         grad_w = warp_sum(grad_w);
-        grad_px = warp_sum(grad_px);
-        grad_py = warp_sum(grad_py);
+        sum_dx = warp_sum(sum_dx);
+        sum_dy = warp_sum(sum_dy);
         if (lane == 0) {
+          acc_t grad_x, grad_y;
+          location_gradient<acc_t>(inside, weight, sum_dx, sum_dy, height, width, grad_x, grad_y);
           grad_weights[sample] = static_cast<scalar_t>(grad_w);
-          // pixel = loc * size - 0.5, so d pixel / d loc = size.
-          grad_locations[2 * sample] = static_cast<scalar_t>(weight * grad_px * static_cast<acc_t>(width));
-          grad_locations[2 * sample + 1] = static_cast<scalar_t>(weight * grad_py * static_cast<acc_t>(height));
+          grad_locations[2 * sample] = static_cast<scalar_t>(grad_x);
+          grad_locations[2 * sample + 1] = static_cast<scalar_t>(grad_y);
         }
       }
     }
@@ -159,10 +163,9 @@ int blocks_for(int64_t num_items) {
 
 }  // namespace
 
-at::Tensor ms_deform_attn_forward_cuda(const at::Tensor& value, const at::Tensor& spatial_shapes,
-                                       const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
+at::Tensor ms_deform_attn_forward_cuda(const at::Tensor& value, const at::Tensor& sampling_locations,
                                        const at::Tensor& attention_weights, const MSDASizes& sizes,
-                                       int64_t im2col_step) {
+                                       const MSDALevels& levels, int64_t im2col_step) {
   const c10::cuda::CUDAGuard device_guard(value.device());
   at::Tensor output = at::empty({sizes.batch, sizes.queries, sizes.heads * sizes.channels}, value.options());
   if (output.numel() == 0) {
@@ -177,9 +180,8 @@ at::Tensor ms_deform_attn_forward_cuda(const at::Tensor& value, const at::Tensor
     for (int64_t first = 0; first < sizes.batch; first += im2col_step) {
       const int64_t batch = std::min(im2col_step, sizes.batch - first);
       forward_kernel<scalar_t><<<blocks_for(batch * sizes.queries * sizes.heads), kThreadsPerBlock, 0, stream>>>(
-          value.data_ptr<scalar_t>(), spatial_shapes.data_ptr<int64_t>(), level_start_index.data_ptr<int64_t>(),
-          sampling_locations.data_ptr<scalar_t>(), attention_weights.data_ptr<scalar_t>(),
-          output.data_ptr<scalar_t>(), sizes, first, batch);
+          value.data_ptr<scalar_t>(), sampling_locations.data_ptr<scalar_t>(), attention_weights.data_ptr<scalar_t>(),
+          output.data_ptr<scalar_t>(), sizes, levels, first, batch);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
@@ -187,9 +189,10 @@ at::Tensor ms_deform_attn_forward_cuda(const at::Tensor& value, const at::Tensor
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
-    const at::Tensor& value, const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
-    const at::Tensor& sampling_locations, const at::Tensor& attention_weights, const at::Tensor& grad_output,
-    const MSDASizes& sizes, int64_t im2col_step) {
+    const at::Tensor& value, const at::Tensor& sampling_locations, const at::Tensor& attention_weights,
+    const at::Tensor& grad_output, const MSDASizes& sizes, const MSDALevels& levels, int64_t im2col_step) {
+  // Raises under torch.use_deterministic_algorithms(True), warns under warn_only=True.
+  at::globalContext().alertNotDeterministic("ms_deform_attn_backward_cuda");
   const c10::cuda::CUDAGuard device_guard(value.device());
   const at::ScalarType math_type = at::toOpMathType(value.scalar_type());
   at::Tensor grad_value_acc = at::zeros(value.sizes(), value.options().dtype(math_type));
@@ -208,15 +211,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
     for (int64_t first = 0; first < sizes.batch; first += im2col_step) {
       const int64_t batch = std::min(im2col_step, sizes.batch - first);
       backward_kernel<scalar_t><<<blocks_for(batch * sizes.queries * sizes.heads), kThreadsPerBlock, 0, stream>>>(
-          value.data_ptr<scalar_t>(), spatial_shapes.data_ptr<int64_t>(), level_start_index.data_ptr<int64_t>(),
-          sampling_locations.data_ptr<scalar_t>(), attention_weights.data_ptr<scalar_t>(),
+          value.data_ptr<scalar_t>(), sampling_locations.data_ptr<scalar_t>(), attention_weights.data_ptr<scalar_t>(),
           grad_output.data_ptr<scalar_t>(), grad_value_acc.data_ptr<acc_t>(), grad_locations.data_ptr<scalar_t>(),
-          grad_weights.data_ptr<scalar_t>(), sizes, first, batch);
+          grad_weights.data_ptr<scalar_t>(), sizes, levels, first, batch);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
   // A no-op for float and double; half and bfloat16 accumulated in float.
   return {grad_value_acc.to(value.scalar_type()), grad_locations, grad_weights};
+}
+
+std::tuple<int64_t, int64_t> ms_deform_attn_cuda_kernel_version(int64_t device) {
+  TORCH_CHECK(device >= 0 && device < c10::cuda::device_count(), "ms_deform_attn: no CUDA device ", device);
+  const c10::cuda::CUDAGuard device_guard(static_cast<c10::DeviceIndex>(device));
+  cudaFuncAttributes attributes;
+  const cudaError_t status = cudaFuncGetAttributes(&attributes, forward_kernel<float>);
+  if (status == cudaErrorInvalidDeviceFunction || status == cudaErrorNoKernelImageForDevice) {
+    (void)cudaGetLastError();  // clear it, so the next CUDA call does not report it
+    return {-1, -1};
+  }
+  C10_CUDA_CHECK(status);
+  return {attributes.binaryVersion, attributes.ptxVersion};
 }
 
 }  // namespace instalign_d2

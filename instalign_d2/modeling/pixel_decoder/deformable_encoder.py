@@ -12,7 +12,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from instalign_d2.layers.ms_deform_attn import MSDeformAttn
+from instalign_d2.layers.ms_deform_attn import LevelLayout, LevelShapes, MSDeformAttn, level_layout
 
 __all__ = ["DeformableEncoderLayer", "DeformableEncoder", "token_reference_points"]
 
@@ -73,13 +73,12 @@ class DeformableEncoderLayer(nn.Module):
         tokens: torch.Tensor,
         pos: torch.Tensor,
         reference_points: torch.Tensor,
-        spatial_shapes: torch.Tensor,
-        level_start_index: torch.Tensor,
+        layout: LevelLayout,
         padding_mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         # Positions steer where to sample (the query), not what is read (the values).
         attended = self.self_attn(
-            tokens + pos, reference_points, tokens, spatial_shapes, level_start_index, padding_mask
+            tokens + pos, reference_points, tokens, layout, None, padding_mask
         )
         tokens = self.norm1(tokens + self.dropout1(attended))
         return self.norm2(tokens + self.dropout2(self.ffn(tokens)))
@@ -102,19 +101,20 @@ class DeformableEncoder(nn.Module):
         self,
         tokens: torch.Tensor,
         pos: torch.Tensor,
-        spatial_shapes: torch.Tensor,
-        level_start_index: torch.Tensor,
+        spatial_shapes: LevelShapes,
+        level_start_index=None,
         padding_mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """``tokens``, ``pos`` (B, S, C): the levels' flattened maps and their positions;
-        ``spatial_shapes`` (levels, 2) int64 (H, W); ``level_start_index`` (levels,). -> (B, S, C).
+        ``spatial_shapes``: the levels' (H, W) as python pairs (what the pixel decoder passes:
+        nothing to read back from the GPU), an int64 (levels, 2) tensor or a LevelLayout;
+        ``level_start_index``: None or the matching starts. -> (B, S, C).
         """
-        shapes = [tuple(int(v) for v in hw) for hw in spatial_shapes.tolist()]
+        # Checked once per distinct layout; every layer then gets the same checked layout.
+        layout = level_layout(spatial_shapes, level_start_index, device=tokens.device)
         reference_points = token_reference_points(
-            shapes, tokens.shape[0], tokens.device, tokens.dtype
+            layout.shapes, tokens.shape[0], tokens.device, tokens.dtype
         )
         for layer in self.layers:
-            tokens = layer(
-                tokens, pos, reference_points, spatial_shapes, level_start_index, padding_mask
-            )
+            tokens = layer(tokens, pos, reference_points, layout, padding_mask)
         return tokens

@@ -195,24 +195,16 @@ class MSDeformAttnPixelDecoder(nn.Module):
             position = self.position_embedding(projected) + self.level_embed[level].view(
                 1, -1, 1, 1
             )
-            shapes.append(projected.shape[-2:])
+            shapes.append((int(projected.shape[-2]), int(projected.shape[-1])))
             tokens.append(projected.flatten(2).transpose(1, 2))  # (B, h*w, C)
             positions.append(position.flatten(2).transpose(1, 2))
-        device = tokens[0].device
-        spatial_shapes = torch.as_tensor(
-            [tuple(shape) for shape in shapes], dtype=torch.long, device=device
-        )
-        sizes = [int(h) * int(w) for h, w in shapes]
-        level_start_index = torch.as_tensor(
-            [sum(sizes[:i]) for i in range(len(sizes))], dtype=torch.long, device=device
-        )
-
-        memory = self.encoder(
-            torch.cat(tokens, 1), torch.cat(positions, 1), spatial_shapes, level_start_index
-        )
+        # The levels go down as python ints, not as tensors: the attention validates them once
+        # per distinct image size and nothing is copied to or read back from the GPU per step.
+        memory = self.encoder(torch.cat(tokens, 1), torch.cat(positions, 1), tuple(shapes))
         batch = memory.shape[0]
+        sizes = [h * w for h, w in shapes]
         return [
-            level_tokens.transpose(1, 2).reshape(batch, self.conv_dim, int(h), int(w))
+            level_tokens.transpose(1, 2).reshape(batch, self.conv_dim, h, w)
             for level_tokens, (h, w) in zip(memory.split(sizes, dim=1), shapes)
         ]
 
