@@ -111,6 +111,37 @@ def test_grefcoco_end_to_end(tmp_path):
     )
 
 
+def test_grefcoco_per_template_table_and_json(tmp_path, caplog):
+    name = register("grefcoco")
+    ev = GRESEvaluator(name, output_dir=str(tmp_path))
+    spatial, attribute, none = (
+        {"expression_template": t, "expression_kind": k}
+        for t, k in (("spatial", "single"), ("attribute", "single"), ("no_target", "no_target"))
+    )
+    pairs = [
+        (make_input(1, box(0, 4, 0, 4), **spatial), make_output(box(0, 4, 0, 2))),  # IoU 1/2
+        (make_input(2, box(0, 2, 0, 2), **spatial), make_output(box(4, 6, 4, 6))),  # IoU 0
+        (make_input(3, box(0, 2, 0, 4), **attribute), make_output(box(0, 2, 0, 4))),  # IoU 1
+        (make_input(4, box(0, 0, 0, 0), **none), make_output(box(0, 8, 0, 8), nt_prob=0.9)),
+        (make_input(5, box(0, 0, 0, 0), **none), make_output(box(7, 8, 0, 3))),  # missed
+    ]
+    with caplog.at_level("INFO"):
+        m = run(ev, pairs)["grefcoco"]
+    assert m["gIoU_template_spatial"] == pytest.approx(25.0)
+    assert m["cIoU_template_spatial"] == pytest.approx(100 * 8 / (16 + 8))
+    assert m["T_acc_template_spatial"] == pytest.approx(100.0)
+    assert m["gIoU_template_attribute"] == pytest.approx(100.0)
+    assert m["N_acc_template_no_target"] == pytest.approx(50.0)
+    assert "T_acc_template_no_target" not in m and "N_acc_template_spatial" not in m
+    saved = json.load(open(results_path(str(tmp_path), name)))
+    assert saved["counts"]["by_template"] == {"attribute": 1, "no_target": 2, "spatial": 2}
+    table = caplog.text[caplog.text.index("By expression template") :]
+    spatial_row = next(line for line in table.splitlines() if line.startswith("| spatial"))
+    assert [cell.strip() for cell in spatial_row.strip("|").split("|")] == [
+        "spatial", "2", "25.00", "33.33", "-", "100.00"
+    ]
+
+
 def test_thresholds_are_strict():
     name = register("grefcoco")
     gt = box(0, 2, 0, 2)

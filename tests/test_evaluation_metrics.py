@@ -1,4 +1,4 @@
-"""Hand-computed cases for every metric and branch of DESIGN.md §6, and a naive-recompute property test."""
+"""Hand-computed cases for every metric and branch of the definitions (README, "Metrics"), and a naive-recompute property test."""
 
 import math
 
@@ -242,7 +242,7 @@ def test_metrics_equal_naive_recompute(samples):
             "nt_prob": torch.tensor(0.8 if says_nt else 0.2),
         }
         results.append(score_sample(inputs, outputs)[0])
-        # the definitions, written out per expression (DESIGN.md §6)
+        # the definitions, written out per expression (README, "Metrics")
         shown = np.zeros_like(pred) if says_nt else pred
         i, u = naive_counts(shown, gt)
         if gt_empty:

@@ -50,6 +50,7 @@ class SampleResult:
     pred_empty: bool
     expression_kind: Optional[str] = None
     refzom_kind: Optional[str] = None
+    expression_template: Optional[str] = None  # the synthetic set records how it phrased each one
 
     @property
     def key(self) -> Tuple[object, object]:
@@ -143,6 +144,30 @@ def grefcoco_kind_metrics(results: Sequence[SampleResult]) -> Dict[str, float]:
     return metrics
 
 
+def grefcoco_template_metrics(results: Sequence[SampleResult]) -> Dict[str, float]:
+    """gIoU, cIoU and the accuracy that applies (N-acc for no-target, T-acc otherwise) per
+    expression template, as flat keys ``<metric>_template_<template>``; none when no template is
+    recorded. Shows which phrasing a model has not learnt (e.g. spatial words)."""
+    templates = sorted({r.expression_template for r in results} - {None})
+    metrics: Dict[str, float] = {}
+    for template in templates:
+        subset = [r for r in results if r.expression_template == template]
+        subset_metrics = grefcoco_metrics(subset)
+        accuracy = "N_acc" if all(r.gt_empty for r in subset) else "T_acc"
+        for name in ("gIoU", "cIoU", accuracy):
+            metrics[f"{name}_template_{template}"] = subset_metrics[name]
+    return metrics
+
+
+def count_by_template(results: Sequence[SampleResult]) -> Dict[str, int]:
+    """How many expressions of each template were scored (empty when none is recorded)."""
+    counts: Dict[str, int] = {}
+    for r in results:
+        if r.expression_template is not None:
+            counts[r.expression_template] = counts.get(r.expression_template, 0) + 1
+    return dict(sorted(counts.items()))
+
+
 # ----------------------------------------------------------------------------- Ref-ZOM (DMMI)
 def _targeted_metrics(
     results: Sequence[SampleResult], thresholds: Sequence[float]
@@ -206,6 +231,7 @@ def compute_metrics(evaluator_type: str, results: Sequence[SampleResult]) -> Dic
     metrics = _FAMILY_METRICS[evaluator_type](results)
     if evaluator_type == "grefcoco":
         metrics.update(grefcoco_kind_metrics(results))
+        metrics.update(grefcoco_template_metrics(results))
     return metrics
 
 

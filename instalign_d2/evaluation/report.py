@@ -19,6 +19,7 @@ from .metrics import (
     SampleResult,
     compute_metrics,
     count_by_kind,
+    count_by_template,
     dedupe,
 )
 
@@ -83,13 +84,16 @@ def summarize_results(
 
     if unique:
         by_kind = count_by_kind(unique, evaluator_type)
+        by_template = count_by_template(unique) if evaluator_type == "grefcoco" else {}
+        table = format_table(evaluator_type, metrics, len(unique), by_kind)
+        if by_template:
+            table += "\n\nBy expression template:\n" + template_table(metrics, by_template)
         logger.info(
             f"Evaluation of {dataset_name} ({evaluator_type} metrics, {eval_resolution} resolution, "
-            f"{len(unique)} expressions):\n"
-            + format_table(evaluator_type, metrics, len(unique), by_kind)
+            f"{len(unique)} expressions):\n" + table
         )
     else:
-        by_kind = {}
+        by_kind, by_template = {}, {}
     if output_dir:
         atomic_write_json(
             results_path(output_dir, dataset_name),
@@ -98,7 +102,12 @@ def summarize_results(
                 "evaluator_type": evaluator_type,
                 "eval_resolution": eval_resolution,
                 "results": output,
-                "counts": {**counts, "duplicates_dropped": duplicates, "by_kind": by_kind},
+                "counts": {
+                    **counts,
+                    "duplicates_dropped": duplicates,
+                    "by_kind": by_kind,
+                    "by_template": by_template,
+                },
                 "skipped": [
                     {"image_id": i, "sent_id": s, "reason": r} for i, s, r in skipped_unique
                 ],
@@ -140,6 +149,17 @@ def _grefcoco_table(
         if by_kind.get(kind):
             rows.append([kind, by_kind[kind]] + [_cell(metrics, f"{n}_{kind}") for n in names])
     headers = ["expressions", "count"] + [n.replace("_", "-") for n in names]
+    return tabulate(rows, headers=headers, tablefmt="pipe", disable_numparse=True)
+
+
+def template_table(metrics: Dict[str, float], by_template: Dict[str, int]) -> str:
+    """gIoU, cIoU and N-acc or T-acc of each expression template (gRefCOCO family)."""
+    names = ("gIoU", "cIoU", "N_acc", "T_acc")
+    rows = [
+        [template, count] + [_cell(metrics, f"{name}_template_{template}") for name in names]
+        for template, count in by_template.items()
+    ]
+    headers = ["template", "count"] + [name.replace("_", "-") for name in names]
     return tabulate(rows, headers=headers, tablefmt="pipe", disable_numparse=True)
 
 

@@ -64,6 +64,7 @@ def results_from_dump(
             gt_key: torch.from_numpy(np.ascontiguousarray(gt)),
             "expression_kind": d.get("expression_kind"),
             "refzom_kind": d.get("refzom_kind"),
+            "expression_template": d.get("expression_template"),
         }
         # the dump holds the binary decision: replay it as probabilities 0 / 1 through the scorer
         outputs = {

@@ -119,6 +119,7 @@ def score_sample(
         pred_empty=not bool(pred.any()),
         expression_kind=_optional_str(inputs.get("expression_kind")),
         refzom_kind=_optional_str(inputs.get("refzom_kind")),
+        expression_template=_optional_str(inputs.get("expression_template")),
     )
     return result, pred.numpy(), no_target_prob
 
