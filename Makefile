@@ -22,11 +22,12 @@ CUDA_HOME ?= $(shell for d in /usr/local/cuda "$$(dirname "$$(dirname "$$(readli
   if [ -x "$$d/bin/nvcc" ] && ls "$$d"/lib*/libcudart.so* >/dev/null 2>&1; then echo "$$d"; break; fi; done)
 export CUDA_HOME
 
-.PHONY: setup train test test-slow test-all cuda-build-check benchmarks clean help
+.PHONY: setup train test test-slow test-all lint format cuda-build-check benchmarks clean help
 
 help:
 	@echo "make train   # train InstAlign on the embedded synthetic dataset (CPU is fine)"
 	@echo "make test    # fast test suite;  make test-slow / test-all for the rest"
+	@echo "make lint    # black --check and ruff, as CI;  make format rewrites the files"
 	@echo "make benchmarks  # the README's speed and memory tables"
 
 setup: $(STAMPS)/package
@@ -70,7 +71,7 @@ $(STAMPS)/requirements: requirements.txt constraints.txt $(STAMPS)/detectron2
 	@touch $@
 
 # The package itself, with its compiled op library instalign_d2._C (C++; CUDA when a GPU or FORCE_CUDA=1).
-$(STAMPS)/package: setup.py $(wildcard instalign_d2/csrc/*.cpp instalign_d2/csrc/*.h instalign_d2/csrc/*/*.cpp instalign_d2/csrc/*/*.h instalign_d2/csrc/*/*.cu instalign_d2/csrc/*/*.cuh) $(STAMPS)/requirements
+$(STAMPS)/package: setup.py pyproject.toml $(wildcard instalign_d2/csrc/*.cpp instalign_d2/csrc/*.h instalign_d2/csrc/*/*.cpp instalign_d2/csrc/*/*.h instalign_d2/csrc/*/*.cu instalign_d2/csrc/*/*.cuh) $(STAMPS)/requirements
 	$(PIP) install -q --no-build-isolation --no-deps -e .
 	@touch $@
 
@@ -85,6 +86,18 @@ test-slow: setup
 
 test-all: setup
 	$(PY) -m pytest -q $(ARGS)
+
+# Format and lint as detectron2 does (black, then import order and pyflakes by ruff); settings
+# in pyproject.toml.
+LINT_PATHS := instalign_d2 tests tools demo train_net.py setup.py
+
+lint: setup
+	$(VENV)/bin/black --check --quiet $(LINT_PATHS)
+	$(VENV)/bin/ruff check --quiet $(LINT_PATHS)
+
+format: setup
+	$(VENV)/bin/ruff check --quiet --fix --select I $(LINT_PATHS)
+	$(VENV)/bin/black --quiet $(LINT_PATHS)
 
 # Compiles the CUDA kernels (one architecture) into a scratch folder: the only check of them
 # possible on a machine without GPU.  Does not touch the installed CPU build.

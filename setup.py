@@ -1,4 +1,4 @@
-"""Build and install instalign_d2, including its compiled op library ``instalign_d2._C``.
+"""Build instalign_d2's compiled op library ``instalign_d2._C`` (metadata: pyproject.toml).
 
 The C++ (CPU) kernels are always built.  The CUDA kernels are added when torch sees a GPU or
 ``FORCE_CUDA=1`` is set, and nvcc is found (``CUDA_HOME``).  ``TORCH_CUDA_ARCH_LIST`` picks the
@@ -9,7 +9,7 @@ Install with ``pip install --no-build-isolation -e .``: an isolated build would 
 import glob
 import os
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 try:
     import torch
@@ -20,7 +20,6 @@ except ImportError as exc:  # pragma: no cover - only hit by a wrong install com
         "Install torch first, then run `pip install --no-build-isolation -e .`."
     ) from exc
 
-VERSION = "0.1.0"
 HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join("instalign_d2", "csrc")
 
@@ -68,23 +67,6 @@ def get_extensions():
 
 
 setup(
-    name="instalign_d2",
-    version=VERSION,
-    description="InstAlign (instance-aware generalized referring expression segmentation) for Detectron2",
-    packages=find_packages(exclude=("configs", "tests", "tools", "demo")),
-    python_requires=">=3.10",
-    install_requires=[
-        "torch",
-        "torchvision",
-        "transformers>=5",
-        "tokenizers",
-        "timm>=1.0",
-        "scipy",
-        "pycocotools",
-        "fvcore",
-        "opencv-python-headless",
-    ],
-    extras_require={"test": ["pytest", "hypothesis", "pytest-timeout"]},
     ext_modules=get_extensions(),
     cmdclass={"build_ext": BuildExtension},
 )
