@@ -5,6 +5,7 @@ colour with its relevance score. Below: the expression, each word highlighted in
 the instance whose query aligns with it most (the POA relevance R of Eq. 1, summed over the
 word's sub-word tokens).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -27,6 +28,11 @@ INSTANCE_COLOURS: Tuple[Tuple[int, int, int], ...] = (
 MERGED_COLOUR = (255, 64, 64)
 
 
+def instance_colour(k: int) -> Tuple[int, int, int]:
+    """The colour of the ``k``-th instance (0-based) in every picture and on the demo page."""
+    return INSTANCE_COLOURS[k % len(INSTANCE_COLOURS)]
+
+
 @dataclass
 class WordAlignment:
     word: str
@@ -43,18 +49,28 @@ def _font(size: int) -> ImageFont.ImageFont:
         return ImageFont.load_default()
 
 
-def align_words(tokenizer, sentence: str, token_weights: np.ndarray, max_tokens: int) -> List[WordAlignment]:
+def align_words(
+    tokenizer, sentence: str, token_weights: np.ndarray, max_tokens: int
+) -> List[WordAlignment]:
     """Per-word relevance to each instance: token weights summed over each word's tokens.
 
     Args:
         token_weights: (n_instances, L) — R of Eq. 1 for the kept instances, over the L tokens.
     """
-    encoded = tokenizer(sentence, truncation=True, max_length=max_tokens, return_offsets_mapping=True)
-    token_weights = np.asarray(token_weights, dtype=np.float64).reshape(-1, token_weights.shape[-1]) if len(token_weights) else np.zeros((0, max_tokens))
+    encoded = tokenizer(
+        sentence, truncation=True, max_length=max_tokens, return_offsets_mapping=True
+    )
+    token_weights = (
+        np.asarray(token_weights, dtype=np.float64).reshape(-1, token_weights.shape[-1])
+        if len(token_weights)
+        else np.zeros((0, max_tokens))
+    )
     n = token_weights.shape[0]
     words: List[WordAlignment] = []
     current_word, current_span = None, None
-    for position, (word_id, (start, end)) in enumerate(zip(encoded.word_ids(), encoded["offset_mapping"])):
+    for position, (word_id, (start, end)) in enumerate(
+        zip(encoded.word_ids(), encoded["offset_mapping"])
+    ):
         if word_id is None or position >= token_weights.shape[1]:
             continue  # <s>, </s>
         weight = token_weights[:, position] if n else np.zeros(0)
@@ -68,7 +84,9 @@ def align_words(tokenizer, sentence: str, token_weights: np.ndarray, max_tokens:
     return words
 
 
-def aligned_words(words: Sequence[WordAlignment], top_k: int = 2, min_share: float = 0.5) -> List[List[int]]:
+def aligned_words(
+    words: Sequence[WordAlignment], top_k: int = 2, min_share: float = 0.5
+) -> List[List[int]]:
     """For each instance, the indices of its ``top_k`` most aligned words (best first) that carry
     at least ``min_share`` of its best word's weight."""
     if not words or len(words[0].weights) == 0:
@@ -81,7 +99,9 @@ def aligned_words(words: Sequence[WordAlignment], top_k: int = 2, min_share: flo
     return chosen
 
 
-def highlighted_words(words: Sequence[WordAlignment], top_k: int = 2, min_share: float = 0.5) -> List[Optional[int]]:
+def highlighted_words(
+    words: Sequence[WordAlignment], top_k: int = 2, min_share: float = 0.5
+) -> List[Optional[int]]:
     """For each word, the instance it is highlighted for (or None); a word aligned with several
     instances goes to the one with the larger weight."""
     owner: List[Optional[int]] = [None] * len(words)
@@ -118,16 +138,27 @@ def draw_answer(
     max_instances: int = 3,
     nt_threshold: float = 0.5,
     mask_threshold: float = 0.5,
+    max_panel_side: Optional[int] = None,
 ) -> Image.Image:
-    """Render one model answer (docs/interfaces.md §3) for ``sentence`` on ``image_rgb`` (H, W, 3)."""
+    """Render one model answer (docs/interfaces.md §3) for ``sentence`` on ``image_rgb`` (H, W, 3).
+
+    ``max_panel_side`` shrinks large images so that the picture fits a page (None: full size).
+    """
     height, width = image_rgb.shape[:2]
     scale = max(1.0, 320 / max(height, width))  # small images are enlarged so the text fits
+    if max_panel_side:
+        scale = min(scale, max_panel_side / max(height, width))
     panel_w, panel_h = int(round(width * scale)), int(round(height * scale))
     font, small = _font(max(14, panel_h // 20)), _font(max(12, panel_h // 26))
 
     nt_prob = float(output["nt_prob"])
     no_target = nt_prob > nt_threshold
-    merged = np.asarray(output["ref_seg"].cpu() if hasattr(output["ref_seg"], "cpu") else output["ref_seg"]) > mask_threshold
+    merged = (
+        np.asarray(
+            output["ref_seg"].cpu() if hasattr(output["ref_seg"], "cpu") else output["ref_seg"]
+        )
+        > mask_threshold
+    )
     left = image_rgb.copy()
     if not no_target:
         left = _overlay(left, merged, MERGED_COLOUR, 0.5)
@@ -139,17 +170,21 @@ def draw_answer(
     labels = []
     for k in range(kept):
         mask = instances.pred_masks[k].cpu().numpy().astype(bool)
-        colour = INSTANCE_COLOURS[k % len(INSTANCE_COLOURS)]
+        colour = instance_colour(k)
         right = _overlay(right, mask, colour, 0.6)
         right[_outline(mask)] = colour
         ys, xs = np.nonzero(mask)
         anchor = (float(xs.mean()), float(ys.min())) if len(xs) else (0.0, 0.0)
         labels.append((anchor, f"#{k + 1} {float(instances.scores[k]):.2f}", colour))
 
-    panels = [Image.fromarray(p).resize((panel_w, panel_h), Image.NEAREST) for p in (left, right)]
+    # Enlarged: nearest keeps the outlines crisp; shrunk: bilinear averages, so they do not vanish.
+    resample = Image.NEAREST if scale >= 1 else Image.BILINEAR
+    panels = [Image.fromarray(p).resize((panel_w, panel_h), resample) for p in (left, right)]
     words: List[WordAlignment] = []
     if tokenizer is not None and kept and instances.has("token_weights"):
-        words = align_words(tokenizer, sentence, instances.token_weights[:kept].cpu().numpy(), max_tokens)
+        words = align_words(
+            tokenizer, sentence, instances.token_weights[:kept].cpu().numpy(), max_tokens
+        )
     owners = highlighted_words(words) if words else []
 
     margin, line_h = 8, int(font.size * 1.5)
@@ -162,7 +197,13 @@ def draw_answer(
     canvas.paste(panels[1], (2 * margin + panel_w, top))
     draw = ImageDraw.Draw(canvas)
     draw.text((margin, margin), "merged mask (answer)", fill=(80, 80, 80), font=small, anchor="lt")
-    draw.text((2 * margin + panel_w, margin), f"top instances ({kept} shown, relevance score)", fill=(80, 80, 80), font=small, anchor="lt")
+    draw.text(
+        (2 * margin + panel_w, margin),
+        f"top instances ({kept} shown, relevance score)",
+        fill=(80, 80, 80),
+        font=small,
+        anchor="lt",
+    )
 
     placed: List[Tuple[float, float, float, float]] = []
     for (x, y), text, colour in labels:
@@ -204,7 +245,7 @@ def draw_answer(
 
 def _layout_words(sentence, words, owners, font, max_width):
     """Wrap the expression into lines of (word, highlight colour or None)."""
-    items = [(w.word, INSTANCE_COLOURS[o % len(INSTANCE_COLOURS)] if o is not None else None) for w, o in zip(words, owners)]
+    items = [(w.word, instance_colour(o) if o is not None else None) for w, o in zip(words, owners)]
     if not items:
         items = [(word, None) for word in sentence.split()] or [("(empty expression)", None)]
     lines, line, width = [], [], 0
