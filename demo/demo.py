@@ -12,68 +12,58 @@ image, ``<image>.json`` holds the expressions, no-target probabilities, merged a
 as COCO RLE, scores and aligned words. A bad image or expression is reported in one line and
 skipped; the others are still written, and the exit status is 1.
 """
+
 from __future__ import annotations
 
 import warnings
 
 # detectron2 decorates a few functions with torch.jit.script, which torch 2.14 deprecates; the
 # warning says nothing to our users.
-warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
+warnings.filterwarnings(
+    "ignore", message="`torch.jit.script` is deprecated", category=FutureWarning
+)
 
 import argparse
 import glob
-import json
 import logging
 import os
 import sys
-from typing import Dict, List
+from typing import List
 
-import numpy as np
-import pycocotools.mask as mask_util
 import tqdm
-from detectron2.config import get_cfg
 from detectron2.utils.logger import setup_logger
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import instalign_d2  # noqa: E402,F401  (registers the model)
-from instalign_d2 import add_instalign_config  # noqa: E402
 from instalign_d2.data.image_io import read_image_uint8  # noqa: E402
-from instalign_d2.engine import ConfigError, check_config_file  # noqa: E402
+from instalign_d2.engine import ConfigError  # noqa: E402
 from instalign_d2.utils.atomic_io import atomic_write_json, atomic_write_path  # noqa: E402
-from instalign_d2.utils.visualizer import draw_answer  # noqa: E402
-from predictor import BadInputError, GRESPredictor  # noqa: E402
+from predictor import BadInputError, GRESPredictor, build_config, image_record  # noqa: E402
 
 logger = logging.getLogger("instalign_d2.demo")
 
 
 def get_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="InstAlign demo on image + text pairs", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = argparse.ArgumentParser(
+        description="InstAlign demo on image + text pairs",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
     parser.add_argument("--config-file", required=True, metavar="FILE")
     parser.add_argument("--input", nargs="+", required=True, help="image files or glob patterns")
-    parser.add_argument("--text", action="append", required=True, help="a referring expression (repeat for several)")
+    parser.add_argument(
+        "--text", action="append", required=True, help="a referring expression (repeat for several)"
+    )
     parser.add_argument("--output", required=True, help="folder for the PNGs and JSON files")
     parser.add_argument("--max-instances", type=int, default=3, help="instances drawn per answer")
-    parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config overrides, KEY VALUE pairs")
+    parser.add_argument(
+        "--opts", nargs=argparse.REMAINDER, default=[], help="config overrides, KEY VALUE pairs"
+    )
     return parser
 
 
 def setup_cfg(args):
-    check_config_file(args.config_file)
-    cfg = get_cfg()
-    add_instalign_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    cfg.MODEL.DEVICE = cfg.MODEL.DEVICE if cfg.MODEL.DEVICE != "cuda" or _has_cuda() else "cpu"
-    if cfg.MODEL.WEIGHTS and not os.path.isfile(cfg.MODEL.WEIGHTS):
-        raise ConfigError(f"MODEL.WEIGHTS={cfg.MODEL.WEIGHTS}: no such file; give a trained checkpoint (.pth)")
-    cfg.freeze()
-    return cfg
-
-
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
+    return build_config(args.config_file, args.opts)
 
 
 def expand_inputs(patterns: List[str]) -> List[str]:
@@ -85,31 +75,6 @@ def expand_inputs(patterns: List[str]) -> List[str]:
     return paths
 
 
-def _rle(mask: np.ndarray) -> Dict:
-    rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
-    rle["counts"] = rle["counts"].decode("ascii")
-    return rle
-
-
-def answer_record(output: Dict) -> Dict:
-    instances = output["instances"]
-    return {
-        "expression": output["expression"],
-        "nt_prob": float(output["nt_prob"]),
-        "no_target": output["no_target"],
-        "mask_rle": _rle(output["mask"].cpu().numpy()),
-        "mask_area": int(output["mask"].sum()),
-        "instances": [
-            {
-                "score": float(instances.scores[k]),
-                "mask_rle": _rle(instances.pred_masks[k].cpu().numpy()),
-                "words": output["instance_words"][k],
-            }
-            for k in range(len(instances))
-        ],
-    }
-
-
 def report(message: str) -> None:
     """One line on stderr that does not tear the progress bar."""
     tqdm.tqdm.write(f"demo: error: {message}", file=sys.stderr)
@@ -117,7 +82,7 @@ def report(message: str) -> None:
 
 def run(args) -> int:
     cfg = setup_cfg(args)
-    predictor = GRESPredictor(cfg)
+    predictor = GRESPredictor(cfg, cache_size=0)  # each image is answered once
     os.makedirs(args.output, exist_ok=True)
     expressions = []
     failures = 0
@@ -146,20 +111,26 @@ def run(args) -> int:
             failures += 1
             continue
         except (OSError, ValueError, SyntaxError) as exc:  # unreadable file, BadInputError
-            reason = str(exc) if isinstance(exc, BadInputError) else f"not a readable image ({type(exc).__name__}: {exc})"
+            reason = (
+                str(exc)
+                if isinstance(exc, BadInputError)
+                else f"not a readable image ({type(exc).__name__}: {exc})"
+            )
             report(f"{path}: {reason}")
             failures += 1
             continue
         image_rgb = image_bgr[:, :, ::-1]
         for k, output in enumerate(outputs):
-            picture = draw_answer(
-                image_rgb, output["expression"], output, predictor.tokenizer, predictor.max_tokens,
-                max_instances=args.max_instances,
-                nt_threshold=cfg.MODEL.INSTALIGN.TEST.NO_TARGET_THRESHOLD,
+            picture = predictor.draw(image_rgb, output, max_instances=args.max_instances)
+            atomic_write_path(
+                os.path.join(args.output, f"{stem}__{k}.png"),
+                lambda tmp: picture.save(tmp, format="PNG"),
             )
-            atomic_write_path(os.path.join(args.output, f"{stem}__{k}.png"), lambda tmp: picture.save(tmp, format="PNG"))
-        record = {"image": path, "height": int(image_bgr.shape[0]), "width": int(image_bgr.shape[1]), "answers": [answer_record(o) for o in outputs]}
-        atomic_write_json(os.path.join(args.output, f"{stem}.json"), record, indent=1)
+        atomic_write_json(
+            os.path.join(args.output, f"{stem}.json"),
+            image_record(path, image_bgr, outputs),
+            indent=1,
+        )
     return 1 if failures else 0
 
 

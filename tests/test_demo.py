@@ -1,4 +1,5 @@
-"""demo/predictor.py and demo/demo.py on generated images, including every bad input of issue 7."""
+"""demo/predictor.py and demo/demo.py on generated images, including every bad input."""
+
 import json
 import os
 
@@ -10,20 +11,17 @@ from PIL import Image
 
 import demo as demo_cli
 from instalign_d2.engine import AtomicCheckpointer
-from instalign_d2.modeling.language import write_local_text_encoder
 from predictor import GRESPredictor
-from test_model_instalign import CORPUS, MAX_TOKENS, tiny_cfg
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, tiny_cfg):
     """A tiny (untrained) model saved as a checkpoint, and its config written as a yaml file."""
     folder = tmp_path_factory.mktemp("demo_model")
-    encoder = write_local_text_encoder(
-        str(folder / "encoder"), CORPUS * 4 + ["le cercle rouge très grand"], vocab_size=300, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, max_tokens=MAX_TOKENS
+    cfg = tiny_cfg()
+    cfg.MODEL.INSTALIGN.TEST.INSTANCE_SCORE_THRESH = (
+        0.0  # an untrained model: keep instances to draw
     )
-    cfg = tiny_cfg(encoder)
-    cfg.MODEL.INSTALIGN.TEST.INSTANCE_SCORE_THRESH = 0.0  # an untrained model: keep instances to draw
     cfg.MODEL.INSTALIGN.TEST.NO_TARGET_THRESHOLD = 0.999
     torch.manual_seed(0)
     from detectron2.modeling import build_model
@@ -63,6 +61,35 @@ def test_predictor_encodes_the_image_once_and_matches_single_expressions(trained
         single = predictor(image, [text])[0]
         assert torch.allclose(single["ref_seg"], out["ref_seg"], atol=1e-5)
         assert float(single["nt_prob"]) == pytest.approx(float(out["nt_prob"]), abs=1e-6)
+
+
+def test_predictor_keeps_the_encoding_of_recent_images(trained):
+    cfg, _ = trained
+    predictor = GRESPredictor(cfg, cache_size=2)
+    backbone_calls = []
+    predictor.model.backbone.register_forward_hook(
+        lambda module, args, out: backbone_calls.append(args[0].shape[0])
+    )
+    first = predictor(scene(), ["the red square"])
+    again = predictor(
+        scene().copy(), ["both blue circles", "the red square"]
+    )  # same pixels, new array
+    assert backbone_calls == [1]
+    assert torch.allclose(again[1]["ref_seg"], first[0]["ref_seg"], atol=1e-5)
+    # The cached path gives what the model's own forward gives.
+    inputs = predictor._model_inputs(scene(), ["both blue circles", "the red square"])
+    reference = predictor.model(inputs)
+    for ours, theirs in zip(again, reference):
+        assert torch.allclose(ours["ref_seg"], theirs["ref_seg"], atol=1e-6)
+        assert float(ours["nt_prob"]) == pytest.approx(float(theirs["nt_prob"]), abs=1e-6)
+    backbone_calls.clear()
+    other = scene()
+    other[0, 0] = 255  # one pixel differs: another image
+    predictor(other, ["the red square"])
+    predictor(scene(60, 80), ["the red square"])  # a third image evicts the least recently used
+    predictor(other, ["the red square"])
+    predictor(scene(), ["the red square"])
+    assert backbone_calls == [1, 1, 1]
 
 
 def test_predictor_rejects_bad_inputs_clearly(trained):
@@ -117,7 +144,14 @@ def test_demo_writes_pictures_and_json_and_reports_each_bad_input(trained, tmp_p
     long_text = "the small red circle and the blue square " * 4
     texts = ["the red square", "le cercle rouge très grand ✓", long_text, ""]
     output = tmp_path / "out"
-    argv = ["--config-file", config_file, "--input", *[str(inputs / n) for n in list(good) + bad], "--output", str(output)]
+    argv = [
+        "--config-file",
+        config_file,
+        "--input",
+        *[str(inputs / n) for n in list(good) + bad],
+        "--output",
+        str(output),
+    ]
     for text in texts:
         argv += ["--text", text]
     rc = demo_cli.main(argv)
@@ -134,7 +168,9 @@ def test_demo_writes_pictures_and_json_and_reports_each_bad_input(trained, tmp_p
     assert any("huge.png" in line and "4000" in line for line in errors)
     assert any("missing.jpg" in line and "no such file" in line for line in errors)
     assert any("notes.png" in line and "not a readable image" in line for line in errors)
-    assert "longer than MAX_TOKENS=12 were truncated" in captured.out + captured.err  # the long expression
+    assert (
+        "longer than MAX_TOKENS=12 were truncated" in captured.out + captured.err
+    )  # the long expression
 
     for name, (height, width) in good.items():
         stem = os.path.splitext(name)[0]
@@ -142,7 +178,12 @@ def test_demo_writes_pictures_and_json_and_reports_each_bad_input(trained, tmp_p
         assert (record["height"], record["width"]) == (height, width)
         assert [a["expression"] for a in record["answers"]] == [t.strip() for t in texts[:3]]
         for k, answer in enumerate(record["answers"]):
-            mask = mask_util.decode({"size": answer["mask_rle"]["size"], "counts": answer["mask_rle"]["counts"].encode()})
+            mask = mask_util.decode(
+                {
+                    "size": answer["mask_rle"]["size"],
+                    "counts": answer["mask_rle"]["counts"].encode(),
+                }
+            )
             assert mask.shape == (height, width)
             assert int(mask.sum()) == answer["mask_area"]
             for instance in answer["instances"]:
