@@ -3,6 +3,7 @@
 ``add_instalign_config(cfg)`` adds every key that the project reads to a Detectron2 ``CfgNode``;
 ``configs/Base-GRES.yaml`` sets the paper setting on top of it.
 """
+
 from detectron2.config import CfgNode as CN
 
 from instalign_d2.synthetic.params import SyntheticParams
@@ -11,7 +12,9 @@ from instalign_d2.synthetic.params import SyntheticParams
 def add_instalign_config(cfg: CN) -> CN:
     """Add InstAlign's keys (in place) and return ``cfg``."""
     # ----------------------------------------------------------------------------- input / data
-    cfg.INPUT.IMAGE_SIZE = 480  # images are resized to IMAGE_SIZE x IMAGE_SIZE (paper §4.1, as ReLA)
+    cfg.INPUT.IMAGE_SIZE = (
+        480  # images are resized to IMAGE_SIZE x IMAGE_SIZE (paper §4.1, as ReLA)
+    )
     cfg.INPUT.FORMAT = "RGB"  # timm backbones and RoBERTa-era models read RGB
     cfg.INPUT.DATASET_MAPPER_NAME = "gres"  # the GRES mapper (instalign_d2.data.dataset_mapper)
     cfg.INPUT.AUGMENT = CN()
@@ -38,7 +41,9 @@ def add_instalign_config(cfg: CN) -> CN:
     # broken download, not a few bad files. Below it, those expressions are skipped and counted.
     cfg.DATASETS.MAX_MISSING_IMAGE_FRACTION = 0.01
 
-    cfg.DATALOADER.GROUP_EXPRESSIONS_BY_IMAGE = True  # test loader: one batch = one image's expressions
+    cfg.DATALOADER.GROUP_EXPRESSIONS_BY_IMAGE = (
+        True  # test loader: one batch = one image's expressions
+    )
     # Training: 0 = one expression per sample (the paper, ReLA); k > 0 = a sample is an image with
     # up to k of its expressions, which share one backbone pass (IMS_PER_BATCH then counts images).
     cfg.DATALOADER.TRAIN_EXPRESSIONS_PER_IMAGE = 0
@@ -46,7 +51,9 @@ def add_instalign_config(cfg: CN) -> CN:
     # ----------------------------------------------------------------------------- backbone
     cfg.MODEL.TIMM = CN()
     cfg.MODEL.TIMM.NAME = "swin_base_patch4_window12_384"  # Swin-B, ImageNet-22K init (paper §4.1)
-    cfg.MODEL.TIMM.PRETRAINED_WEIGHTS = ""  # local .pth/.safetensors of the timm model; "" = random init
+    cfg.MODEL.TIMM.PRETRAINED_WEIGHTS = (
+        ""  # local .pth/.safetensors of the timm model; "" = random init
+    )
     cfg.MODEL.TIMM.OUT_FEATURES = ["res2", "res3", "res4", "res5"]  # strides 4/8/16/32
     cfg.MODEL.TIMM.FREEZE = False  # freeze all backbone weights
     cfg.MODEL.TIMM.DROP_PATH_RATE = 0.3  # stochastic depth, as Mask2Former's Swin-B
@@ -63,10 +70,14 @@ def add_instalign_config(cfg: CN) -> CN:
 
     # ----------------------------------------------------------------------------- text encoder
     cfg.MODEL.TEXT_ENCODER = CN()
-    cfg.MODEL.TEXT_ENCODER.NAME = "roberta-base"  # local transformers directory (or a name in the local cache)
+    cfg.MODEL.TEXT_ENCODER.NAME = (
+        "roberta-base"  # local transformers directory (or a name in the local cache)
+    )
     cfg.MODEL.TEXT_ENCODER.PRETRAINED = True  # False: random weights from the directory's config
     cfg.MODEL.TEXT_ENCODER.FREEZE = False  # keep the text encoder's weights fixed
-    cfg.MODEL.TEXT_ENCODER.MAX_TOKENS = 20  # tokens per expression, <s> and </s> included (ReLA: 20)
+    cfg.MODEL.TEXT_ENCODER.MAX_TOKENS = (
+        20  # tokens per expression, <s> and </s> included (ReLA: 20)
+    )
 
     # ----------------------------------------------------------------------------- pixel decoder
     # Mask2Former's key names, so its users find them where they expect.
@@ -82,11 +93,15 @@ def add_instalign_config(cfg: CN) -> CN:
     cfg.MODEL.SEM_SEG_HEAD.NPOINTS = 4  # sampling points per head and level
     cfg.MODEL.SEM_SEG_HEAD.DIM_FEEDFORWARD = 1024  # FFN width of the deformable encoder
     cfg.MODEL.SEM_SEG_HEAD.DROPOUT = 0.0
-    cfg.MODEL.SEM_SEG_HEAD.MSDA_IMPL = "auto"  # auto | cuda | cpu | pytorch (env INSTALIGN_MSDA_IMPL overrides auto)
+    cfg.MODEL.SEM_SEG_HEAD.MSDA_IMPL = (
+        "auto"  # auto | cuda | cpu | pytorch (env INSTALIGN_MSDA_IMPL overrides auto)
+    )
 
     # ----------------------------------------------------------------------------- InstAlign
     cfg.MODEL.INSTALIGN = CN()
-    cfg.MODEL.INSTALIGN.DECODER = "POT"  # POT | M2F (no text) | RELA (queries read text only), Table 3(e)
+    cfg.MODEL.INSTALIGN.DECODER = (
+        "POT"  # POT | M2F (no text) | RELA (queries read text only), Table 3(e)
+    )
     cfg.MODEL.INSTALIGN.HIDDEN_DIM = 256  # C
     cfg.MODEL.INSTALIGN.NUM_OBJECT_QUERIES = 100  # N, Table 3(d)
     cfg.MODEL.INSTALIGN.DEC_LAYERS = 9  # K POT blocks (paper §4.1)
@@ -96,7 +111,9 @@ def add_instalign_config(cfg: CN) -> CN:
     cfg.MODEL.INSTALIGN.PRE_NORM = False  # post-norm residual blocks, as Mask2Former
     cfg.MODEL.INSTALIGN.ENFORCE_INPUT_PROJ = False
     cfg.MODEL.INSTALIGN.MASK_ATTENTION = True  # masked cross-attention to V_k, as Mask2Former
-    cfg.MODEL.INSTALIGN.SIZE_DIVISIBILITY = 32  # images are zero-padded to a multiple of this (backbone stride)
+    cfg.MODEL.INSTALIGN.SIZE_DIVISIBILITY = (
+        32  # images are zero-padded to a multiple of this (backbone stride)
+    )
     # Table 3(a): "none" (merged mask loss only) | "standard" (no phrase term) | "phrase" (ours)
     cfg.MODEL.INSTALIGN.INSTANCE_SUPERVISION = "phrase"
     # Table 3(b): "AIA" (Eq. 8) | "AIA_NO_PRELU" | "THRESHOLD" (fixed score threshold)
@@ -106,6 +123,13 @@ def add_instalign_config(cfg: CN) -> CN:
     # Table 3(c): "QGLOBAL_TSEN" (Eq. 11) | "QGLOBAL" | "TSEN" | "MEAN_QUERIES" (ReLA-style)
     cfg.MODEL.INSTALIGN.NO_TARGET_INPUT = "QGLOBAL_TSEN"
     cfg.MODEL.INSTALIGN.DEEP_SUPERVISION = True  # losses on every block's output
+    # With deep supervision: L_merged on the last prediction only (L_inst stays on all of them).
+    # The paper is silent; False is Mask2Former's practice of supervising every prediction alike.
+    cfg.MODEL.INSTALIGN.MERGED_LOSS_ON_LAST_ONLY = False
+    # Normaliser of the score terms of Eq. 7: "num_instances" (Eq. 7 as written: every term summed
+    # and divided by the number of ground-truth instances) | "mean_over_queries" (score terms a
+    # weighted mean over the B*N queries, ~N/instances-per-expression times weaker).
+    cfg.MODEL.INSTALIGN.SCORE_LOSS_NORMALIZATION = "num_instances"
     # matching cost, Eq. 6 (supp. §8)
     cfg.MODEL.INSTALIGN.COST_SCORE = 2.0  # lambda_score
     cfg.MODEL.INSTALIGN.COST_MASK = 5.0  # lambda_mask (BCE + Dice)
@@ -120,7 +144,9 @@ def add_instalign_config(cfg: CN) -> CN:
     cfg.MODEL.INSTALIGN.IMPORTANCE_SAMPLE_RATIO = 0.75
 
     cfg.MODEL.INSTALIGN.TEST = CN()
-    cfg.MODEL.INSTALIGN.TEST.NO_TARGET_THRESHOLD = 0.5  # p_nt above this -> all-zero mask (paper §3.6)
+    cfg.MODEL.INSTALIGN.TEST.NO_TARGET_THRESHOLD = (
+        0.5  # p_nt above this -> all-zero mask (paper §3.6)
+    )
     cfg.MODEL.INSTALIGN.TEST.MASK_THRESHOLD = 0.5  # merged mask probability -> binary mask
     cfg.MODEL.INSTALIGN.TEST.INSTANCE_SCORE_THRESH = 0.5  # instances returned to the user
     cfg.MODEL.INSTALIGN.TEST.MAX_INSTANCES = 10  # at most this many returned instances
@@ -133,8 +159,16 @@ def add_instalign_config(cfg: CN) -> CN:
     cfg.SOLVER.WEIGHT_DECAY_EMBED = 0.0  # no decay on embeddings (queries, token embeddings)
     cfg.SOLVER.BASE_LR_END = 1e-6  # linear decay from BASE_LR to this at MAX_ITER (paper §4.1)
     cfg.SOLVER.LR_SCHEDULER_NAME = "WarmupLinearDecayLR"
+    # The schedule in epochs of the train split (paper: 20). With EPOCHS > 0, MAX_ITER is computed
+    # at start from the number of training samples and IMS_PER_BATCH
+    # (instalign_d2.solver.apply_epoch_schedule); 0 = use MAX_ITER. Warm-up stays in iterations.
+    cfg.SOLVER.EPOCHS = 0
+    cfg.SOLVER.CHECKPOINT_PERIOD_EPOCHS = (
+        0  # > 0: sets CHECKPOINT_PERIOD; 0 = use CHECKPOINT_PERIOD
+    )
 
     # ----------------------------------------------------------------------------- test
     cfg.TEST.EVAL_RESOLUTION = "input"  # "input" (the mapper's size, as ReLA/DMMI) | "original"
+    cfg.TEST.EVAL_PERIOD_EPOCHS = 0  # > 0: sets EVAL_PERIOD; 0 = use EVAL_PERIOD
     cfg.TEST.DUMP_PREDICTIONS = False  # also write RLE predictions to OUTPUT_DIR/inference
     return cfg

@@ -178,12 +178,13 @@ def test_matcher_cost_by_hand_on_constant_masks():
     matcher = PhraseAwareHungarianMatcher(
         cost_score=2.0, cost_mask=5.0, cost_phrase=1.0, num_points=50
     )
-    relevance = torch.tensor([0.0, 2.0])
-    mask_logits = torch.zeros(2, 4, 4)  # p = 0.5 everywhere, so sampled points do not matter
-    # An empty instance (a full one would read < 1 at the border through bilinear sampling).
+    relevance = torch.tensor([[0.0, 2.0]])
+    # Logits 0 (p = 0.5) everywhere and an empty instance: every sampled point reads exactly that,
+    # even beyond the last pixel centre, where point_sample blends with the zero padding.
+    mask_logits = torch.zeros(1, 2, 4, 4)
     gt = torch.zeros(1, 8, 8, dtype=torch.bool)
-    phrase = torch.tensor([0.3, 0.0])
-    cost = matcher.cost_matrix(relevance, mask_logits, gt, phrase)
+    phrase = torch.tensor([[0.3, 0.0]])
+    (cost,) = matcher.batched_cost_matrices(relevance, mask_logits, [gt], phrase)
     points = 50
     bce = math.log(2.0)
     dice = 1 - 1 / (0.5 * points + 1)
@@ -192,6 +193,55 @@ def test_matcher_cost_by_hand_on_constant_masks():
         2 * math.log1p(math.exp(-2.0)) + 5 * (bce + dice) + 0.0,
     ]
     assert cost.flatten().tolist() == pytest.approx(expected, abs=1e-5)
+
+
+def _softplus(x: float) -> float:
+    return math.log1p(math.exp(x))
+
+
+def test_matcher_assignment_is_the_brute_force_optimum_of_hand_written_costs():
+    """Eq. 5-6 through the matcher's public call: constant-logit predictions against full and
+    empty instances have costs in closed form; the best assignment over all permutations of
+    those hand-written costs is the one the matcher must return."""
+    relevance = [2.0, -1.0, 0.5, -2.0, 1.0]
+    logits = [3.0, -3.0, 2.0, 0.5, -2.0]  # each prediction's mask logit, the same at every pixel
+    phrase = [0.2, 0.9, 0.1, 0.5, 0.3]
+    full = [True, False, True]  # instance j covers the whole image, or nothing
+    points, size = 2000, 256  # fine masks: the padding-blended border band is ~1 % of the points
+
+    def mask_cost(c: float, is_full: bool) -> float:  # (BCE + Dice) of a constant prediction
+        p = 1 / (1 + math.exp(-c))
+        if is_full:
+            return _softplus(-c) + 1 - (2 * p * points + 1) / (p * points + points + 1)
+        return _softplus(c) + 1 - 1 / (p * points + 1)
+
+    cost = [
+        [2 * _softplus(-r) + 5 * mask_cost(c, f) + 1 * ph for f in full]  # Eq. 6
+        for r, c, ph in zip(relevance, logits, phrase)
+    ]
+    totals = {
+        assignment: sum(cost[q][j] for j, q in enumerate(assignment))
+        for assignment in itertools.permutations(range(5), 3)
+    }
+    best = min(totals, key=totals.get)
+    # The two full instances are interchangeable; any other choice must cost clearly more than the
+    # approximation of the border band could account for.
+    same = {a for a in totals if a[1] == best[1] and {a[0], a[2]} == {best[0], best[2]}}
+    runner_up = min(v for a, v in totals.items() if a not in same)
+    assert runner_up - totals[best] > 0.5
+
+    masks = torch.stack([torch.full((size, size), f) for f in full])
+    mask_logits = torch.tensor(logits)[:, None, None].expand(5, size, size)
+    matcher = PhraseAwareHungarianMatcher(
+        cost_score=2.0, cost_mask=5.0, cost_phrase=1.0, num_points=points
+    )
+    torch.manual_seed(0)
+    ((rows, cols),) = matcher(
+        torch.tensor([relevance]), mask_logits[None], [masks], torch.tensor([phrase])
+    )
+    assignment = dict(zip(cols.tolist(), rows.tolist()))  # instance -> prediction
+    assert assignment[1] == best[1]
+    assert {assignment[0], assignment[2]} == {best[0], best[2]}
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -207,7 +257,7 @@ def test_matcher_is_optimal_against_brute_force(seed):
     torch.manual_seed(100)
     ((rows, cols),) = matcher(relevance, mask_logits, [gt[0]], phrase)
     torch.manual_seed(100)  # the same sampled points
-    cost = matcher.cost_matrix(relevance[0], mask_logits[0], gt[0], phrase[0])
+    (cost,) = matcher.batched_cost_matrices(relevance, mask_logits, [gt[0]], phrase)
 
     assert sorted(cols.tolist()) == list(range(num_gt)) and len(set(rows.tolist())) == num_gt
     best = min(
@@ -345,6 +395,116 @@ def test_criterion_keys_sum_and_deep_supervision():
     }
 
 
+def test_merged_loss_on_the_last_prediction_only():
+    criterion = _criterion(merged_loss_on_last_only=True)
+    assert not criterion.merged_loss_on_every_prediction
+    assert _criterion().merged_loss_on_every_prediction
+    assert not _criterion(deep_supervision=False).merged_loss_on_every_prediction
+
+    outputs = _outputs(levels=3, requires_grad=True)
+    losses = criterion(outputs, _targets([2, 1]))
+    expected = {"loss_merged", "loss_no_target"}
+    for suffix in ("_0", "_1", ""):
+        expected |= {f"loss_{name}{suffix}" for name in ("score", "mask", "phrase")}
+    assert set(losses) == expected  # L_inst on every prediction, L_merged on the last only
+    default = _criterion()(_outputs(levels=3), _targets([2, 1]))
+    assert losses["loss_merged"].item() == pytest.approx(default["loss_merged"].item())
+    sum(losses.values()).backward()
+    for prediction in outputs["predictions"][:-1]:  # earlier merged logits get no gradient
+        assert prediction["merged_logits"].grad is None
+        assert prediction["mask_logits"].grad.abs().sum() > 0  # but their L_inst does
+    assert outputs["predictions"][-1]["merged_logits"].grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("instances", [1, 2])
+@pytest.mark.parametrize("normalization", ["num_instances", "mean_over_queries"])
+def test_eq7_written_out_by_hand(monkeypatch, instances, normalization):
+    """Two expressions, three queries: the first refers to ``instances`` objects, matched to
+    queries 1 (and 2) by force; the second refers to nothing. Eq. 7 by hand, term by term."""
+    size, l_score, l_mask, l_phrase = 8, 2.0, 5.0, 1.0
+    torch.manual_seed(0)
+    relevance = torch.tensor([[1.5, -0.5, 0.3], [-1.0, 0.2, -2.0]])
+    mask_logits = torch.randn(2, 3, size, size) * 2
+    queries, text = torch.randn(2, 3, 8), torch.randn(2, 5, 8)
+    pad = torch.tensor([[False, False, False, True, True], [False] * 4 + [True]])
+    gt = torch.zeros(instances, size, size, dtype=torch.bool)
+    gt[0, :, :4] = True
+    if instances == 2:
+        gt[1, 5:, 5:] = True
+    targets = [
+        {"masks": gt, "merged_mask": gt.any(0), "empty": False},
+        {
+            "masks": torch.zeros(0, size, size, dtype=torch.bool),
+            "merged_mask": torch.zeros(size, size, dtype=torch.bool),
+            "empty": True,
+        },
+    ]
+    outputs = {
+        "predictions": [
+            {
+                "relevance_logits": relevance,
+                "mask_logits": mask_logits,
+                "queries": queries,
+                "text": text,
+                "merged_logits": torch.zeros(2, size, size),
+            }
+        ],
+        "text_pad_mask": pad,
+        "no_target_logits": torch.zeros(2),
+    }
+    criterion = _criterion(
+        score_weight=l_score,
+        mask_weight=l_mask,
+        phrase_weight=l_phrase,
+        score_normalization=normalization,
+    )
+    matched = [1, 2][:instances]  # omega*: instance i -> query matched[i]
+    forced = [
+        (torch.tensor(matched), torch.arange(instances)),
+        (torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64)),
+    ]
+    monkeypatch.setattr(criterion.matcher, "forward", lambda *args: forced)
+    # Dense L_mask, at the logits' resolution: the same per-instance loss, without random points.
+    monkeypatch.setattr(
+        criterion,
+        "point_sampled_mask_loss",
+        lambda logits, masks: bce_dice_loss(logits.flatten(1), masks.flatten(1).float()),
+    )
+    losses = criterion(outputs, targets)
+
+    sp = lambda x: math.log1p(math.exp(x))  # noqa: E731  BCE(p, 1) = sp(-x), BCE(p, 0) = sp(x)
+    phrase = phrase_alignment_loss(queries, text, pad)
+    score_matched = sum(l_score * sp(-relevance[0, q].item()) for q in matched)
+    unmatched = [(0, q) for q in range(3) if q not in matched] + [(1, q) for q in range(3)]
+    score_unmatched = sum(sp(relevance[b, q].item()) for b, q in unmatched)
+    mask = sum(
+        l_mask
+        * bce_dice_loss(mask_logits[0, q].flatten()[None], gt[i].flatten()[None].float()).item()
+        for i, q in enumerate(matched)
+    )
+    phrase_sum = sum(l_phrase * phrase[0, q].item() for q in matched)
+    eq7 = score_matched + score_unmatched + mask + phrase_sum  # Eq. 7 of the batch
+
+    assert losses["loss_mask"].item() == pytest.approx(mask / instances, rel=1e-5)
+    assert losses["loss_phrase"].item() == pytest.approx(phrase_sum / instances, rel=1e-5)
+    if normalization == "num_instances":  # every term over one normaliser: Eq. 7 / instances
+        assert losses["loss_score"].item() == pytest.approx(
+            (score_matched + score_unmatched) / instances, rel=1e-5
+        )
+        total = losses["loss_score"] + losses["loss_mask"] + losses["loss_phrase"]
+        assert total.item() == pytest.approx(eq7 / instances, rel=1e-5)
+    else:  # score terms: weighted mean over the 6 queries, weights l_score (matched) and 1
+        weight = l_score * instances + len(unmatched)
+        assert losses["loss_score"].item() == pytest.approx(
+            (score_matched + score_unmatched) / weight, rel=1e-5
+        )
+
+
+def test_criterion_rejects_an_unknown_score_normalization():
+    with pytest.raises(ValueError, match="SCORE_LOSS_NORMALIZATION"):
+        _criterion(score_normalization="mean")
+
+
 def test_criterion_supervision_switches():
     standard = _criterion(instance_supervision="standard", deep_supervision=False)(
         _outputs(), _targets([1, 1])
@@ -361,10 +521,12 @@ def test_criterion_finite_for_an_all_no_target_batch():
     losses = _criterion()(outputs, _targets([0, 0]))
     assert all(torch.isfinite(v) for v in losses.values())
     assert losses["loss_mask"].item() == 0.0 and losses["loss_phrase"].item() == 0.0
-    # Every query is unmatched: the score loss is the mean BCE(p, 0).
+    # Every query is unmatched: Eq. 7 is the sum of BCE(p, 0), over a normaliser clamped to 1.
     relevance = outputs["predictions"][-1]["relevance_logits"]
-    expected_score = torch.nn.functional.softplus(relevance).mean()
+    expected_score = torch.nn.functional.softplus(relevance).sum()
     assert losses["loss_score"].item() == pytest.approx(expected_score.item(), rel=1e-5)
+    mean = _criterion(score_normalization="mean_over_queries")(outputs, _targets([0, 0]))
+    assert mean["loss_score"].item() == pytest.approx(expected_score.item() / 8, rel=1e-5)
     nt = outputs["no_target_logits"]
     assert losses["loss_no_target"].item() == pytest.approx(
         0.1 * torch.nn.functional.softplus(-nt).mean().item(), rel=1e-5
@@ -400,9 +562,7 @@ def test_criterion_values_for_a_known_match():
     losses = _criterion()(outputs, target)
 
     sp = torch.nn.functional.softplus
-    expected_score = (
-        2 * sp(torch.tensor(-1.5)) + sp(torch.tensor(-0.5))
-    ) / 3  # weights 2 (matched) and 1
+    expected_score = 2 * sp(torch.tensor(-1.5)) + sp(torch.tensor(-0.5))  # over 1 instance
     assert losses["loss_score"].item() == pytest.approx(expected_score.item(), rel=1e-5)
     assert losses["loss_merged"].item() < 1e-3  # perfect merged mask, compared densely
     phrase = phrase_alignment_loss(queries, text, pad)[0, 0]

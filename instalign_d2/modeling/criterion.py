@@ -1,17 +1,27 @@
 """Training objectives of InstAlign: Phrase-Object Alignment (Eq. 1-3), phrase-aligned instance
 supervision (Eq. 7), merged-mask supervision (Eq. 9), no-target supervision and their sum (Eq. 13).
 
-Normalisation (the paper gives Eq. 7 as plain sums; these are our choices, as Mask2Former's):
+Normalisation (the paper writes Eq. 7 as plain sums over a single expression and says nothing
+about batches; ``score_normalization`` chooses):
 
-- mask and phrase terms of matched queries are summed and divided by the number of ground-truth
-  instances in the batch (averaged over workers, at least 1), so their scale does not depend on
-  the batch size or on how many instances an expression has;
-- the score terms of Eq. 7 (``l_score * BCE(p, 1)`` for matched queries, ``BCE(p, 0)`` for the
-  others) are a weighted mean over all queries of the batch, weights ``l_score`` and 1: the ratio
-  of Eq. 7 is kept while the loss stays O(1) whatever N is, and is defined for a no-target batch;
-- the merged-mask loss is the per-image mean BCE over pixels plus the Dice loss, averaged over the
-  batch, at the ground truth's resolution (the merged logits are upsampled bilinearly);
-- the no-target loss is the BCE averaged over the batch.
+- ``"num_instances"`` (default, Eq. 7 as written): every term of Eq. 7 — ``l_score * BCE(p, 1)``,
+  ``l_mask * L_mask`` and ``l_phrase * L_phrase`` of the matched queries, ``BCE(p, 0)`` of the
+  unmatched ones — is summed over the batch and divided by one normaliser, the number of
+  ground-truth instances in the batch (averaged over workers, at least 1; Mask2Former's ``num_masks``).
+  The ratios between all terms are then the paper's, whatever N and the batch are; a batch of
+  no-target expressions only still has a defined loss (normaliser 1);
+- ``"mean_over_queries"``: the mask and phrase terms as above, but the score terms a weighted
+  mean over all B*N queries (weights ``l_score`` matched, 1 unmatched), our former choice. It
+  keeps the score loss O(1) in N, but weakens every score term against the mask and phrase terms
+  by about N / (instances per expression): ~77x at N = 100 and ~1.3 instances per expression.
+
+Other reductions: the merged-mask loss is the per-image mean BCE over pixels plus the Dice loss,
+averaged over the batch, at the ground truth's resolution (the merged logits are upsampled
+bilinearly); the no-target loss is the BCE averaged over the batch.
+
+Deep supervision (the paper is silent; Mask2Former's): L_merged and L_inst on every one of the
+K + 1 predictions (``merged_loss_on_last_only`` keeps L_merged on the last one only), L_nt on the
+last one, which is the only one the no-target head reads.
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ from torch import nn
 from .matcher import PhraseAwareHungarianMatcher
 
 INSTANCE_SUPERVISION_MODES = ("none", "standard", "phrase")
+SCORE_LOSS_NORMALIZATIONS = ("num_instances", "mean_over_queries")
 
 
 def _check_text_mask(text: torch.Tensor, text_mask: torch.Tensor) -> None:
@@ -103,7 +114,8 @@ class InstAlignCriterion(nn.Module):
 
     The returned dict's values sum to L_total. Keys: ``loss_merged``, ``loss_score``, ``loss_mask``,
     ``loss_phrase`` for the last block, the same with ``_{k}`` for the earlier predictions (``_0`` =
-    the initial queries, ``_k`` = after block k), and ``loss_no_target``.
+    the initial queries, ``_k`` = after block k; no ``loss_merged_{k}`` with
+    ``merged_loss_on_last_only``), and ``loss_no_target``.
     """
 
     @configurable
@@ -122,6 +134,8 @@ class InstAlignCriterion(nn.Module):
         oversample_ratio: float = 3.0,
         importance_sample_ratio: float = 0.75,
         deep_supervision: bool = True,
+        merged_loss_on_last_only: bool = False,
+        score_normalization: str = "num_instances",
     ):
         """
         Args:
@@ -133,11 +147,20 @@ class InstAlignCriterion(nn.Module):
             num_points, oversample_ratio, importance_sample_ratio: importance sampling of the points
                 on which instance mask losses are computed (Mask2Former's setting).
             deep_supervision: losses on every block's prediction, not only the last.
+            merged_loss_on_last_only: with deep supervision, L_merged on the last prediction only
+                (L_inst still on all).
+            score_normalization: "num_instances" (Eq. 7 as written) or "mean_over_queries"; see
+                the module docstring.
         """
         super().__init__()
         if instance_supervision not in INSTANCE_SUPERVISION_MODES:
             raise ValueError(
                 f"MODEL.INSTALIGN.INSTANCE_SUPERVISION={instance_supervision!r}: choose one of {INSTANCE_SUPERVISION_MODES}."
+            )
+        if score_normalization not in SCORE_LOSS_NORMALIZATIONS:
+            raise ValueError(
+                f"MODEL.INSTALIGN.SCORE_LOSS_NORMALIZATION={score_normalization!r}: choose one of "
+                f"{SCORE_LOSS_NORMALIZATIONS}."
             )
         self.matcher = matcher
         self.instance_supervision = instance_supervision
@@ -151,6 +174,8 @@ class InstAlignCriterion(nn.Module):
         self.oversample_ratio = oversample_ratio
         self.importance_sample_ratio = importance_sample_ratio
         self.deep_supervision = deep_supervision
+        self.merged_loss_on_last_only = merged_loss_on_last_only
+        self.score_normalization = score_normalization
 
     @classmethod
     def from_config(cls, cfg):
@@ -168,7 +193,14 @@ class InstAlignCriterion(nn.Module):
             "oversample_ratio": c.OVERSAMPLE_RATIO,
             "importance_sample_ratio": c.IMPORTANCE_SAMPLE_RATIO,
             "deep_supervision": c.DEEP_SUPERVISION,
+            "merged_loss_on_last_only": c.MERGED_LOSS_ON_LAST_ONLY,
+            "score_normalization": c.SCORE_LOSS_NORMALIZATION,
         }
+
+    @property
+    def merged_loss_on_every_prediction(self) -> bool:
+        """Whether L_merged reads the merged logits of every prediction, not only the last."""
+        return self.deep_supervision and not self.merged_loss_on_last_only
 
     # ------------------------------------------------------------------ the three objectives
     def merged_loss(self, merged_logits: torch.Tensor, gt_merged: torch.Tensor) -> torch.Tensor:
@@ -209,13 +241,18 @@ class InstAlignCriterion(nn.Module):
         ).to(relevance_logits.device)
         pred_index = torch.cat([pred for pred, _ in matches]).to(relevance_logits.device)
 
-        # Score terms of Eq. 7: matched -> l_score * BCE(p, 1), unmatched -> BCE(p, 0); weighted mean.
+        # Eq. 7, split into its score, mask and phrase sums; each is divided by the same
+        # normaliser (the score sums by a weighted query count under "mean_over_queries").
+        # Score terms: matched -> l_score * BCE(p, 1), unmatched -> BCE(p, 0).
         labels = torch.zeros_like(relevance_logits)
         labels[batch_index, pred_index] = 1.0
         weights = torch.ones_like(relevance_logits)
         weights[batch_index, pred_index] = self.score_weight
         score_bce = F.binary_cross_entropy_with_logits(relevance_logits, labels, reduction="none")
-        losses = {"loss_score": (weights * score_bce).sum() / weights.sum()}
+        score_normaliser = (
+            num_instances if self.score_normalization == "num_instances" else weights.sum()
+        )
+        losses = {"loss_score": (weights * score_bce).sum() / score_normaliser}
 
         if pred_index.numel() == 0:  # every expression of the batch is no-target: nothing to match
             zero = mask_logits.sum() * 0.0  # keeps the graph connected for DDP
@@ -226,17 +263,13 @@ class InstAlignCriterion(nn.Module):
             matched_gt = torch.cat([gt_masks[b][gt] for b, (_, gt) in enumerate(matches)]).to(
                 mask_logits.device
             )
-            losses["loss_mask"] = (
-                self.mask_weight
-                * self.point_sampled_mask_loss(
-                    mask_logits[batch_index, pred_index], matched_gt
-                ).sum()
-                / num_instances
+            mask_terms = self.point_sampled_mask_loss(
+                mask_logits[batch_index, pred_index], matched_gt
             )
+            losses["loss_mask"] = self.mask_weight * mask_terms.sum() / num_instances
             if use_phrase:
-                losses["loss_phrase"] = (
-                    self.phrase_weight * phrase[batch_index, pred_index].sum() / num_instances
-                )
+                phrase_terms = phrase[batch_index, pred_index]
+                losses["loss_phrase"] = self.phrase_weight * phrase_terms.sum() / num_instances
         return {k: self.instance_weight * v for k, v in losses.items()}
 
     def point_sampled_mask_loss(
@@ -286,10 +319,12 @@ class InstAlignCriterion(nn.Module):
 
         losses: Dict[str, torch.Tensor] = {}
         for level, prediction in enumerate(predictions):
-            suffix = "" if level == len(predictions) - 1 else f"_{level}"
-            losses["loss_merged" + suffix] = self.merged_weight * self.merged_loss(
-                prediction["merged_logits"], gt_merged
-            )
+            last = level == len(predictions) - 1
+            suffix = "" if last else f"_{level}"
+            if last or not self.merged_loss_on_last_only:
+                losses["loss_merged" + suffix] = self.merged_weight * self.merged_loss(
+                    prediction["merged_logits"], gt_merged
+                )
             if self.instance_supervision != "none":
                 level_losses = self.instance_losses(
                     prediction, gt_masks, outputs["text_pad_mask"], num_instances
@@ -312,5 +347,7 @@ class InstAlignCriterion(nn.Module):
         return (
             f"instance_supervision={self.instance_supervision}, lambdas: score={self.score_weight}, "
             f"mask={self.mask_weight}, phrase={self.phrase_weight}, merged={self.merged_weight}, "
-            f"inst={self.instance_weight}, nt={self.no_target_weight}, deep_supervision={self.deep_supervision}"
+            f"inst={self.instance_weight}, nt={self.no_target_weight}, deep_supervision={self.deep_supervision}, "
+            f"merged_loss_on_last_only={self.merged_loss_on_last_only}, "
+            f"score_normalization={self.score_normalization}"
         )

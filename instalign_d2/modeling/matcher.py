@@ -68,19 +68,6 @@ class PhraseAwareHungarianMatcher(nn.Module):
             "num_points": cfg.MODEL.INSTALIGN.TRAIN_NUM_POINTS,
         }
 
-    def cost_matrix(
-        self,
-        relevance_logits: torch.Tensor,
-        mask_logits: torch.Tensor,
-        gt_masks: torch.Tensor,
-        phrase_cost: Optional[torch.Tensor] = None,
-    ) -> torch.Tensor:
-        """Eq. 6 for one image: ``(N,)`` relevance logits, ``(N, h, w)`` mask logits, ``(M, H, W)`` masks,
-        ``(N,)`` L_phrase -> ``(N, M)`` cost."""
-        return self.batched_cost_matrices(
-            relevance_logits[None], mask_logits[None], [gt_masks], None if phrase_cost is None else phrase_cost[None]
-        )[0]
-
     def batched_cost_matrices(
         self,
         relevance_logits: torch.Tensor,
@@ -100,15 +87,23 @@ class PhraseAwareHungarianMatcher(nn.Module):
             return [relevance_logits.new_zeros((num_queries, 0)) for _ in range(batch)]
         points = torch.rand(1, self.num_points, 2, device=mask_logits.device)
         pred_points = point_sample(
-            mask_logits.flatten(0, 1)[:, None], points.expand(batch * num_queries, -1, -1), align_corners=False
-        )[:, 0]  # (B*N, P)
+            mask_logits.flatten(0, 1)[:, None],
+            points.expand(batch * num_queries, -1, -1),
+            align_corners=False,
+        )[
+            :, 0
+        ]  # (B*N, P)
         all_gt = torch.cat([m for m in gt_masks if m.shape[0]]).to(mask_logits.device)
         gt_points = point_sample(
             all_gt[:, None].float(), points.expand(all_gt.shape[0], -1, -1), align_corners=False
-        )[:, 0]  # (sum M, P)
+        )[
+            :, 0
+        ]  # (sum M, P)
 
         # Every prediction against every ground truth of the batch; each expression keeps its block.
-        mask_cost = pairwise_bce_cost(pred_points, gt_points) + pairwise_dice_cost(pred_points, gt_points)
+        mask_cost = pairwise_bce_cost(pred_points, gt_points) + pairwise_dice_cost(
+            pred_points, gt_points
+        )
         per_query = self.cost_score * F.softplus(-relevance_logits)  # BCE(p_i, 1) = -log p_i
         if self.cost_phrase and phrase_costs is not None:
             per_query = per_query + self.cost_phrase * phrase_costs.float()  # Eq. 6, phrase term
