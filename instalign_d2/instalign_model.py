@@ -179,9 +179,9 @@ class InstAlign(nn.Module):
             image_index: ``(E,)`` which encoded image each expression is about.
             input_ids, attention_mask: ``(E, L)`` token ids and mask (1 = real token).
         Returns:
-            the decoder's ``predictions`` (K + 1 dicts; each gains ``merged_logits (E, h, w)`` —
-            in eval mode only the last, the one that is used), ``text_pad_mask (E, L)`` and
-            ``no_target_logits (E,)``.
+            the decoder's ``predictions`` (K + 1 dicts; the last gains ``merged_logits (E, h, w)``,
+            and in training every one does when the criterion supervises them all),
+            ``text_pad_mask (E, L)`` and ``no_target_logits (E,)``.
         """
         if (attention_mask.sum(dim=1) == 0).any():
             raise ValueError(
@@ -198,7 +198,8 @@ class InstAlign(nn.Module):
             multi_scale_features, mask_features, text, text_pad_mask
         )  # POT, K blocks
         predictions = outputs["predictions"]
-        for prediction in predictions if self.training else predictions[-1:]:
+        merge_every = self.training and self.criterion.merged_loss_on_every_prediction
+        for prediction in predictions if merge_every else predictions[-1:]:
             prediction["merged_logits"] = self.aggregation(
                 prediction["mask_logits"], prediction["relevance_logits"]
             )  # Eq. 8
@@ -208,15 +209,26 @@ class InstAlign(nn.Module):
         )  # Eq. 10-12
         return outputs
 
-    def forward(self, batched_inputs: List[Dict]):
-        """Training: dict of losses (Eq. 13). Inference: one dict per input (docs/interfaces.md §3)."""
-        if not self.training:
-            return self.inference(batched_inputs)
-        # Expressions of one image (DATALOADER.TRAIN_EXPRESSIONS_PER_IMAGE) share its visual pass.
+    def compute_outputs(
+        self, batched_inputs: Sequence[Dict]
+    ) -> Tuple[Dict, VisualFeatures, torch.Tensor]:
+        """Both paths of Fig. 2 for a batch: :meth:`decode_expressions`' outputs, the visual features
+        and, per input, the index of its image among them.
+
+        Inputs that show the same image (``file_name`` and pixels, e.g. the expressions of one image
+        with DATALOADER.TRAIN_EXPRESSIONS_PER_IMAGE, or a test batch) share one visual pass.
+        """
         representatives, image_index = self.group_by_image(batched_inputs)
         visual_features = self.encode_images([batched_inputs[i] for i in representatives])
         input_ids, attention_mask = self.text_inputs(batched_inputs)
         outputs = self.decode_expressions(visual_features, image_index, input_ids, attention_mask)
+        return outputs, visual_features, image_index
+
+    def forward(self, batched_inputs: List[Dict]):
+        """Training: dict of losses (Eq. 13). Inference: one dict per input (docs/interfaces.md §3)."""
+        if not self.training:
+            return self.inference(batched_inputs)
+        outputs, visual_features, _ = self.compute_outputs(batched_inputs)
         return self.criterion(
             outputs, self.prepare_targets(batched_inputs, visual_features.padded_size)
         )
@@ -303,7 +315,6 @@ class InstAlign(nn.Module):
             )
         return targets
 
-    # ------------------------------------------------------------------ inference
     def group_by_image(self, batched_inputs: Sequence[Dict]) -> Tuple[List[int], torch.Tensor]:
         """Inputs sharing ``file_name`` and an identical image tensor form one group.
 
@@ -331,12 +342,11 @@ class InstAlign(nn.Module):
             image_index.append(group)
         return representatives, torch.as_tensor(image_index, dtype=torch.long)
 
+    # ------------------------------------------------------------------ inference
     @torch.no_grad()
     def inference(self, batched_inputs: List[Dict]) -> List[Dict]:
-        representatives, image_index = self.group_by_image(batched_inputs)
-        visual_features = self.encode_images([batched_inputs[i] for i in representatives])
-        input_ids, attention_mask = self.text_inputs(batched_inputs)
-        outputs = self.decode_expressions(visual_features, image_index, input_ids, attention_mask)
+        """One dict per input (docs/interfaces.md §3)."""
+        outputs, visual_features, image_index = self.compute_outputs(batched_inputs)
         return self.postprocess(outputs, visual_features, image_index, batched_inputs)
 
     def postprocess(

@@ -98,6 +98,23 @@ def test_training_losses_are_finite_and_gradients_reach_every_part(model):
     assert grad_norm(model.no_target_head.parameters()) > 0
 
 
+def test_merged_logits_only_where_the_criterion_reads_them(tiny_cfg):
+    """Training merges (Eq. 8) every prediction when each has an L_merged, else only the last;
+    inference always only the last."""
+    torch.manual_seed(0)
+    for last_only in (False, True):
+        model = build_model(tiny_cfg(MERGED_LOSS_ON_LAST_ONLY=last_only)).train()
+        with torch.no_grad():
+            outputs, visual, image_index = model.compute_outputs(training_batch(model))
+        merged = ["merged_logits" in p for p in outputs["predictions"]]
+        assert len(merged) == 4 and merged[-1]  # K = 3 blocks + the initial queries
+        assert merged[:-1] == [not last_only] * 3
+        assert image_index.tolist() == [0, 0, 1, 1] and len(visual.image_sizes) == 2
+        model.eval()
+        outputs, _, _ = model.compute_outputs(training_batch(model))
+        assert ["merged_logits" in p for p in outputs["predictions"]] == [False] * 3 + [True]
+
+
 def test_training_on_an_all_no_target_batch_is_finite(model):
     model.train()
     image, _ = draw_scene(3)
@@ -143,7 +160,11 @@ def test_inference_output_contract(model):
     try:
         (out,) = model([make_input(model, image, "the red square", height=80, width=96)])
     finally:
-        model.instance_score_threshold, model.max_instances, model.no_target_threshold = 0.5, 10, 0.5
+        model.instance_score_threshold, model.max_instances, model.no_target_threshold = (
+            0.5,
+            10,
+            0.5,
+        )
     assert set(out) == {"ref_seg", "ref_seg_input", "nt_prob", "instances"}
     assert out["ref_seg"].shape == (80, 96) and out["ref_seg_input"].shape == (SIZE, SIZE)
     assert (
@@ -275,6 +296,7 @@ def test_encode_images_and_decode_expressions_for_a_demo(model):
             "INSTANCE_SUPERVISION": "none",
         },
         {"AGGREGATION": "AIA_NO_PRELU", "NO_TARGET_INPUT": "TSEN", "DEEP_SUPERVISION": False},
+        {"MERGED_LOSS_ON_LAST_ONLY": True, "SCORE_LOSS_NORMALIZATION": "mean_over_queries"},
     ],
 )
 def test_ablation_settings_train_and_infer(tiny_cfg, override):
@@ -284,7 +306,13 @@ def test_ablation_settings_train_and_infer(tiny_cfg, override):
     losses = model(training_batch(model))
     assert all(torch.isfinite(v) for v in losses.values())
     assert ("loss_phrase" in losses) == (override.get("INSTANCE_SUPERVISION", "phrase") == "phrase")
-    assert ("loss_merged_0" in losses) == override.get("DEEP_SUPERVISION", True)
+    assert ("loss_merged_0" in losses) == (
+        override.get("DEEP_SUPERVISION", True)
+        and not override.get("MERGED_LOSS_ON_LAST_ONLY", False)
+    )
+    assert ("loss_score_0" in losses) == (
+        override.get("DEEP_SUPERVISION", True) and override.get("INSTANCE_SUPERVISION") != "none"
+    )
     sum(losses.values()).backward()
     model.eval()
     assert model(training_batch(model)[:1])[0]["ref_seg"].shape == (80, 96)
