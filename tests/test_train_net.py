@@ -206,3 +206,29 @@ def test_resume_after_sigkill_continues_with_the_saved_state(tmp_path):
     for iteration in lr_straight:
         if iteration >= start:
             assert lr_resumed[iteration] == pytest.approx(lr_straight[iteration], rel=1e-9)
+
+
+def test_trainer_constructor_still_mirrors_detectron2s():
+    """Trainer.__init__ copies DefaultTrainer.__init__ (to make DDP work on CPUs): it must set
+    every attribute detectron2's sets, or detectron2 has changed and the copy must follow."""
+    import ast
+    import inspect
+    import textwrap
+
+    from detectron2.engine import DefaultTrainer
+
+    def assigned_attributes(function):
+        tree = ast.parse(textwrap.dedent(inspect.getsource(function)))
+        return {
+            node.attr
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Attribute)
+            and isinstance(node.ctx, ast.Store)
+            and isinstance(node.value, ast.Name)
+            and node.value.id == "self"
+        }
+
+    theirs = assigned_attributes(DefaultTrainer.__init__)
+    ours = assigned_attributes(train_net.Trainer.__init__)
+    assert {"_trainer", "checkpointer", "scheduler", "start_iter", "max_iter", "cfg"} <= theirs
+    assert theirs == ours, f"detectron2's DefaultTrainer.__init__ changed: {theirs ^ ours}"
