@@ -3,6 +3,7 @@
 import itertools
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -599,3 +600,30 @@ def test_criterion_values_for_a_known_match():
         _criterion()(wrong, target)["loss_mask"].item()
         > 5 * _criterion()(right, target)["loss_mask"].item()
     )
+
+
+# ----------------------------------------------------------------------------- point sampling near the border
+
+
+def test_border_bands_of_the_point_sampled_mask_loss(load_tool):
+    """tools/measure_border_sampling.py: the bands where point_sample's zero padding blends in are
+    half a pixel wide at each side, and importance sampling crowds into the logits' band."""
+    tool = load_tool("measure_border_sampling")
+    torch.manual_seed(0)
+    gt = torch.ones(4, 16, 16)  # full masks: every border point has a blended label
+    logits = torch.full((4, 4, 4), 8.0)  # a confident prediction at a quarter of the resolution
+    uniform = tool.measure(gt, logits, 20000, importance=False)
+    # A point is in a band when it is within half a pixel of an edge on either axis.
+    assert uniform["label band"] == pytest.approx(1 - (15 / 16) ** 2, abs=0.01)
+    assert uniform["logit band"] == pytest.approx(1 - (3 / 4) ** 2, abs=0.01)
+    # The band's blended logits are the only uncertain ones: the 75 % importance-sampled points
+    # all land there (3x oversampling covers the band's 44 %), plus the band's share of the rest.
+    importance = tool.measure(gt, logits, 20000, importance=True)
+    assert importance["logit band"] == pytest.approx(0.75 + 0.25 * (1 - (3 / 4) ** 2), abs=0.01)
+
+    rng = np.random.default_rng(0)
+    mask = np.zeros((32, 32), dtype=bool)
+    mask[10:20, 12:22] = True
+    cut = tool.cut_by_an_edge(mask, rng)
+    assert tool.touches_border(cut) and not tool.touches_border(mask)
+    assert 0.5 * mask.sum() <= cut.sum() <= 0.8 * mask.sum()  # 20-50 % of its extent is outside
