@@ -349,8 +349,8 @@ def create_app(
     ):
         html = render_template_string(
             PAGE,
-            weights=weights or predictor.cfg.MODEL.WEIGHTS or "(random weights)",
-            config=config,
+            weights=_display_path(weights or predictor.cfg.MODEL.WEIGHTS) or "(random weights)",
+            config=_display_path(config),
             max_tokens=predictor.max_tokens,
             nt_threshold=threshold,
             min_side=MIN_IMAGE_SIDE,
@@ -376,7 +376,10 @@ def create_app(
         chosen = next((ex for ex in examples if ex.name == name), None)
         if chosen is None:  # only the listed files: the name never becomes a path by itself
             return page(404, errors=[f"No example named {name!r}."])
-        image = store.add(chosen.name, read_image_uint8(chosen.path, "BGR"))
+        try:
+            image = store.add(chosen.name, read_image_uint8(chosen.path, "BGR"))
+        except OSError as exc:  # the dataset changed since the server started
+            return page(404, errors=[f"The example {name} cannot be read any more ({exc})."])
         return page(image=image, expressions="\n".join(chosen.expressions))
 
     @app.post("/")
@@ -447,6 +450,14 @@ def create_app(
         )
 
     return app
+
+
+def _display_path(path: str) -> str:
+    """``path`` relative to the working directory when it lies below it (shorter on the page)."""
+    if not path:
+        return path
+    relative = os.path.relpath(os.path.abspath(path))
+    return path if relative.startswith("..") else relative
 
 
 def _answer_view(
@@ -535,10 +546,8 @@ def main(argv=None) -> int:
         cfg = load_config(args.config_file, args.opts)
         print(f"Loading {cfg.MODEL.WEIGHTS} ...", flush=True)
         predictor = GRESPredictor(cfg, cache_size=KEPT_IMAGES)
-    except (
-        ConfigError,
-        FileNotFoundError,
-    ) as exc:  # FileNotFoundError: e.g. the text encoder's folder
+    # FileNotFoundError: e.g. the text encoder's folder of a config whose dataset is not there.
+    except (ConfigError, FileNotFoundError) as exc:
         print(f"demo: error: {exc}", file=sys.stderr)
         return 2
     from werkzeug.serving import make_server
