@@ -1,4 +1,7 @@
 """Optimizer parameter groups and the linear-decay schedule."""
+
+import os
+
 import pytest
 import torch
 from detectron2.config import get_cfg
@@ -16,7 +19,13 @@ class TinyGRESNet(nn.Module):
         self.backbone = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
         self.text_encoder = nn.ModuleDict(
             {
-                "transformer": nn.ModuleDict({"embeddings": nn.Embedding(10, 4), "proj": nn.Linear(4, 4), "norm": nn.LayerNorm(4)}),
+                "transformer": nn.ModuleDict(
+                    {
+                        "embeddings": nn.Embedding(10, 4),
+                        "proj": nn.Linear(4, 4),
+                        "norm": nn.LayerNorm(4),
+                    }
+                ),
                 "projection": nn.Linear(4, 4),  # new layer on top of the pretrained encoder
             }
         )
@@ -89,7 +98,9 @@ def test_every_trainable_parameter_in_exactly_one_group_with_intended_lr_and_dec
 
 def test_norm_and_embed_decay_follow_their_keys():
     model = TinyGRESNet()
-    got = settings_by_name(build_optimizer(make_cfg(WEIGHT_DECAY_NORM=0.01, WEIGHT_DECAY_EMBED=0.02), model))
+    got = settings_by_name(
+        build_optimizer(make_cfg(WEIGHT_DECAY_NORM=0.01, WEIGHT_DECAY_EMBED=0.02), model)
+    )
     assert got["group_norm.weight"][1] == 0.01
     assert got["backbone.1.weight"][1] == 0.01
     assert got["query_feat.weight"][1] == 0.02
@@ -110,7 +121,11 @@ def test_timm_no_weight_decay_declarations_are_honoured():
     model.backbone = WithDeclared()
     groups = build_param_groups(model, base_lr=1.0, weight_decay=0.3, weight_decay_embed=0.0)
     decay = {n: g["weight_decay"] for g in groups for n in g["param_names"]}
-    assert decay == {"backbone.relative_position_bias_table": 0.0, "backbone.proj.weight": 0.3, "backbone.proj.bias": 0.0}
+    assert decay == {
+        "backbone.relative_position_bias_table": 0.0,
+        "backbone.proj.weight": 0.3,
+        "backbone.proj.bias": 0.0,
+    }
 
 
 def test_full_model_gradient_clipping_clips_the_global_norm():
@@ -137,7 +152,9 @@ def test_linear_decay_reaches_end_lr_at_max_iter(warmup_iters):
     optimizer = build_optimizer(cfg, model)
     scheduler = build_lr_scheduler(cfg, optimizer)
     head_group = next(g for g in optimizer.param_groups if "head.weight" in g["param_names"])
-    backbone_group = next(g for g in optimizer.param_groups if "backbone.0.weight" in g["param_names"])
+    backbone_group = next(
+        g for g in optimizer.param_groups if "backbone.0.weight" in g["param_names"]
+    )
     lrs = []
     for _ in range(cfg.SOLVER.MAX_ITER):
         lrs.append(head_group["lr"])
@@ -160,7 +177,8 @@ def test_linear_decay_reaches_end_lr_at_max_iter(warmup_iters):
 
 def test_groups_of_the_real_instalign_model(tiny_cfg):
     """On the real model: the new text projection learns at full rate, the pretrained text
-    transformer, the backbone and the pixel decoder at their multipliers, and AIA's PReLU slope is not decayed."""
+    transformer, the backbone and the pixel decoder at their multipliers, and AIA's PReLU slope is not decayed.
+    """
     from detectron2.modeling import build_model
 
     cfg = tiny_cfg()
@@ -185,3 +203,20 @@ def test_groups_of_the_real_instalign_model(tiny_cfg):
     assert got["text_encoder.projection.weight"] == (pytest.approx(1e-4), 0.05)
     decayed = [n for n, (_, d) in got.items() if d > 0]
     assert decayed and all(n.endswith("weight") for n in decayed)
+
+
+def test_paper_configs_learning_rates(repo_root):
+    """Default: the pretrained encoders at 0.1x; the literal reading of the paper: one rate."""
+
+    def load(name):
+        cfg = add_instalign_config(get_cfg())
+        cfg.merge_from_file(os.path.join(repo_root, "configs", "grefcoco", name))
+        return cfg.SOLVER
+
+    default, single = load("instalign_swin_base.yaml"), load("instalign_swin_base_single_lr.yaml")
+    assert (default.BACKBONE_MULTIPLIER, default.TEXT_ENCODER_MULTIPLIER) == (0.1, 0.1)
+    assert (single.BACKBONE_MULTIPLIER, single.TEXT_ENCODER_MULTIPLIER) == (1.0, 1.0)
+    for solver in (default, single):
+        assert (solver.BASE_LR, solver.BASE_LR_END, solver.WEIGHT_DECAY) == (1e-4, 1e-6, 0.05)
+        clip = solver.CLIP_GRADIENTS
+        assert (clip.ENABLED, clip.CLIP_TYPE, clip.CLIP_VALUE) == (True, "full_model", 0.01)
