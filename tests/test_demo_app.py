@@ -442,18 +442,25 @@ def browser_paths():
         import selenium  # noqa: F401
     except ImportError:
         pytest.skip(
-            "Selenium is not installed: pip install selenium (the test drives the system's Chromium with it)"
+            "Selenium is not installed: pip install selenium (it drives the system's Chromium)"
         )
-    chromium = (
-        os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+
+    def first(*candidates):
+        return next((c for c in candidates if c and os.path.isfile(c)), None)
+
+    chromium = first(
+        os.environ.get("CHROMIUM"), shutil.which("chromium"), shutil.which("chromium-browser")
     )
-    driver = (
-        os.environ.get("CHROMEDRIVER")
-        or shutil.which("chromedriver")
-        or next((p for p in ("/usr/lib/chromium/chromedriver",) if os.path.exists(p)), None)
+    driver = first(
+        os.environ.get("CHROMEDRIVER"),
+        shutil.which("chromedriver"),
+        "/usr/lib/chromium/chromedriver",
     )
     if not chromium or not driver:
-        pytest.skip("headless Chromium is not installed: apt-get install chromium chromium-driver")
+        missing = " and ".join(
+            n for n, p in (("chromium", chromium), ("chromedriver", driver)) if not p
+        )
+        pytest.skip(f"{missing} not installed: apt-get install chromium chromium-driver")
     return chromium, driver
 
 
@@ -515,7 +522,7 @@ def submit_and_wait(driver, expressions, image_path=None):
 
 
 @pytest.mark.slow
-def test_page_in_a_real_browser(server, browser, checkpoint, tmp_path):
+def test_page_in_a_real_browser(browser, server, checkpoint, tmp_path):
     from selenium.webdriver.common.by import By
 
     examples = demo_app.find_examples(checkpoint["root"])
