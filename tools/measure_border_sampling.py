@@ -141,7 +141,7 @@ def main(argv=None) -> int:
                             set_name,
                             kind,
                             "importance" if importance else "uniform",
-                            *(f"{100 * v:.1f} %" for v in shares.values()),
+                            *(f"{100 * v:.2f} %" for v in shares.values()),
                         ]
                     )
     headers = ["resolution", "synthetic masks", "prediction", "sampling"]
