@@ -77,7 +77,11 @@ def make_inputs(batch: int, device: str = "cpu", dtype=torch.float32, seed: int 
     grad_output = torch.randn(batch, tokens, HEADS * HEAD_DIM, generator=generator)
 
     def prepare(t, grad):
-        t = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+        if not t.is_floating_point():
+            # The level tables stay on the CPU, as the pixel decoder's python shapes reach the
+            # op: a table on the GPU would be read back on every call, which is no kernel's cost.
+            return t
+        t = t.to(device=device, dtype=dtype)
         return t.requires_grad_() if grad else t
 
     return (
