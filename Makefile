@@ -22,11 +22,12 @@ CUDA_HOME ?= $(shell for d in /usr/local/cuda "$$(dirname "$$(dirname "$$(readli
   if [ -x "$$d/bin/nvcc" ] && ls "$$d"/lib*/libcudart.so* >/dev/null 2>&1; then echo "$$d"; break; fi; done)
 export CUDA_HOME
 
-.PHONY: setup train test test-slow test-all lint format cuda-build-check benchmarks clean help
+.PHONY: setup train test test-slow test-all lint format demo demo-setup cuda-build-check benchmarks clean help
 
 help:
 	@echo "make train   # train InstAlign on the embedded synthetic dataset (CPU is fine)"
 	@echo "make test    # fast test suite;  make test-slow / test-all for the rest"
+	@echo "make demo    # the demo page in the browser (after make train; ARGS=\"--port 8000 --opts MODEL.WEIGHTS x.pth\")"
 	@echo "make lint    # black --check and ruff, as CI;  make format rewrites the files"
 	@echo "make benchmarks  # the README's speed and memory tables"
 
@@ -86,6 +87,16 @@ test-slow: setup
 
 test-all: setup
 	$(PY) -m pytest -q $(ARGS)
+
+# The demo page (demo/app.py) and its browser test: optional, make train / make test do not need them.
+$(STAMPS)/demo: constraints.txt $(STAMPS)/package
+	$(PIP) install -q flask selenium -c constraints.txt
+	@touch $@
+
+demo-setup: $(STAMPS)/demo
+
+demo: $(STAMPS)/demo
+	$(PY) demo/app.py --config-file $(TRAIN_CONFIG) $(ARGS)
 
 # Format and lint as detectron2 does (black, then import order and pyflakes by ruff); settings
 # in pyproject.toml.

@@ -57,6 +57,7 @@ def load_tool():
             name, os.path.join(REPO_ROOT, "tools", f"{name}.py")
         )
         module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up there while it executes
         spec.loader.exec_module(module)
         return module
 
