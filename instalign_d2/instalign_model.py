@@ -209,6 +209,7 @@ class InstAlign(nn.Module):
         )  # Eq. 10-12
         return outputs
 
+    # ------------------------------------------------------------------ Fig. 2, both paths
     def compute_outputs(
         self, batched_inputs: Sequence[Dict]
     ) -> Tuple[Dict, VisualFeatures, torch.Tensor]:
