@@ -1,5 +1,6 @@
 """Learning-rate schedules: the paper's linear decay (BASE_LR -> BASE_LR_END at MAX_ITER) with
 optional warm-up, and detectron2's own schedules for every other name."""
+
 from __future__ import annotations
 
 import torch

@@ -12,6 +12,7 @@ Parameter groups (one per distinct (lr, weight decay), every trainable parameter
   ``WEIGHT_DECAY_EMBED`` for embeddings (``nn.Embedding`` tables, learned queries / level
   embeddings, and whatever a module lists in timm's ``no_weight_decay()``), ``WEIGHT_DECAY`` else.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -27,7 +28,14 @@ NORM_TYPES: Tuple[type, ...] = (
     nn.LocalResponseNorm,
 )
 # Parameter names (last component) that hold learned embeddings rather than weights.
-EMBEDDING_PARAM_NAMES = ("query_feat", "query_embed", "query_pos", "level_embed", "pos_embed", "absolute_pos_embed")
+EMBEDDING_PARAM_NAMES = (
+    "query_feat",
+    "query_embed",
+    "query_pos",
+    "level_embed",
+    "pos_embed",
+    "absolute_pos_embed",
+)
 
 
 def _norm_types() -> Tuple[type, ...]:
@@ -95,20 +103,28 @@ def build_param_groups(
 
             if isinstance(module, norm_types):
                 decay = weight_decay_norm
-            elif isinstance(module, nn.Embedding) or param_name in EMBEDDING_PARAM_NAMES or full_name in declared_embeddings:
+            elif (
+                isinstance(module, nn.Embedding)
+                or param_name in EMBEDDING_PARAM_NAMES
+                or full_name in declared_embeddings
+            ):
                 decay = weight_decay_embed
             elif param_name.endswith("bias") or param.numel() == 1:  # incl. attention in_proj_bias
                 decay = 0.0
             else:
                 decay = weight_decay
 
-            group = groups.setdefault((lr, decay), {"params": [], "lr": lr, "weight_decay": decay, "param_names": []})
+            group = groups.setdefault(
+                (lr, decay), {"params": [], "lr": lr, "weight_decay": decay, "param_names": []}
+            )
             group["params"].append(param)
             group["param_names"].append(full_name)
     return list(groups.values())
 
 
-def _with_full_model_gradient_clipping(optimizer_class: type, max_norm: float, norm_type: float) -> type:
+def _with_full_model_gradient_clipping(
+    optimizer_class: type, max_norm: float, norm_type: float
+) -> type:
     """A subclass of ``optimizer_class`` whose ``step`` first clips the gradient norm of all
     parameters together (Mask2Former's "full_model" clipping; detectron2 only clips per group)."""
 
@@ -141,13 +157,20 @@ def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
     if name == "ADAMW":
         optimizer_class, kwargs = torch.optim.AdamW, {"lr": solver.BASE_LR}
     elif name == "SGD":
-        optimizer_class, kwargs = torch.optim.SGD, {"lr": solver.BASE_LR, "momentum": solver.MOMENTUM}
+        optimizer_class, kwargs = torch.optim.SGD, {
+            "lr": solver.BASE_LR,
+            "momentum": solver.MOMENTUM,
+        }
     else:
-        raise ValueError(f"SOLVER.OPTIMIZER={solver.OPTIMIZER!r} is not supported; use ADAMW or SGD.")
+        raise ValueError(
+            f"SOLVER.OPTIMIZER={solver.OPTIMIZER!r} is not supported; use ADAMW or SGD."
+        )
 
     clip = solver.CLIP_GRADIENTS
     if clip.ENABLED and clip.CLIP_TYPE == "full_model":
-        optimizer_class = _with_full_model_gradient_clipping(optimizer_class, clip.CLIP_VALUE, clip.NORM_TYPE)
+        optimizer_class = _with_full_model_gradient_clipping(
+            optimizer_class, clip.CLIP_VALUE, clip.NORM_TYPE
+        )
         optimizer = optimizer_class(groups, **kwargs)
     else:
         from detectron2.solver.build import maybe_add_gradient_clipping
