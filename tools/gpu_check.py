@@ -30,8 +30,8 @@ Parts:
   make-train  (with --train) the synthetic ``make train`` on the GPU: time to the end, metrics.
 """
 
-# (No `from __future__ import annotations`: the tests load this script with importlib without
-# registering it in sys.modules, where dataclasses cannot resolve string annotations.)
+from __future__ import annotations
+
 import argparse
 import glob
 import json
