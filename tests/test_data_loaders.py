@@ -214,10 +214,17 @@ def _write_instances(path):
         )
 
 
+def _write_images(folder, images=IMAGES):
+    """Stand-ins for the image files (the loaders only check that they are there)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for image in images:
+        (folder / image["file_name"]).write_bytes(b"x")
+
+
 def _write_grefcoco(root, pickled=False):
     folder = root / "grefcoco"
     folder.mkdir(parents=True)
-    (root / "images" / "train2014").mkdir(parents=True)
+    _write_images(root / "images" / "train2014")
     if pickled:
         with open(folder / "grefs(unc).p", "wb") as f:
             pickle.dump(GREFS, f)
@@ -318,7 +325,10 @@ def test_grefcoco_train_split_counts_fields_and_masks(tmp_path, pickled, caplog)
 def test_grefcoco_val_split_and_int_ann_id(tmp_path):
     folder = _write_grefcoco(tmp_path)
     dicts = load_grefcoco_json(
-        str(folder / "grefs(unc).json"), str(folder / "instances.json"), str(tmp_path), "val"
+        str(folder / "grefs(unc).json"),
+        str(folder / "instances.json"),
+        str(tmp_path / "images" / "train2014"),
+        "val",
     )
     assert len(dicts) == 1
     assert dicts[0]["sentence"]["raw"] == "val box" and [
@@ -518,7 +528,7 @@ def test_refcoco_family_names_aliases_and_single_targets(tmp_path, monkeypatch):
         with open(tmp_path / folder / refs_name, "wb") as f:
             pickle.dump(REFCOCO_REFS, f)
         _write_instances(tmp_path / folder / "instances.json")
-    (tmp_path / "images" / "train2014").mkdir(parents=True)
+    _write_images(tmp_path / "images" / "train2014")
     monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path))
     train = DatasetCatalog.get("refcoco_unc_train")
     assert [d["sentence"]["raw"] for d in train] == ["left box", "box at left"]

@@ -10,9 +10,10 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Callable, Dict, List, Mapping
+from typing import Callable, Dict, List, Mapping, Optional
 
 from instalign_d2.data.datasets.catalog import register_splits
+from instalign_d2.data.datasets.image_presence import ImageFolders
 from instalign_d2.data.datasets.refer_common import (
     CocoIndex,
     as_id_list,
@@ -65,6 +66,7 @@ def load_grefcoco_json(
     dataset_name: str = "grefcoco",
     source: str = "grefcoco",
     layout: str = GREFCOCO_LAYOUT,
+    expected_format: Optional[str] = "grefcoco",
 ) -> List[dict]:
     """One dataset dict per sentence of gRefCOCO-format refs of ``split``.
 
@@ -76,12 +78,14 @@ def load_grefcoco_json(
         dataset_name: for the log.
         source: the ``source`` tag of every dict.
         layout: the expected folder tree, quoted when a path is missing.
+        expected_format: the family of refs this folder should hold (``grefcoco``,
+            ``refcoco``; None: any); the refs of another family stop the load with a message.
     """
     require_path(refs_file, f"{dataset_name}: refs file", layout)
     require_path(instances_file, f"{dataset_name}: instances file", layout)
     require_path(image_root, f"{dataset_name}: image folder", layout)
     start = time.perf_counter()
-    refs = load_refs(refs_file)
+    refs = load_refs(refs_file, expected_format)
     index = CocoIndex.from_file(instances_file)
 
     def describe(ref: Mapping, targets: List[dict]) -> Dict[str, object]:
@@ -99,6 +103,8 @@ def load_grefcoco_json(
         image_file=lambda image: os.path.join(image_root, image["file_name"]),
         target_ids=grefcoco_target_ids,
         describe_ref=describe,
+        images=ImageFolders((image_root,), layout),
+        refs_file=refs_file,
     )
     logger.info(
         "%s: loaded in %.2f s from %s", dataset_name, time.perf_counter() - start, refs_file

@@ -25,11 +25,17 @@ REFCOCO_VARIANTS = {
 NAME_ALIASES = {"refcoco+": ("refcocop",)}
 
 REFCOCO_LAYOUT = """\
-  refcoco/    refs(unc).p     instances.json
-  refcoco+/   refs(unc).p     instances.json
-  refcocog/   refs(umd).p     refs(google).p     instances.json
+  refcoco/
+    refs(unc).p
+    instances.json
+  refcoco+/
+    refs(unc).p
+    instances.json
+  refcocog/
+    refs(umd).p            (and refs(google).p for refcocog_google_*)
+    instances.json
   images/
-    train2014/                COCO train2014 images (COCO_train2014_*.jpg)"""
+    train2014/             COCO train2014 images (COCO_train2014_*.jpg)"""
 
 
 def refcoco_paths(datasets_root: str, folder: str, split_by: str) -> Dict[str, str]:
@@ -69,6 +75,7 @@ def load_refcoco(
         dataset_name=dataset_name,
         source=source,
         layout=REFCOCO_LAYOUT,
+        expected_format="refcoco",
     )
 
 

@@ -6,24 +6,37 @@ sentences``) beside a COCO ``instances.json``. We index the instances once (dict
 convert each target annotation once, and share that annotation list between the sentences of a
 ref, so that gRefCOCO train (~210k sentences) loads quickly and without copies.
 
-Bad entries (a ref naming an image or annotation that does not exist, a crowd annotation, a
-polygon with fewer than 3 points, a zero-area mask) are logged with the ref id and counted; the
-loader goes on. A ref whose targets all vanish is skipped rather than turned into a no-target
-sample, which would teach the model a wrong answer.
+A file that does not parse or has the wrong shape stops the load with one line
+(:mod:`instalign_d2.data.datasets.validation`). Bad entries (a ref naming an image or annotation
+that does not exist, a crowd annotation, a polygon with fewer than 3 points, a zero-area mask)
+are logged with the ref id and counted; the loader goes on. A ref whose targets all vanish is
+skipped rather than turned into a no-target sample, which would teach the model a wrong answer.
+Images are looked up with one listing per folder; the expressions of missing images are marked
+``image_missing`` (:mod:`instalign_d2.data.datasets.image_presence`), and the counts of the load
+are published (:mod:`instalign_d2.data.datasets.load_report`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import pickle
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence
 
 from detectron2.structures import BoxMode
 
+from instalign_d2.data.datasets import load_report
+# DatasetLayoutError is re-exported: the loaders and their users import it from here.
+from instalign_d2.data.datasets.errors import DatasetLayoutError, one_line_layout  # noqa: F401
+from instalign_d2.data.datasets.image_presence import ImageFolders
+from instalign_d2.data.datasets.validation import (
+    check_instances,
+    check_ref_format,
+    check_refs,
+    read_json_file,
+    read_refs_file,
+)
 from instalign_d2.data.masks import MIN_POLYGON_COORDS, mask_area
 
 logger = logging.getLogger(__name__)
@@ -32,17 +45,14 @@ logger = logging.getLogger(__name__)
 LOGGED_EXAMPLES_PER_REASON = 5
 
 
-class DatasetLayoutError(FileNotFoundError):
-    """A dataset file or folder is not where the registered dataset expects it."""
-
 
 def require_path(path: str, what: str, layout: str) -> str:
     """``path`` if it exists, else a :class:`DatasetLayoutError` naming it and the expected layout."""
     if os.path.exists(path):
         return path
     raise DatasetLayoutError(
-        f"{what} not found: {os.path.abspath(path)}\n"
-        f"Expected layout (under $DETECTRON2_DATASETS, default ./datasets):\n{layout}"
+        f"{what} not found: {os.path.abspath(path)}. Expected under $DETECTRON2_DATASETS "
+        f"(default ./datasets): {one_line_layout(layout)}"
     )
 
 
@@ -54,22 +64,18 @@ def first_existing(candidates: Sequence[str]) -> Optional[str]:
     return None
 
 
-def load_refs(path: str) -> list:
-    """The list of refs in a ``.json`` or a pickled (``.p``) refs file.
+def load_refs(path: str, expected_format: Optional[str] = None) -> List[Mapping]:
+    """The list of refs in a ``.json`` or a pickled (``.p``) refs file, checked.
 
     The pickles are those the dataset authors publish (a trusted source; pickle runs code, so
-    never point this at an untrusted file). Python 2 pickles with non-ASCII text are read as
-    latin-1, the only encoding that never fails on them.
+    never point this at an untrusted file). A file that does not parse, is not a list of refs
+    with the keys the loader reads, or holds the refs of another family than
+    ``expected_format`` (``grefcoco``, ``refzom``, ``refcoco``; None: any) raises
+    :class:`~instalign_d2.data.datasets.errors.DatasetError`.
     """
-    if path.endswith(".json"):
-        with open(path, "r", encoding="utf-8") as f:
-            return json.load(f)
-    with open(path, "rb") as f:
-        try:
-            return pickle.load(f)
-        except UnicodeDecodeError:
-            f.seek(0)
-            return pickle.load(f, encoding="latin1")
+    refs = check_refs(read_refs_file(path), path)
+    check_ref_format(refs, path, expected_format)
+    return refs
 
 
 @dataclass
@@ -82,8 +88,7 @@ class CocoIndex:
 
     @classmethod
     def from_file(cls, path: str) -> "CocoIndex":
-        with open(path, "r", encoding="utf-8") as f:
-            data = json.load(f)
+        data = check_instances(read_json_file(path, "instances file"), path)
         return cls(
             images={img["id"]: img for img in data.get("images", [])},
             annotations={ann["id"]: ann for ann in data.get("annotations", [])},
@@ -126,17 +131,21 @@ class AnnotationConverter:
         self._converted: Dict[int, Optional[dict]] = {}
         self._reasons: Dict[int, str] = {}
         self._owner_image: Dict[int, object] = {}
+        self.last_reason = ""  # why the last get() returned None
 
     def get(self, ann_id: int, image: Mapping, ref_id) -> Optional[dict]:
-        """The converted annotation, or None (the reason is counted under the ref's id)."""
+        """The converted annotation, or None (the reason is counted under the ref's id and kept
+        in ``last_reason``)."""
         if ann_id not in self._converted:
             self._converted[ann_id] = self._convert(ann_id, image)
         converted = self._converted[ann_id]
         if converted is None:
-            self.skips.skip(self._reasons[ann_id], ref_id, f"annotation {ann_id}")
+            self.last_reason = self._reasons[ann_id]
         elif self._owner_image[ann_id] != image["id"]:
-            self.skips.skip("annotation_of_another_image", ref_id, f"annotation {ann_id}")
-            return None
+            self.last_reason = "annotation_of_another_image"
+            converted = None
+        if converted is None:
+            self.skips.skip(self.last_reason, ref_id, f"annotation {ann_id}")
         return converted
 
     def _reject(self, ann_id: int, reason: str) -> None:
@@ -150,7 +159,11 @@ class AnnotationConverter:
             return self._reject(ann_id, "crowd_annotation")
         segmentation = ann.get("segmentation")
         if isinstance(segmentation, list):
-            kept = [p for p in segmentation if len(p) >= MIN_POLYGON_COORDS and len(p) % 2 == 0]
+            kept = [
+                p
+                for p in segmentation
+                if isinstance(p, (list, tuple)) and len(p) >= MIN_POLYGON_COORDS and len(p) % 2 == 0
+            ]
             dropped = len(segmentation) - len(kept)
             if dropped:
                 self.skips.counts["invalid_polygons_dropped"] += dropped
@@ -164,7 +177,7 @@ class AnnotationConverter:
         owner = self.index.images.get(ann.get("image_id"), image)
         try:
             area = mask_area(segmentation, owner["height"], owner["width"])
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, KeyError):
             return self._reject(ann_id, "undecodable_segmentation")
         if area == 0:
             return self._reject(ann_id, "zero_area_mask")
@@ -206,47 +219,69 @@ def build_expression_dicts(
     image_file: Callable[[Mapping], str],
     target_ids: Callable[[Mapping], List[int]],
     describe_ref: RefDescriber,
+    images: ImageFolders,
+    refs_file: str = "",
 ) -> List[dict]:
     """One dataset dict per sentence of the refs of ``split`` (docs/interfaces.md §1).
 
+    The expressions of an image missing from disk are kept, marked ``image_missing``: training
+    leaves them out, evaluation counts them as skipped (``instalign_d2/data/checked.py``
+    decides, with the share of missing images). A split whose images are all missing raises
+    :class:`~instalign_d2.data.datasets.errors.DatasetError`. The counts of the load are
+    published as a :class:`~instalign_d2.data.datasets.load_report.LoadReport`.
+
     Args:
-        refs: the dataset's refs (all splits).
+        refs: the dataset's refs (all splits), already checked (:func:`load_refs`).
         index: its instances, indexed by id.
         split: the split to keep (refs carry it in ``split``).
-        dataset_name: for the log.
+        dataset_name: for the log and the report.
         image_file: the image path of an ``images`` entry.
         target_ids: the target annotation ids of a ref (empty for a no-target ref).
         describe_ref: the per-ref fields (``empty``, ``expression_kind``, ``source``, ...),
             given the ref and the targets that survived the checks.
+        images: the image folders, listed once to find the missing images.
+        refs_file: the refs file, named in the report's messages.
     """
     skips = SkipLog(dataset_name)
+    report = load_report.LoadReport(
+        dataset_name, split, refs_file=refs_file, image_folders=images.folders
+    )
+    load_report.forget(dataset_name)  # a load that fails leaves no stale report behind
     converter = AnnotationConverter(index, skips)
     dataset_dicts: List[dict] = []
-    num_refs = 0
     image_paths: Dict[int, str] = {}
     for ref in refs:
-        if ref.get("split") != split:
+        report.splits_in_file[str(ref["split"])] += 1
+        if ref["split"] != split:
             continue
-        ref_id = ref.get("ref_id")
-        image = index.images.get(ref.get("image_id"))
+        report.refs_in_split += 1
+        ref_id = ref["ref_id"]
+        image = index.images.get(ref["image_id"])
         if image is None:
-            skips.skip("image_not_in_instances", ref_id, f"image {ref.get('image_id')}")
+            skips.skip("image_not_in_instances", ref_id, f"image {ref['image_id']}")
+            report.refs_skipped["image_not_in_instances"] += 1
             continue
         wanted = target_ids(ref)
-        annotations = [
-            a for a in (converter.get(i, image, ref_id) for i in wanted) if a is not None
-        ]
+        annotations, reasons = [], set()
+        for ann_id in wanted:
+            converted = converter.get(ann_id, image, ref_id)
+            if converted is None:
+                reasons.add(converter.last_reason)
+            else:
+                annotations.append(converted)
         if wanted and not annotations:
             skips.skip("no_usable_target", ref_id)
+            report.refs_skipped[reasons.pop() if len(reasons) == 1 else "no_usable_target"] += 1
             continue
-        sentences = ref.get("sentences") or []
+        sentences = ref["sentences"]
         if not sentences:
             skips.skip("no_sentence", ref_id)
+            report.refs_skipped["no_sentence"] += 1
             continue
         if image["id"] not in image_paths:
             image_paths[image["id"]] = image_file(image)
         per_ref = describe_ref(ref, annotations)
-        num_refs += 1
+        report.refs_kept += 1
         for sentence in sentences:
             record = {
                 "file_name": image_paths[image["id"]],
@@ -264,14 +299,33 @@ def build_expression_dicts(
             if "expression_template" in sentence:
                 record["expression_template"] = sentence["expression_template"]
             dataset_dicts.append(record)
+    report.expressions = len(dataset_dicts)
+    report.images = len(image_paths)
+    report.missing_images = images.missing(set(image_paths.values()), dataset_name)
+    _mark_missing_images(dataset_dicts, report)
+    load_report.publish(report)
     kinds = Counter(d["expression_kind"] for d in dataset_dicts)
     logger.info(
-        "%s: %d expressions of %d refs on %d images (%s); skipped: %s",
+        "%s: %d expressions of %d refs on %d images (%s); skipped: %s%s",
         dataset_name,
         len(dataset_dicts),
-        num_refs,
+        report.refs_kept,
         len(image_paths),
         ", ".join(f"{k} {kinds[k]}" for k in ("single", "multi", "no_target")),
         skips.summary(),
+        f"; images missing: {len(report.missing_images)}" if report.missing_images else "",
     )
     return dataset_dicts
+
+
+def _mark_missing_images(dataset_dicts: List[dict], report: load_report.LoadReport) -> None:
+    """Mark the expressions of missing images and count their refs as skipped for that."""
+    if not report.missing_images:
+        return
+    missing = set(report.missing_images)
+    refs = set()
+    for record in dataset_dicts:
+        if record["file_name"] in missing:
+            record["image_missing"] = True
+            refs.add(record["sentence"]["ref_id"])
+    report.refs_skipped["image_missing"] += len(refs)
