@@ -14,7 +14,7 @@ import torch
 from detectron2.config import configurable
 from torch import nn
 
-from .tokenizer import load_tokenizer, resolve_text_encoder, tokenize
+from instalign_d2.utils.tokenizer import load_tokenizer, resolve_text_encoder, tokenize
 
 __all__ = ["TextEncoder", "build_text_encoder"]
 
