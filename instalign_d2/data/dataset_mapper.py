@@ -6,8 +6,10 @@ they equal pycocotools' decode bit for bit), and tokenises the expression with t
 encoder's own tokenizer (its pad id, e.g. RoBERTa's 1, and its attention mask).
 
 A sample whose image is missing or unreadable is logged with its ref id. The train mapper
-returns None (Detectron2's ``MapDataset`` then draws another sample); the test mapper returns
-the sample with ``skipped_reason`` and an all-zero image, so the evaluator can count it.
+returns None (the train loader's ``UnreadableImageGuard`` counts it and Detectron2's
+``MapDataset`` draws another sample); the test mapper returns the sample with
+``skipped_reason`` and an all-zero image, so the evaluator can count it. A sample the loader
+marked ``image_missing`` is skipped without looking for the file again.
 """
 
 from __future__ import annotations
@@ -90,6 +92,7 @@ class GRESDatasetMapper:
         self.augmentations = list(augmentations) if self.is_train else []
         self.eval_resolution = eval_resolution
         self.num_skipped = 0  # samples of this worker whose image could not be read
+        self.last_skip_reason = ""  # why the last skipped sample was skipped (one line)
         # The last image read: evaluation (and training with TRAIN_EXPRESSIONS_PER_IMAGE) maps the
         # expressions of one image one after the other (data/build.py), so each image is decoded
         # once, not once per expression. Nothing modifies it in place (transforms make copies).
@@ -129,6 +132,8 @@ class GRESDatasetMapper:
         file_name = dataset_dict["file_name"]
         if self._last_image[0] == file_name:
             return self._last_image[1], ""
+        if dataset_dict.get("image_missing"):  # the loader found it absent: no need to look again
+            return None, f"image not found: {file_name}"
         try:
             image = read_image_uint8(file_name, self.image_format)
         except FileNotFoundError:
@@ -160,6 +165,7 @@ class GRESDatasetMapper:
 
     def _skip(self, dataset_dict: dict, reason: str) -> None:
         self.num_skipped += 1
+        self.last_skip_reason = reason
         sentence = dataset_dict.get("sentence", {})
         logger.warning(
             "skipping ref %s (sentence %s): %s [%d skipped by this %s mapper]",
