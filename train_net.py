@@ -31,8 +31,11 @@ from detectron2.utils.logger import setup_logger
 
 import instalign_d2  # noqa: F401  (registers the architecture, its parts and the datasets)
 from instalign_d2 import add_instalign_config
+from instalign_d2.data import checked as checked_datasets
 from instalign_d2.data.build import build_gres_test_loader, build_gres_train_loader
+from instalign_d2.data.datasets.errors import DatasetLayoutError, error_line
 from instalign_d2.engine import AtomicCheckpointer, ConfigError, check_config, check_config_file, create_ddp_model, finish_distributed
+from instalign_d2.engine.checks import check_datasets
 from instalign_d2.solver import build_lr_scheduler, build_optimizer
 from instalign_d2.solver.optimizer import describe_param_groups
 from instalign_d2.synthetic import backbone_pretraining
@@ -174,14 +177,20 @@ def setup(args):
 
 
 def main(args):
-    cfg = setup(args)
-    if args.eval_only:
-        model = Trainer.build_model(cfg)
-        AtomicCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
-        return Trainer.test(cfg, model)
-    trainer = Trainer(cfg)
-    trainer.resume_or_load(resume=args.resume)
-    return trainer.train()
+    try:
+        cfg = setup(args)
+        if args.eval_only:
+            model = Trainer.build_model(cfg)
+            AtomicCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+            return Trainer.test(cfg, model)
+        trainer = Trainer(cfg)
+        trainer.resume_or_load(resume=args.resume)
+        return trainer.train()
+    except DatasetLayoutError as exc:
+        # A dataset problem found in this process (a launched worker, or damaged images met in
+        # training): one line, and exit status 2 as for the checks before launch.
+        print(f"instalign_d2: error: {error_line(exc)}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def distributed_main(args):
@@ -199,17 +208,34 @@ def invoke_main(argv=None) -> int:
         cfg = build_config(args)
         check_config(cfg, eval_only=args.eval_only, resume=args.resume)
         prepare_data(cfg)
+        with console_progress("instalign_d2.data"):  # the loaders' counts and warnings on stdout
+            check_datasets(cfg, eval_only=args.eval_only)
     except ConfigError as exc:
         print(f"instalign_d2: error: {exc}", file=sys.stderr)
         return 2
-    launch(
-        distributed_main if args.num_gpus * args.num_machines > 1 else main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    except DatasetLayoutError as exc:
+        print(f"instalign_d2: error: {error_line(exc)}", file=sys.stderr)
+        return 2
+    distributed = args.num_gpus * args.num_machines > 1
+    if distributed:
+        checked_datasets.release()  # each launched process loads its own
+    try:
+        launch(
+            distributed_main if distributed else main,
+            args.num_gpus,
+            num_machines=args.num_machines,
+            machine_rank=args.machine_rank,
+            dist_url=args.dist_url,
+            args=(args,),
+        )
+    except SystemExit as exc:  # main printed its one line
+        return exc.code if isinstance(exc.code, int) else 1
+    except torch.multiprocessing.ProcessExitedException as exc:
+        if exc.exit_code != 2:  # 2: a launched main printed its one line
+            raise
+        return 2
+    finally:
+        checked_datasets.release()
     return 0
 
 
