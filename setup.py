@@ -6,6 +6,7 @@ GPU architectures, as for every torch extension.
 
 Install with ``pip install --no-build-isolation -e .``: an isolated build would fetch its own torch.
 """
+
 import glob
 import os
 
@@ -33,7 +34,9 @@ def want_cuda() -> bool:
 
 
 def get_extensions():
-    sources = sorted(glob.glob(os.path.join(CSRC, "*.cpp")) + glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))
+    sources = sorted(
+        glob.glob(os.path.join(CSRC, "*.cpp")) + glob.glob(os.path.join(CSRC, "cpu", "*.cpp"))
+    )
     cuda_sources = sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")))
     # torch adds the C++ standard it needs (C++20 for torch 2.14); do not pin one here.
     extra_compile_args = {"cxx": ["-O3"]}

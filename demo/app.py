@@ -45,10 +45,6 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from instalign_d2.data.image_io import read_image_uint8  # noqa: E402
-from instalign_d2.engine import ConfigError  # noqa: E402
-from instalign_d2.utils.paths import datasets_root  # noqa: E402
-from instalign_d2.utils.visualizer import instance_colour  # noqa: E402
 from predictor import (  # noqa: E402
     MAX_IMAGE_SIDE,
     MIN_IMAGE_SIDE,
@@ -58,6 +54,11 @@ from predictor import (  # noqa: E402
     check_image_size,
     image_record,
 )
+
+from instalign_d2.data.image_io import read_image_uint8  # noqa: E402
+from instalign_d2.engine import ConfigError  # noqa: E402
+from instalign_d2.utils.paths import datasets_root  # noqa: E402
+from instalign_d2.utils.visualizer import instance_colour  # noqa: E402
 
 logger = logging.getLogger("instalign_d2.demo.app")
 

@@ -34,11 +34,12 @@ import tqdm
 from detectron2.utils.logger import setup_logger
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from predictor import BadInputError, GRESPredictor, build_config, image_record  # noqa: E402
+
 import instalign_d2  # noqa: E402,F401  (registers the model)
 from instalign_d2.data.image_io import read_image_uint8  # noqa: E402
 from instalign_d2.engine import ConfigError  # noqa: E402
 from instalign_d2.utils.atomic_io import atomic_write_json, atomic_write_path  # noqa: E402
-from predictor import BadInputError, GRESPredictor, build_config, image_record  # noqa: E402
 
 logger = logging.getLogger("instalign_d2.demo")
 

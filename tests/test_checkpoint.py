@@ -1,5 +1,6 @@
 """Checkpoints are written atomically: a failure during a save never leaves `last_checkpoint`
 naming a broken file."""
+
 import os
 
 import pytest
@@ -42,7 +43,12 @@ def test_failure_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch
     assert not (tmp_path / "model_0000019.pth").exists()
     assert (tmp_path / "model_0000009.pth").read_bytes() == before
     assert [p for p in os.listdir(tmp_path) if p.startswith(".")] == []
-    assert AtomicCheckpointer(nn.Linear(3, 2), save_dir=str(tmp_path)).resume_or_load("", resume=True)["iteration"] == 9
+    assert (
+        AtomicCheckpointer(nn.Linear(3, 2), save_dir=str(tmp_path)).resume_or_load("", resume=True)[
+            "iteration"
+        ]
+        == 9
+    )
 
 
 def _tiny_instalign(tiny_cfg, encoder_dir):

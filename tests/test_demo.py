@@ -8,10 +8,10 @@ import pycocotools.mask as mask_util
 import pytest
 import torch
 from PIL import Image
+from predictor import GRESPredictor
 
 import demo as demo_cli
 from instalign_d2.engine import AtomicCheckpointer
-from predictor import GRESPredictor
 
 
 @pytest.fixture(scope="module")

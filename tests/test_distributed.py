@@ -1,4 +1,5 @@
 """Several gloo processes on a CPU-only machine train like one process on the same global batch."""
+
 import os
 import socket
 import tempfile

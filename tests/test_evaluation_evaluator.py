@@ -138,7 +138,12 @@ def test_grefcoco_per_template_table_and_json(tmp_path, caplog):
     table = caplog.text[caplog.text.index("By expression template") :]
     spatial_row = next(line for line in table.splitlines() if line.startswith("| spatial"))
     assert [cell.strip() for cell in spatial_row.strip("|").split("|")] == [
-        "spatial", "2", "25.00", "33.33", "-", "100.00"
+        "spatial",
+        "2",
+        "25.00",
+        "33.33",
+        "-",
+        "100.00",
     ]
 
 

@@ -89,7 +89,7 @@ def bilinear_by_hand(image, x, y):
     return result
 
 
-# Level lists the issue asks for: several levels, a 1x1 level, uneven H != W.
+# Level lists that exercise the edge cases: several levels, a 1x1 level, uneven H != W.
 level_lists = st.lists(st.tuples(st.integers(1, 7), st.integers(1, 7)), min_size=1, max_size=4).map(
     lambda levels: levels + [(1, 1)] if (1, 1) not in levels else levels
 )

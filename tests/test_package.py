@@ -1,4 +1,5 @@
 """The package registers what Detectron2 users name in configs, and every shipped config loads."""
+
 import glob
 import os
 
@@ -45,7 +46,11 @@ def test_base_config_merges_and_keeps_the_paper_defaults():
     assert (c.NUM_OBJECT_QUERIES, c.DEC_LAYERS, c.HIDDEN_DIM) == (100, 9, 256)
     assert (c.COST_SCORE, c.COST_MASK, c.COST_PHRASE) == (2.0, 5.0, 1.0)  # supp. §8
     assert (c.MERGED_WEIGHT, c.INSTANCE_WEIGHT, c.NO_TARGET_WEIGHT) == (5.0, 1.0, 0.1)  # Eq. 13
-    assert (cfg.SOLVER.BASE_LR, cfg.SOLVER.BASE_LR_END, cfg.SOLVER.IMS_PER_BATCH) == (1e-4, 1e-6, 32)
+    assert (cfg.SOLVER.BASE_LR, cfg.SOLVER.BASE_LR_END, cfg.SOLVER.IMS_PER_BATCH) == (
+        1e-4,
+        1e-6,
+        32,
+    )
     assert cfg.INPUT.IMAGE_SIZE == 480 and cfg.MODEL.TEXT_ENCODER.MAX_TOKENS == 20
     assert cfg.SOLVER.OPTIMIZER == "ADAMW" and cfg.SOLVER.LR_SCHEDULER_NAME == "WarmupLinearDecayLR"
 

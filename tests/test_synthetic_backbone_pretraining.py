@@ -1,6 +1,7 @@
 """Backbone pre-training on the synthetic objects' attributes: pooling, learning, the file it
 writes (loadable by TimmBackbone, made once, made again for other settings), and the config
 checks and eval-only shortcut around it."""
+
 import json
 import os
 
@@ -36,11 +37,16 @@ def tiny_cfg(weights_path, iterations=30):
     cfg.merge_from_file(CONFIG)
     cfg.merge_from_list(
         [
-            "MODEL.TIMM.NAME", "test_resnet",
-            "INPUT.IMAGE_SIZE", "64",
-            "MODEL.TIMM.PRETRAINED_WEIGHTS", str(weights_path),
-            "MODEL.TIMM.SYNTHETIC_PRETRAIN.ITERATIONS", str(iterations),
-            "MODEL.TIMM.SYNTHETIC_PRETRAIN.IMS_PER_BATCH", "8",
+            "MODEL.TIMM.NAME",
+            "test_resnet",
+            "INPUT.IMAGE_SIZE",
+            "64",
+            "MODEL.TIMM.PRETRAINED_WEIGHTS",
+            str(weights_path),
+            "MODEL.TIMM.SYNTHETIC_PRETRAIN.ITERATIONS",
+            str(iterations),
+            "MODEL.TIMM.SYNTHETIC_PRETRAIN.IMS_PER_BATCH",
+            "8",
         ]
     )
     return cfg
@@ -64,7 +70,9 @@ def test_objects_come_with_their_masks_and_attributes(dataset_root):
     with open(os.path.join(dataset_root, "instances.json")) as f:
         instances = json.load(f)
     first = [a for a in instances["annotations"] if a["image_id"] == instances["images"][0]["id"]]
-    assert data.labels[0].tolist() == [[ATTRIBUTE_VALUES[k].index(a[k]) for k in sp.ATTRIBUTES] for a in first]
+    assert data.labels[0].tolist() == [
+        [ATTRIBUTE_VALUES[k].index(a[k]) for k in sp.ATTRIBUTES] for a in first
+    ]
     # Area-resized masks keep each object's share of the image.
     for mask, annotation in zip(data.masks[0], first):
         assert float(mask.sum()) * (64 / 32) ** 2 == pytest.approx(annotation["area"], rel=0.02)
@@ -80,8 +88,13 @@ def test_pretraining_teaches_the_trunk_the_attributes(dataset_root):
         torch.manual_seed(0)
         backbone = TimmBackbone(**{**TimmBackbone.from_config(cfg), "pretrained_weights": ""})
         classifiers = sp.pretrain_backbone(
-            backbone, data, iterations=40, ims_per_batch=8, base_lr=3e-3,
-            pixel_mean=cfg.MODEL.PIXEL_MEAN, pixel_std=cfg.MODEL.PIXEL_STD,
+            backbone,
+            data,
+            iterations=40,
+            ims_per_batch=8,
+            base_lr=3e-3,
+            pixel_mean=cfg.MODEL.PIXEL_MEAN,
+            pixel_std=cfg.MODEL.PIXEL_STD,
         )
         accuracy = sp.attribute_accuracy(backbone, classifiers, normalize, val_set)
         return max(acc["colour"] for acc in accuracy.values())
@@ -94,19 +107,30 @@ def test_pretraining_teaches_the_trunk_the_attributes(dataset_root):
     generator = torch.Generator().manual_seed(1)
     permutation = torch.randperm(train_set.num_objects, generator=generator)
     shuffled = torch.cat(train_set.labels)[permutation].split([len(x) for x in train_set.labels])
-    fake = colour_accuracy_on_val(sp.ObjectAttributeSet(train_set.images, train_set.masks, list(shuffled)))
+    fake = colour_accuracy_on_val(
+        sp.ObjectAttributeSet(train_set.images, train_set.masks, list(shuffled))
+    )
     assert fake < 60
 
 
-def test_weights_are_made_once_loaded_by_the_backbone_and_made_again_for_other_settings(dataset_root, tmp_path, monkeypatch):
+def test_weights_are_made_once_loaded_by_the_backbone_and_made_again_for_other_settings(
+    dataset_root, tmp_path, monkeypatch
+):
     weights = tmp_path / "backbones" / "test_resnet.pth"
     cfg = tiny_cfg(weights, iterations=3)
     assert sp.ensure_synthetic_pretrained_backbone(cfg, dataset_root) == str(weights)
     recorded = json.loads((tmp_path / "backbones" / "test_resnet.pth.json").read_text())
-    assert recorded["settings"]["iterations"] == 3 and set(recorded["val_accuracy"]) == {"res2", "res3", "res4", "res5"}
+    assert recorded["settings"]["iterations"] == 3 and set(recorded["val_accuracy"]) == {
+        "res2",
+        "res3",
+        "res4",
+        "res5",
+    }
 
     saved = torch.load(weights, weights_only=True)
-    backbone = TimmBackbone(**TimmBackbone.from_config(cfg))  # loads PRETRAINED_WEIGHTS through timm
+    backbone = TimmBackbone(
+        **TimmBackbone.from_config(cfg)
+    )  # loads PRETRAINED_WEIGHTS through timm
     trunk = backbone.body.state_dict()
     assert trunk and all(torch.equal(trunk[k], saved[k]) for k in trunk)
 
@@ -120,7 +144,12 @@ def test_weights_are_made_once_loaded_by_the_backbone_and_made_again_for_other_s
     before = weights.stat().st_mtime_ns
     sp.ensure_synthetic_pretrained_backbone(tiny_cfg(weights, iterations=4), dataset_root)
     assert weights.stat().st_mtime_ns != before
-    assert json.loads((tmp_path / "backbones" / "test_resnet.pth.json").read_text())["settings"]["iterations"] == 4
+    assert (
+        json.loads((tmp_path / "backbones" / "test_resnet.pth.json").read_text())["settings"][
+            "iterations"
+        ]
+        == 4
+    )
 
     # Weights without their settings file (a run killed between the two writes) are not trusted.
     (tmp_path / "backbones" / "test_resnet.pth.json").unlink()
@@ -135,7 +164,9 @@ def test_weights_are_made_once_loaded_by_the_backbone_and_made_again_for_other_s
 def test_config_checks_around_pretraining(tmp_path):
     cfg = tiny_cfg(tmp_path / "not_yet.pth")
     check_config(cfg)  # a file that pre-training will make need not exist
-    with pytest.raises(ConfigError, match="MODEL.TIMM.SYNTHETIC_PRETRAIN.ITERATIONS > 0 writes its backbone"):
+    with pytest.raises(
+        ConfigError, match="MODEL.TIMM.SYNTHETIC_PRETRAIN.ITERATIONS > 0 writes its backbone"
+    ):
         check_config(tiny_cfg(""))
     cfg.DATASETS.TRAIN = ("grefcoco_unc_train",)
     with pytest.raises(ConfigError, match="pre-trains on the synthetic dataset"):
@@ -148,4 +179,7 @@ def test_config_checks_around_pretraining(tmp_path):
 def test_eval_only_neither_reads_nor_makes_the_initial_backbone(tmp_path):
     argv = ["--config-file", CONFIG, "--eval-only", "MODEL.WEIGHTS", str(tmp_path / "model.pth")]
     cfg = train_net.build_config(train_net.default_argument_parser().parse_args(argv))
-    assert cfg.MODEL.TIMM.PRETRAINED_WEIGHTS == "" and cfg.MODEL.TIMM.SYNTHETIC_PRETRAIN.ITERATIONS == 0
+    assert (
+        cfg.MODEL.TIMM.PRETRAINED_WEIGHTS == ""
+        and cfg.MODEL.TIMM.SYNTHETIC_PRETRAIN.ITERATIONS == 0
+    )

@@ -13,6 +13,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from PIL import Image
 
 import instalign_d2.data  # noqa: F401  (registers the datasets)
+from instalign_d2.data.masks import decode_segmentation
 from instalign_d2.synthetic import __main__ as synthetic_cli
 from instalign_d2.synthetic import generator
 from instalign_d2.synthetic.generator import (
@@ -21,7 +22,6 @@ from instalign_d2.synthetic.generator import (
     generate_synthetic_gres,
 )
 from instalign_d2.synthetic.params import SyntheticParams, synthetic_root
-from instalign_d2.data.masks import decode_segmentation
 
 # The closed vocabulary, written out here rather than imported, so the reading below is independent.
 COLOUR_WORDS = {

@@ -1,6 +1,7 @@
 """train_net.py end to end on a tiny synthetic dataset: bad input stops at once with one line,
 a short training run writes checkpoints and metrics, --eval-only scores the checkpoint, and
 grouping the expressions of each image gives the same metrics as one expression at a time."""
+
 import json
 import os
 import signal
@@ -18,17 +19,28 @@ CONFIG = os.path.join(REPO, "configs", "synthetic", "instalign_tiny.yaml")
 
 # A very small version of the tiny config: few images, a small input, a handful of iterations.
 TINY = [
-    "DATASETS.SYNTHETIC.NUM_TRAIN_IMAGES", "12",
-    "DATASETS.SYNTHETIC.NUM_VAL_IMAGES", "4",
-    "DATASETS.SYNTHETIC.NUM_TEST_IMAGES", "4",
-    "DATASETS.SYNTHETIC.IMAGE_SIZE", "64",
-    "INPUT.IMAGE_SIZE", "64",
-    "MODEL.TIMM.NAME", "test_resnet",
-    "MODEL.TIMM.SYNTHETIC_PRETRAIN.ITERATIONS", "2",
-    "MODEL.TIMM.SYNTHETIC_PRETRAIN.IMS_PER_BATCH", "2",
-    "DATALOADER.NUM_WORKERS", "0",
-    "SOLVER.IMS_PER_BATCH", "2",
-    "TEST.EVAL_PERIOD", "0",
+    "DATASETS.SYNTHETIC.NUM_TRAIN_IMAGES",
+    "12",
+    "DATASETS.SYNTHETIC.NUM_VAL_IMAGES",
+    "4",
+    "DATASETS.SYNTHETIC.NUM_TEST_IMAGES",
+    "4",
+    "DATASETS.SYNTHETIC.IMAGE_SIZE",
+    "64",
+    "INPUT.IMAGE_SIZE",
+    "64",
+    "MODEL.TIMM.NAME",
+    "test_resnet",
+    "MODEL.TIMM.SYNTHETIC_PRETRAIN.ITERATIONS",
+    "2",
+    "MODEL.TIMM.SYNTHETIC_PRETRAIN.IMS_PER_BATCH",
+    "2",
+    "DATALOADER.NUM_WORKERS",
+    "0",
+    "SOLVER.IMS_PER_BATCH",
+    "2",
+    "TEST.EVAL_PERIOD",
+    "0",
 ]
 
 
@@ -46,18 +58,26 @@ def run(argv, capsys):
 
 
 def test_first_run_shows_the_dataset_generation_on_the_console(datasets_root, capsys):
-    cfg = train_net.build_config(train_net.default_argument_parser().parse_args(["--config-file", CONFIG, *TINY]))
+    cfg = train_net.build_config(
+        train_net.default_argument_parser().parse_args(["--config-file", CONFIG, *TINY])
+    )
     train_net.prepare_data(cfg)
     out = capsys.readouterr().out
-    assert "synthetic GRES: drawing 20 images" in out  # 12 + 4 + 4, before any Detectron2 logger exists
+    assert (
+        "synthetic GRES: drawing 20 images" in out
+    )  # 12 + 4 + 4, before any Detectron2 logger exists
     assert (datasets_root / "synthetic_gres" / "generator.json").is_file()
     train_net.prepare_data(cfg)  # a second run finds it complete
     assert "is up to date" in capsys.readouterr().out
 
 
-def test_a_dataset_made_with_other_parameters_stops_the_run_and_stays(tmp_path, datasets_root, capsys):
+def test_a_dataset_made_with_other_parameters_stops_the_run_and_stays(
+    tmp_path, datasets_root, capsys
+):
     argv = ["--config-file", CONFIG, *TINY, "OUTPUT_DIR", str(tmp_path / "out")]
-    train_net.prepare_data(train_net.build_config(train_net.default_argument_parser().parse_args(argv)))
+    train_net.prepare_data(
+        train_net.build_config(train_net.default_argument_parser().parse_args(argv))
+    )
     refs = (datasets_root / "synthetic_gres" / "grefs(unc).json").read_bytes()
     capsys.readouterr()
     rc, err = run(argv + ["DATASETS.SYNTHETIC.SEED", "4242"], capsys)
@@ -70,18 +90,31 @@ def test_a_dataset_made_with_other_parameters_stops_the_run_and_stays(tmp_path, 
 @pytest.mark.parametrize(
     "extra, expected",
     [
-        (["DATASETS.TRAIN", "('grefcoco_unc_trian',)"], "DATASETS.TRAIN: unknown dataset 'grefcoco_unc_trian'"),
+        (
+            ["DATASETS.TRAIN", "('grefcoco_unc_trian',)"],
+            "DATASETS.TRAIN: unknown dataset 'grefcoco_unc_trian'",
+        ),
         (["DATASETS.TEST", "('nope_val',)"], "DATASETS.TEST: unknown dataset 'nope_val'"),
         (["MODEL.WEIGHTS", "/no/such/model.pth"], "MODEL.WEIGHTS=/no/such/model.pth: no such file"),
-        (["MODEL.WEIGHTS", "detectron2://ImageNetPretrained/MSRA/R-50.pkl"], "remote weights cannot be fetched"),
         (
-            ["MODEL.TIMM.PRETRAINED_WEIGHTS", "/no/swin.pth", "MODEL.TIMM.SYNTHETIC_PRETRAIN.ITERATIONS", "0"],
+            ["MODEL.WEIGHTS", "detectron2://ImageNetPretrained/MSRA/R-50.pkl"],
+            "remote weights cannot be fetched",
+        ),
+        (
+            [
+                "MODEL.TIMM.PRETRAINED_WEIGHTS",
+                "/no/swin.pth",
+                "MODEL.TIMM.SYNTHETIC_PRETRAIN.ITERATIONS",
+                "0",
+            ],
             "MODEL.TIMM.PRETRAINED_WEIGHTS=/no/swin.pth: no such file",
         ),
         (["SOLVER.AMP.ENABLED", "True"], "SOLVER.AMP.ENABLED=True needs a CUDA GPU"),
     ],
 )
-def test_bad_config_values_stop_with_one_line_and_write_nothing(extra, expected, tmp_path, datasets_root, capsys):
+def test_bad_config_values_stop_with_one_line_and_write_nothing(
+    extra, expected, tmp_path, datasets_root, capsys
+):
     if "AMP" in extra[0] and torch.cuda.is_available():
         pytest.skip("AMP works on a GPU machine")
     output = tmp_path / "out"
@@ -95,7 +128,17 @@ def test_bad_config_values_stop_with_one_line_and_write_nothing(extra, expected,
 
 
 def test_unknown_key_and_malformed_options_stop_with_one_line(tmp_path, capsys):
-    rc, err = run(["--config-file", CONFIG, "MODEL.INSTALIGN.NUM_QUERIES", "5", "OUTPUT_DIR", str(tmp_path / "o")], capsys)
+    rc, err = run(
+        [
+            "--config-file",
+            CONFIG,
+            "MODEL.INSTALIGN.NUM_QUERIES",
+            "5",
+            "OUTPUT_DIR",
+            str(tmp_path / "o"),
+        ],
+        capsys,
+    )
     assert rc == 2 and "MODEL.INSTALIGN.NUM_QUERIES" in err and len(err.strip().splitlines()) == 1
     rc, err = run(["--config-file", CONFIG, "SOLVER.MAX_ITER"], capsys)
     assert rc == 2 and "KEY VALUE pairs" in err and len(err.strip().splitlines()) == 1
@@ -105,15 +148,29 @@ def test_unknown_key_and_malformed_options_stop_with_one_line(tmp_path, capsys):
 def test_missing_config_file_and_missing_eval_weights(tmp_path, capsys):
     rc, err = run(["--config-file", str(tmp_path / "nope.yaml")], capsys)
     assert rc == 2 and f"--config-file {tmp_path / 'nope.yaml'}: no such file" in err
-    rc, err = run(["--config-file", CONFIG, "--eval-only", "OUTPUT_DIR", str(tmp_path / "o")], capsys)
+    rc, err = run(
+        ["--config-file", CONFIG, "--eval-only", "OUTPUT_DIR", str(tmp_path / "o")], capsys
+    )
     assert rc == 2 and "--eval-only needs a checkpoint: add MODEL.WEIGHTS" in err
     assert not (tmp_path / "o").exists()
 
 
 def test_missing_text_encoder_directory_names_the_key(tmp_path, datasets_root, capsys):
     rc, err = run(
-        ["--config-file", os.path.join(REPO, "configs", "grefcoco", "instalign_swin_base.yaml"), "DATASETS.TRAIN", "('synthetic_gres_train',)",
-         "DATASETS.TEST", "('synthetic_gres_val',)", "MODEL.TIMM.PRETRAINED_WEIGHTS", "", "MODEL.TEXT_ENCODER.NAME", str(tmp_path / "roberta-base"), "OUTPUT_DIR", str(tmp_path / "o")],
+        [
+            "--config-file",
+            os.path.join(REPO, "configs", "grefcoco", "instalign_swin_base.yaml"),
+            "DATASETS.TRAIN",
+            "('synthetic_gres_train',)",
+            "DATASETS.TEST",
+            "('synthetic_gres_val',)",
+            "MODEL.TIMM.PRETRAINED_WEIGHTS",
+            "",
+            "MODEL.TEXT_ENCODER.NAME",
+            str(tmp_path / "roberta-base"),
+            "OUTPUT_DIR",
+            str(tmp_path / "o"),
+        ],
         capsys,
     )
     assert rc == 2 and f"MODEL.TEXT_ENCODER.NAME='{tmp_path / 'roberta-base'}'" in err
@@ -124,14 +181,31 @@ def _metrics_rows(output):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def test_short_training_then_eval_only_and_grouped_equals_ungrouped(tmp_path, datasets_root, capsys):
+def test_short_training_then_eval_only_and_grouped_equals_ungrouped(
+    tmp_path, datasets_root, capsys
+):
     output = tmp_path / "train"
-    rc, err = run(["--config-file", CONFIG, *TINY, "SOLVER.MAX_ITER", "4", "SOLVER.CHECKPOINT_PERIOD", "2", "OUTPUT_DIR", str(output)], capsys)
+    rc, err = run(
+        [
+            "--config-file",
+            CONFIG,
+            *TINY,
+            "SOLVER.MAX_ITER",
+            "4",
+            "SOLVER.CHECKPOINT_PERIOD",
+            "2",
+            "OUTPUT_DIR",
+            str(output),
+        ],
+        capsys,
+    )
     assert rc == 0, err
     # the dataset and its text encoder were generated on first use
     assert (datasets_root / "synthetic_gres" / "text_encoder" / "vocab.json").exists()
     assert (output / "last_checkpoint").read_text() == "model_final.pth"
-    assert {"model_0000001.pth", "model_0000003.pth", "model_final.pth", "config.yaml"} <= set(os.listdir(output))
+    assert {"model_0000001.pth", "model_0000003.pth", "model_final.pth", "config.yaml"} <= set(
+        os.listdir(output)
+    )
     rows = _metrics_rows(output)
     assert [r["iteration"] for r in rows if "total_loss" in r][-1] == 3
     final = rows[-1]  # the evaluation after training is logged too
@@ -142,10 +216,24 @@ def test_short_training_then_eval_only_and_grouped_equals_ungrouped(tmp_path, da
     weights = str(output / "model_final.pth")
     eval_dir = tmp_path / "eval"
     args = train_net.default_argument_parser().parse_args(
-        ["--config-file", CONFIG, "--eval-only", *TINY, "MODEL.WEIGHTS", weights, "OUTPUT_DIR", str(eval_dir)]
+        [
+            "--config-file",
+            CONFIG,
+            "--eval-only",
+            *TINY,
+            "MODEL.WEIGHTS",
+            weights,
+            "OUTPUT_DIR",
+            str(eval_dir),
+        ]
     )
     grouped = train_net.main(args)
-    args.opts += ["DATALOADER.GROUP_EXPRESSIONS_BY_IMAGE", "False", "OUTPUT_DIR", str(tmp_path / "eval_ungrouped")]
+    args.opts += [
+        "DATALOADER.GROUP_EXPRESSIONS_BY_IMAGE",
+        "False",
+        "OUTPUT_DIR",
+        str(tmp_path / "eval_ungrouped"),
+    ]
     ungrouped = train_net.main(args)
     # Detectron2 returns the single dataset's dict itself
     grouped, ungrouped = grouped["grefcoco"], ungrouped["grefcoco"]
@@ -163,7 +251,19 @@ def test_short_training_then_eval_only_and_grouped_equals_ungrouped(tmp_path, da
 def test_two_gloo_processes_train_and_evaluate(tmp_path, datasets_root, capsys):
     output = tmp_path / "ddp"
     rc, err = run(
-        ["--config-file", CONFIG, "--num-gpus", "2", *TINY, "SOLVER.MAX_ITER", "3", "SOLVER.CHECKPOINT_PERIOD", "100", "OUTPUT_DIR", str(output)],
+        [
+            "--config-file",
+            CONFIG,
+            "--num-gpus",
+            "2",
+            *TINY,
+            "SOLVER.MAX_ITER",
+            "3",
+            "SOLVER.CHECKPOINT_PERIOD",
+            "100",
+            "OUTPUT_DIR",
+            str(output),
+        ],
         capsys,
     )
     assert rc == 0, err
@@ -179,21 +279,49 @@ def test_resume_after_sigkill_continues_with_the_saved_state(tmp_path):
     optimizer and lr schedule continue where they were (the lr after resuming equals the lr of an
     uninterrupted run at that iteration)."""
     env = dict(os.environ, DETECTRON2_DATASETS=str(tmp_path / "datasets"), PYTHONUNBUFFERED="1")
-    common = [sys.executable, os.path.join(REPO, "train_net.py"), "--config-file", CONFIG, *TINY, "SOLVER.MAX_ITER", "40", "SOLVER.CHECKPOINT_PERIOD", "10"]
+    common = [
+        sys.executable,
+        os.path.join(REPO, "train_net.py"),
+        "--config-file",
+        CONFIG,
+        *TINY,
+        "SOLVER.MAX_ITER",
+        "40",
+        "SOLVER.CHECKPOINT_PERIOD",
+        "10",
+    ]
     killed = tmp_path / "killed"
-    process = subprocess.Popen(common + ["OUTPUT_DIR", str(killed)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        common + ["OUTPUT_DIR", str(killed)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 600
-    while not (killed / "model_0000019.pth").exists() and time.time() < deadline and process.poll() is None:
+    while (
+        not (killed / "model_0000019.pth").exists()
+        and time.time() < deadline
+        and process.poll() is None
+    ):
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert (killed / "model_0000019.pth").exists()
     assert not (killed / "model_final.pth").exists()
     saved = (killed / "last_checkpoint").read_text()
-    assert saved in {"model_0000009.pth", "model_0000019.pth", "model_0000029.pth"}  # never a half-written file
+    assert saved in {
+        "model_0000009.pth",
+        "model_0000019.pth",
+        "model_0000029.pth",
+    }  # never a half-written file
     torch.load(killed / saved, weights_only=False)  # loads
 
-    resumed = subprocess.run(common[:4] + ["--resume"] + common[4:] + ["OUTPUT_DIR", str(killed)], env=env, capture_output=True, text=True)
+    resumed = subprocess.run(
+        common[:4] + ["--resume"] + common[4:] + ["OUTPUT_DIR", str(killed)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     start = int(saved[len("model_") : -len(".pth")]) + 1
     assert f"Starting training from iteration {start}" in (killed / "log.txt").read_text()

@@ -48,8 +48,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import instalign_d2.instalign_model  # noqa: E402,F401  (registers InstAlign and its parts)
 from instalign_d2.config import add_instalign_config  # noqa: E402
 from instalign_d2.synthetic.text_encoder import write_local_text_encoder  # noqa: E402
-from instalign_d2.utils.tokenizer import is_text_encoder_dir  # noqa: E402
 from instalign_d2.utils.paths import expand_path  # noqa: E402
+from instalign_d2.utils.tokenizer import is_text_encoder_dir  # noqa: E402
 
 logger = logging.getLogger("analyze_model")
 

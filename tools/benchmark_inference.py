@@ -12,6 +12,7 @@ warm-up; the table gives the median over ``--repeats`` runs, and the largest dif
 the two ways' answers (they must agree to float tolerance). Models are built as tools/analyze_model.py builds them (random init; a
 RoBERTa-base-sized text encoder is generated when the config's directory is absent).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,7 +28,6 @@ from tabulate import tabulate
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from analyze_model import setup_cfg  # noqa: E402
-
 from detectron2.modeling import build_model  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,14 +52,25 @@ def make_inputs(model, size: int, images: int, per_image: int, seed: int = 0) ->
     for i in range(images):
         image = torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=g)
         sentences = [
-            " ".join(words[j] for j in torch.randint(0, len(words), (int(torch.randint(2, 9, (1,), generator=g)),), generator=g))
+            " ".join(
+                words[j]
+                for j in torch.randint(
+                    0, len(words), (int(torch.randint(2, 9, (1,), generator=g)),), generator=g
+                )
+            )
             for _ in range(per_image)
         ]
         tokens = model.text_encoder.tokenize(sentences)
         groups.append(
             [
-                {"image": image, "height": size, "width": size, "file_name": f"image_{i}.jpg",
-                 "input_ids": tokens["input_ids"][k], "attention_mask": tokens["attention_mask"][k]}
+                {
+                    "image": image,
+                    "height": size,
+                    "width": size,
+                    "file_name": f"image_{i}.jpg",
+                    "input_ids": tokens["input_ids"][k],
+                    "attention_mask": tokens["attention_mask"][k],
+                }
                 for k in range(per_image)
             ]
         )
@@ -88,24 +99,38 @@ def time_way(model, groups, grouped: bool, repeats: int):
 
 def benchmark(config_file: str, args) -> List:
     with tempfile.TemporaryDirectory() as scratch:
-        cfg = setup_cfg(argparse.Namespace(config_file=config_file, opts=args.opts, device=args.device), scratch)
+        cfg = setup_cfg(
+            argparse.Namespace(config_file=config_file, opts=args.opts, device=args.device), scratch
+        )
         torch.manual_seed(0)
         model = build_model(cfg).eval()
         groups = make_inputs(model, cfg.INPUT.IMAGE_SIZE, args.images, args.expressions_per_image)
         n = args.images * args.expressions_per_image
         single_s, single_out = time_way(model, groups, grouped=False, repeats=args.repeats)
         grouped_s, grouped_out = time_way(model, groups, grouped=True, repeats=args.repeats)
-    worst = max(float((a["ref_seg"] - b["ref_seg"]).abs().max()) for a, b in zip(single_out, grouped_out))
+    worst = max(
+        float((a["ref_seg"] - b["ref_seg"]).abs().max()) for a, b in zip(single_out, grouped_out)
+    )
     name = os.path.relpath(config_file, REPO)
     return [
         [name, "one forward per expression", f"{n / single_s:.2f}", "1.0x", ""],
-        [name, f"{args.expressions_per_image} expressions per visual pass", f"{n / grouped_s:.2f}", f"{single_s / grouped_s:.1f}x", f"{worst:.1e}"],
+        [
+            name,
+            f"{args.expressions_per_image} expressions per visual pass",
+            f"{n / grouped_s:.2f}",
+            f"{single_s / grouped_s:.1f}x",
+            f"{worst:.1e}",
+        ],
     ]
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config-file", action="append", help="repeat for several; default: tiny and paper configs")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--config-file", action="append", help="repeat for several; default: tiny and paper configs"
+    )
     parser.add_argument("--expressions-per-image", type=int, default=14)
     parser.add_argument("--images", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
@@ -115,8 +140,16 @@ def main(argv=None):
     rows = []
     for config_file in args.config_file or DEFAULT_CONFIGS:
         rows.extend(benchmark(config_file, args))
-    print(f"device: {args.device}, threads: {torch.get_num_threads()}, {args.images} images x {args.expressions_per_image} expressions, median of {args.repeats}")
-    print(tabulate(rows, headers=["config", "inference", "expressions/s", "speed-up", "max |diff| of ref_seg"], tablefmt="github"))
+    print(
+        f"device: {args.device}, threads: {torch.get_num_threads()}, {args.images} images x {args.expressions_per_image} expressions, median of {args.repeats}"
+    )
+    print(
+        tabulate(
+            rows,
+            headers=["config", "inference", "expressions/s", "speed-up", "max |diff| of ref_seg"],
+            tablefmt="github",
+        )
+    )
     return rows
 
 

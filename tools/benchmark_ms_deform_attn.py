@@ -46,7 +46,7 @@ import torch
 
 LEVELS = ((60, 60), (30, 30), (15, 15))
 HEADS, HEAD_DIM, POINTS = 8, 32, 4
-TARGET_SPEEDUP = 4.0  # the target for impl="cpu", forward+backward at batch 1
+TARGET_SPEEDUP = 4.0  # what impl="cpu" must reach, forward+backward at batch 1
 
 
 def make_inputs(batch: int, device: str = "cpu", dtype=torch.float32, seed: int = 0, levels=LEVELS):

@@ -15,6 +15,7 @@ config initialises it: random weights, except a backbone that MODEL.TIMM.PRETRAI
 add ``--opts MODEL.TIMM.PRETRAINED_WEIGHTS ""`` for a fully random one) shows what training taught
 the visual path. Prints a table; ``--json`` also writes the numbers.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,16 +31,22 @@ import torch.nn.functional as F
 from tabulate import tabulate
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import instalign_d2  # noqa: E402,F401  (registers the model and the datasets)
 from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from detectron2.config import get_cfg  # noqa: E402
 from detectron2.data import DatasetCatalog  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
+
+import instalign_d2  # noqa: E402,F401  (registers the model and the datasets)
 from instalign_d2 import add_instalign_config  # noqa: E402
 from instalign_d2.data.dataset_mapper import GRESDatasetMapper  # noqa: E402
 from instalign_d2.synthetic.backbone_pretraining import ATTRIBUTES, pool_over_masks  # noqa: E402
-from instalign_d2.synthetic.params import INSTANCES_FILE, read_instances, synthetic_root  # noqa: E402
+from instalign_d2.synthetic.params import (
+    INSTANCES_FILE,
+    read_instances,
+    synthetic_root,
+)  # noqa: E402
 from instalign_d2.utils.atomic_io import atomic_write_json  # noqa: E402
+
 
 def fit_linear_probe(
     train_x: np.ndarray, train_y: Sequence, test_x: np.ndarray, test_y: Sequence, l2: float = 1e-3
@@ -71,7 +78,9 @@ def fit_linear_probe(
         return float((linear(xb).argmax(1) == yb).double().mean())
 
 
-def object_features(model, mapper, split: str, num_images: int, annotations_by_image) -> Tuple[Dict[str, np.ndarray], Dict[str, List]]:
+def object_features(
+    model, mapper, split: str, num_images: int, annotations_by_image
+) -> Tuple[Dict[str, np.ndarray], Dict[str, List]]:
     """Pooled features of every object in the first ``num_images`` images of ``split``."""
     features: Dict[str, List[np.ndarray]] = collections.defaultdict(list)
     labels: Dict[str, List] = collections.defaultdict(list)
@@ -96,8 +105,12 @@ def object_features(model, mapper, split: str, num_images: int, annotations_by_i
         height, width = images.image_sizes[0]
         for annotation in annotations_by_image[record["image_id"]]:
             mask = torch.from_numpy(mask_util.decode(annotation["segmentation"]))
-            mask = F.interpolate(mask[None, None].float(), size=(height, width), mode="nearest")[0, 0]
-            mask = F.pad(mask, (0, images.tensor.shape[-1] - width, 0, images.tensor.shape[-2] - height))
+            mask = F.interpolate(mask[None, None].float(), size=(height, width), mode="nearest")[
+                0, 0
+            ]
+            mask = F.pad(
+                mask, (0, images.tensor.shape[-1] - width, 0, images.tensor.shape[-2] - height)
+            )
             for name, feature_map in maps.items():
                 features[name].append(pool_over_masks(feature_map, mask[None])[0].numpy())
             for attribute in ATTRIBUTES:
@@ -106,7 +119,9 @@ def object_features(model, mapper, split: str, num_images: int, annotations_by_i
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config-file", required=True)
     parser.add_argument(
         "--weights",
@@ -125,12 +140,17 @@ def main(argv=None) -> int:
     cfg.merge_from_list(args.opts)
     cfg.MODEL.DEVICE = "cpu"
     if args.weights != "none":
-        cfg.MODEL.TIMM.PRETRAINED_WEIGHTS = ""  # the checkpoint holds the backbone: nothing else to read
+        cfg.MODEL.TIMM.PRETRAINED_WEIGHTS = (
+            ""  # the checkpoint holds the backbone: nothing else to read
+        )
     cfg.freeze()
     instances_path = os.path.join(synthetic_root(), INSTANCES_FILE)
     if not os.path.isfile(instances_path):
-        print(f"probe_features: error: {instances_path} not found; generate the synthetic dataset first "
-              "(python -m instalign_d2.synthetic, or make train)", file=sys.stderr)
+        print(
+            f"probe_features: error: {instances_path} not found; generate the synthetic dataset first "
+            "(python -m instalign_d2.synthetic, or make train)",
+            file=sys.stderr,
+        )
         return 2
     torch.manual_seed(0)
     model = build_model(cfg).eval()
@@ -145,20 +165,33 @@ def main(argv=None) -> int:
         by_image[annotation["image_id"]].append(annotation)
 
     mapper = GRESDatasetMapper(cfg, is_train=False)
-    train_x, train_labels = object_features(model, mapper, "synthetic_gres_train", args.train_images, by_image)
-    val_x, val_labels = object_features(model, mapper, "synthetic_gres_val", args.val_images, by_image)
+    train_x, train_labels = object_features(
+        model, mapper, "synthetic_gres_train", args.train_images, by_image
+    )
+    val_x, val_labels = object_features(
+        model, mapper, "synthetic_gres_val", args.val_images, by_image
+    )
     accuracy = {
-        name: {a: 100 * fit_linear_probe(train_x[name], train_labels[a], val_x[name], val_labels[a]) for a in ATTRIBUTES}
+        name: {
+            a: 100 * fit_linear_probe(train_x[name], train_labels[a], val_x[name], val_labels[a])
+            for a in ATTRIBUTES
+        }
         for name in train_x
     }
     chance = {a: 100 / len(set(train_labels[a])) for a in ATTRIBUTES}
     rows = [[name] + [f"{accuracy[name][a]:.1f}" for a in ATTRIBUTES] for name in sorted(accuracy)]
     rows.append(["(chance)"] + [f"{chance[a]:.1f}" for a in ATTRIBUTES])
-    print(f"linear probes, {len(train_labels['shape'])} training / {len(val_labels['shape'])} validation objects, "
-          f"weights: {args.weights}")
-    print(tabulate(rows, headers=["features"] + [f"{a} acc %" for a in ATTRIBUTES], tablefmt="github"))
+    print(
+        f"linear probes, {len(train_labels['shape'])} training / {len(val_labels['shape'])} validation objects, "
+        f"weights: {args.weights}"
+    )
+    print(
+        tabulate(rows, headers=["features"] + [f"{a} acc %" for a in ATTRIBUTES], tablefmt="github")
+    )
     if args.json:
-        atomic_write_json(args.json, {"weights": args.weights, "accuracy": accuracy, "chance": chance})
+        atomic_write_json(
+            args.json, {"weights": args.weights, "accuracy": accuracy, "chance": chance}
+        )
     return 0
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import resource
 import sys
@@ -31,12 +30,12 @@ import torch
 from tabulate import tabulate
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from detectron2.modeling import build_model  # noqa: E402
+
 import train_net  # noqa: E402  (the repository root's script: prepare_data, build_config)
 from instalign_d2.data.build import build_gres_train_loader  # noqa: E402
 from instalign_d2.solver import build_optimizer  # noqa: E402
 from instalign_d2.utils.atomic_io import atomic_write_json  # noqa: E402
-
-from detectron2.modeling import build_model  # noqa: E402
 
 # (row name, attribute path on the model) of the modules timed by forward hooks, in Fig. 2 order.
 # The pixel decoder is called through its Mask2Former-style ``forward_features``: wrapped instead.
@@ -190,7 +189,9 @@ def format_table(result: Dict[str, object]) -> str:
         if name not in result["missing_parts"]
     ]
     rows.append(["**step (sum)**", f"{1000 * step:.1f}", "100.0"])
-    return tabulate(rows, headers=["part", "ms / step", "%"], tablefmt="pipe", disable_numparse=True)
+    return tabulate(
+        rows, headers=["part", "ms / step", "%"], tablefmt="pipe", disable_numparse=True
+    )
 
 
 def build_cfg(config_file: str, opts: Sequence[str]):
@@ -208,10 +209,14 @@ def build_cfg(config_file: str, opts: Sequence[str]):
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config-file", required=True)
-    parser.add_argument("--iters", type=int, default=5, help="timed steps (the table is their mean)")
+    parser.add_argument(
+        "--iters", type=int, default=5, help="timed steps (the table is their mean)"
+    )
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--json", default="", help="also write the numbers here")
-    parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config KEY VALUE pairs")
+    parser.add_argument(
+        "--opts", nargs=argparse.REMAINDER, default=[], help="config KEY VALUE pairs"
+    )
     args = parser.parse_args(argv)
     if args.iters < 1 or args.warmup < 0:
         parser.error("--iters must be >= 1 and --warmup >= 0")

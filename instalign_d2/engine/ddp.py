@@ -5,10 +5,18 @@ for a module whose parameters live on the CPU. ``launch(..., num_gpus_per_machin
 machine without GPU already starts two gloo processes; leaving ``device_ids`` out for CPU
 modules is all that is missing for them to train together.
 """
+
 from __future__ import annotations
 
+import logging
+import multiprocessing
+import os
+import sys
+
+import torch.distributed as dist
 from detectron2.utils import comm
 from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks import default as comm_hooks
 from torch.nn.parallel import DistributedDataParallel
 
 
@@ -23,8 +31,6 @@ def create_ddp_model(model: nn.Module, *, fp16_compression: bool = False, **kwar
         kwargs.pop("device_ids", None)
     ddp = DistributedDataParallel(model, **kwargs)
     if fp16_compression and on_gpu:
-        from torch.distributed.algorithms.ddp_comm_hooks import default as comm_hooks
-
         ddp.register_comm_hook(state=None, hook=comm_hooks.fp16_compress_hook)
     return ddp
 
@@ -34,18 +40,11 @@ def finish_distributed() -> None:
 
     A gloo worker that simply returns while its peers still hold the connection can die with
     "terminate called without an active exception" (SIGABRT) as the interpreter exits; leaving
-    together and destroying the group first avoids most of it. Not all: a CI run still saw one
-    such abort after the group was destroyed. So a launched worker (a child process) then leaves
+    together and destroying the group first avoids most of it, but not all: such an abort can
+    still follow the destruction of the group. So a launched worker (a child process) then leaves
     at once, after flushing its logs, without the interpreter's teardown where gloo's threads
     abort; by then its results are in files and logs, and the parent only reads its exit code.
     """
-    import logging
-    import multiprocessing
-    import os
-    import sys
-
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

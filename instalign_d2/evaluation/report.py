@@ -12,6 +12,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from tabulate import tabulate
 
 from instalign_d2.utils.atomic_io import atomic_write_json
+
 from .metrics import (
     EXPRESSION_KINDS,
     GREFCOCO_PR_THRESHOLDS,

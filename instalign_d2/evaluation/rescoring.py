@@ -9,6 +9,8 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 import torch
 
+from instalign_d2.data.masks import merged_mask
+
 from .metrics import SampleResult
 from .prediction_dump import decode_mask
 from .report import SkippedSample
@@ -26,7 +28,6 @@ def results_from_dump(
     Raises ``ValueError`` when the dump and the dataset do not cover the same expressions
     (a dump of another dataset or split) or a mask's size does not fit its image.
     """
-    from instalign_d2.data.masks import merged_mask  # the mapper's GT masks, bit for bit
 
     eval_resolution = check_eval_resolution(dump["eval_resolution"])
     predictions: Dict[Tuple[object, object], dict] = {}

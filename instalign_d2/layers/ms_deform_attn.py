@@ -302,7 +302,7 @@ def _check_inputs(
 def _load_extension():
     """The compiled op library, or None when it is missing or predates this op."""
     try:
-        from instalign_d2 import _C
+        from instalign_d2 import _C  # noqa: PLC0415  (optional: the package runs without it)
     except ImportError:
         return None
     return _C if hasattr(_C, "ms_deform_attn_forward") else None

@@ -19,6 +19,9 @@ import itertools
 from typing import Dict, Iterable, List, Mapping, Set, Tuple
 
 import torch
+from detectron2.layers import FrozenBatchNorm2d
+from detectron2.layers.batch_norm import LayerNorm as D2LayerNorm
+from detectron2.solver.build import maybe_add_gradient_clipping
 from torch import nn
 
 NORM_TYPES: Tuple[type, ...] = (
@@ -26,6 +29,8 @@ NORM_TYPES: Tuple[type, ...] = (
     nn.GroupNorm,
     nn.LayerNorm,
     nn.LocalResponseNorm,
+    FrozenBatchNorm2d,  # detectron2's own norms
+    D2LayerNorm,  # (its channels-first LayerNorm)
 )
 # Parameter names (last component) that hold learned embeddings rather than weights.
 EMBEDDING_PARAM_NAMES = (
@@ -36,18 +41,6 @@ EMBEDDING_PARAM_NAMES = (
     "pos_embed",
     "absolute_pos_embed",
 )
-
-
-def _norm_types() -> Tuple[type, ...]:
-    types = NORM_TYPES
-    try:  # detectron2's own norms (FrozenBatchNorm2d, its channels-first LayerNorm)
-        from detectron2.layers import FrozenBatchNorm2d
-        from detectron2.layers.batch_norm import LayerNorm as D2LayerNorm
-
-        types = types + (FrozenBatchNorm2d, D2LayerNorm)
-    except ImportError:  # pragma: no cover
-        pass
-    return types
 
 
 def _no_decay_names(model: nn.Module) -> Set[str]:
@@ -86,7 +79,7 @@ def build_param_groups(
         (lr, weight decay) pair. ``param_names`` lets tests and logs see what went where.
     """
     lr_multipliers = dict(lr_multipliers or {})
-    norm_types = _norm_types()
+    norm_types = NORM_TYPES
     declared_embeddings = _no_decay_names(model)
     groups: Dict[Tuple[float, float], Dict] = {}
     seen: Set[int] = set()
@@ -173,7 +166,6 @@ def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
         )
         optimizer = optimizer_class(groups, **kwargs)
     else:
-        from detectron2.solver.build import maybe_add_gradient_clipping
 
         optimizer = maybe_add_gradient_clipping(cfg, optimizer_class)(groups, **kwargs)
     return optimizer

@@ -18,7 +18,9 @@ import math
 from typing import Tuple
 
 from detectron2.config import CfgNode
+from detectron2.data import DatasetCatalog
 
+from instalign_d2.data.build import group_by_image
 from instalign_d2.engine.checks import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -37,9 +39,6 @@ def iterations_for_epochs(num_samples: int, batch: int, epochs: int) -> int:
 
 def count_train_samples(cfg: CfgNode) -> Tuple[int, int]:
     """``(samples, expressions)`` of ``DATASETS.TRAIN``, counted as the train loader builds them."""
-    from detectron2.data import DatasetCatalog
-
-    from instalign_d2.data.build import group_by_image
 
     # The loader's get_detection_dataset_dicts(filter_empty=False) is these lists concatenated.
     dataset = [record for name in cfg.DATASETS.TRAIN for record in DatasetCatalog.get(name)]

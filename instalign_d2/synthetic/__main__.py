@@ -8,7 +8,6 @@ import sys
 from typing import Optional, Sequence
 
 from instalign_d2.synthetic.generator import (
-    SyntheticDatasetMismatch,
     ensure_synthetic_gres,
     generate_synthetic_gres,
 )

@@ -15,6 +15,7 @@ away; the trunk is written as a timm checkpoint that ``MODEL.TIMM.PRETRAINED_WEI
 ``MODEL.TIMM.SYNTHETIC_PRETRAIN.ITERATIONS > 0``: the file is made when absent, or when the
 settings recorded beside it (``<file>.json``) differ from the config's; otherwise it is reused.
 """
+
 from __future__ import annotations
 
 import collections
@@ -28,10 +29,10 @@ from typing import Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 import pycocotools.mask as mask_util
+import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 from detectron2.data import detection_utils
 from detectron2.data import transforms as T
 from iopath.common.file_io import file_lock
@@ -64,7 +65,9 @@ class ObjectAttributeSet:
 
     images: torch.Tensor  # (N, 3, S, S) uint8, RGB
     masks: List[torch.Tensor]  # per image: (n_i, S, S) float, the mask resized by area
-    labels: List[torch.Tensor]  # per image: (n_i, len(ATTRIBUTES)) long, indices into ATTRIBUTE_VALUES
+    labels: List[
+        torch.Tensor
+    ]  # per image: (n_i, len(ATTRIBUTES)) long, indices into ATTRIBUTE_VALUES
 
     def __len__(self) -> int:
         return len(self.images)
@@ -75,7 +78,11 @@ class ObjectAttributeSet:
 
 
 def load_object_attributes(
-    root: str, split: str, image_size: int, max_images: Optional[int] = None, instances: Optional[dict] = None
+    root: str,
+    split: str,
+    image_size: int,
+    max_images: Optional[int] = None,
+    instances: Optional[dict] = None,
 ) -> ObjectAttributeSet:
     """Read a split of a generated synthetic dataset (``root`` holds ``instances.json`` and ``images/``).
 
@@ -89,18 +96,26 @@ def load_object_attributes(
     records = [image for image in instances["images"] if image["file_name"].startswith(split + "/")]
     records = records[:max_images] if max_images is not None else records
     if not records:
-        raise ValueError(f"synthetic pre-training: no images of split {split!r} in {os.path.join(root, INSTANCES_FILE)}")
+        raise ValueError(
+            f"synthetic pre-training: no images of split {split!r} in {os.path.join(root, INSTANCES_FILE)}"
+        )
 
     images, masks, labels = [], [], []
     for record in records:
-        image = detection_utils.read_image(os.path.join(root, IMAGES_DIR, record["file_name"]), format="RGB")
+        image = detection_utils.read_image(
+            os.path.join(root, IMAGES_DIR, record["file_name"]), format="RGB"
+        )
         # The resize of the GRES mapper, so the backbone sees objects at the scale it will see them.
         resize = T.ResizeTransform(image.shape[0], image.shape[1], image_size, image_size)
         images.append(torch.from_numpy(np.array(resize.apply_image(image))).permute(2, 0, 1))
         objects = objects_by_image[record["id"]]
-        full = torch.from_numpy(np.stack([mask_util.decode(o["segmentation"]) for o in objects])).float()
+        full = torch.from_numpy(
+            np.stack([mask_util.decode(o["segmentation"]) for o in objects])
+        ).float()
         masks.append(F.interpolate(full[:, None], size=(image_size, image_size), mode="area")[:, 0])
-        labels.append(torch.tensor([[ATTRIBUTE_VALUES[a].index(o[a]) for a in ATTRIBUTES] for o in objects]))
+        labels.append(
+            torch.tensor([[ATTRIBUTE_VALUES[a].index(o[a]) for a in ATTRIBUTES] for o in objects])
+        )
     return ObjectAttributeSet(torch.stack(images), masks, labels)
 
 
@@ -112,16 +127,22 @@ class AttributeClassifiers(nn.Module):
         self.levels = list(channels)
         self.heads = nn.ModuleDict(
             {
-                level: nn.ModuleDict({a: nn.Linear(c, len(ATTRIBUTE_VALUES[a])) for a in ATTRIBUTES})
+                level: nn.ModuleDict(
+                    {a: nn.Linear(c, len(ATTRIBUTE_VALUES[a])) for a in ATTRIBUTES}
+                )
                 for level, c in channels.items()
             }
         )
 
-    def forward(self, features: Mapping[str, torch.Tensor], masks: Sequence[torch.Tensor]) -> Dict[str, Dict[str, torch.Tensor]]:
+    def forward(
+        self, features: Mapping[str, torch.Tensor], masks: Sequence[torch.Tensor]
+    ) -> Dict[str, Dict[str, torch.Tensor]]:
         """Logits ``{level: {attribute: (num_objects, num_values)}}`` of every object of the batch."""
         logits = {}
         for level in self.levels:
-            pooled = torch.cat([pool_over_masks(features[level][i], m) for i, m in enumerate(masks)])
+            pooled = torch.cat(
+                [pool_over_masks(features[level][i], m) for i, m in enumerate(masks)]
+            )
             logits[level] = {a: self.heads[level][a](pooled) for a in ATTRIBUTES}
         return logits
 
@@ -138,15 +159,25 @@ def attribute_loss(logits, labels: torch.Tensor) -> torch.Tensor:
 class _Normalize(nn.Module):
     def __init__(self, pixel_mean: Sequence[float], pixel_std: Sequence[float]):
         super().__init__()
-        self.register_buffer("mean", torch.tensor(pixel_mean, dtype=torch.float32).view(1, -1, 1, 1), False)
-        self.register_buffer("std", torch.tensor(pixel_std, dtype=torch.float32).view(1, -1, 1, 1), False)
+        self.register_buffer(
+            "mean", torch.tensor(pixel_mean, dtype=torch.float32).view(1, -1, 1, 1), False
+        )
+        self.register_buffer(
+            "std", torch.tensor(pixel_std, dtype=torch.float32).view(1, -1, 1, 1), False
+        )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return (images.float() - self.mean) / self.std
 
 
 @torch.no_grad()
-def attribute_accuracy(backbone, classifiers: AttributeClassifiers, normalize, data: ObjectAttributeSet, batch_size: int = 50):
+def attribute_accuracy(
+    backbone,
+    classifiers: AttributeClassifiers,
+    normalize,
+    data: ObjectAttributeSet,
+    batch_size: int = 50,
+):
     """``{level: {attribute: accuracy in %}}`` over all objects of ``data`` (backbone in eval mode)."""
     was_training = backbone.training
     backbone.eval()
@@ -188,7 +219,9 @@ def pretrain_backbone(
     normalize = _Normalize(pixel_mean, pixel_std)
     shapes = backbone.output_shape()
     classifiers = AttributeClassifiers({level: shapes[level].channels for level in sorted(shapes)})
-    parameters = [p for p in backbone.parameters() if p.requires_grad] + list(classifiers.parameters())
+    parameters = [p for p in backbone.parameters() if p.requires_grad] + list(
+        classifiers.parameters()
+    )
     optimizer = torch.optim.AdamW(parameters, lr=base_lr, weight_decay=weight_decay)
     warmup = max(1, iterations // 10)
 
@@ -217,7 +250,12 @@ def pretrain_backbone(
             eta = elapsed / iteration * (iterations - iteration)
             logger.info(
                 "backbone pre-training: iter %d/%d  loss %.3f  lr %.2e  eta %d:%02d",
-                iteration, iterations, float(loss.detach()), schedule.get_last_lr()[0], eta // 60, eta % 60,
+                iteration,
+                iterations,
+                float(loss.detach()),
+                schedule.get_last_lr()[0],
+                eta // 60,
+                eta % 60,
             )
     return classifiers
 
@@ -228,7 +266,6 @@ def save_timm_trunk(backbone, path: str) -> None:
     timm loads pre-trained files into the full model before cutting it to ``features_only``;
     the full model's classifier, which pre-training never used, keeps its fresh weights.
     """
-    import timm
 
     trunk = backbone.body.state_dict()
     full = timm.create_model(backbone.model_name, pretrained=False, **backbone.timm_kwargs)
@@ -259,7 +296,9 @@ def pretraining_settings(cfg, dataset_params: Mapping) -> Dict[str, object]:
     return {
         "model": timm_cfg.NAME,
         "out_features": list(timm_cfg.OUT_FEATURES),
-        "kwargs": {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in timm_cfg.KWARGS.items()},
+        "kwargs": {
+            k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in timm_cfg.KWARGS.items()
+        },
         "drop_path_rate": timm_cfg.DROP_PATH_RATE,
         "image_size": cfg.INPUT.IMAGE_SIZE,
         "pixel_mean": list(cfg.MODEL.PIXEL_MEAN),
@@ -295,15 +334,25 @@ def ensure_synthetic_pretrained_backbone(cfg, dataset_root: str) -> str:
                 if json.load(f).get("settings") == wanted:
                     logger.info("backbone pre-training: %s is up to date", path)
                     return path
-            logger.info("backbone pre-training: %s was made with other settings; making it again", path)
+            logger.info(
+                "backbone pre-training: %s was made with other settings; making it again", path
+            )
         start = time.perf_counter()
         instances = read_instances(dataset_root)
-        train_set = load_object_attributes(dataset_root, "train", cfg.INPUT.IMAGE_SIZE, instances=instances)
-        val_set = load_object_attributes(dataset_root, "val", cfg.INPUT.IMAGE_SIZE, instances=instances)
+        train_set = load_object_attributes(
+            dataset_root, "train", cfg.INPUT.IMAGE_SIZE, instances=instances
+        )
+        val_set = load_object_attributes(
+            dataset_root, "val", cfg.INPUT.IMAGE_SIZE, instances=instances
+        )
         logger.info(
             "backbone pre-training: %s from random weights, %d iterations of %d images; "
             "classifying the shape, colour and size of %d objects in %d training images",
-            cfg.MODEL.TIMM.NAME, settings.ITERATIONS, settings.IMS_PER_BATCH, train_set.num_objects, len(train_set),
+            cfg.MODEL.TIMM.NAME,
+            settings.ITERATIONS,
+            settings.IMS_PER_BATCH,
+            train_set.num_objects,
+            len(train_set),
         )
         torch.manual_seed(pretraining_seed(cfg))  # the trunk's initial weights
         arguments = TimmBackbone.from_config(cfg)
@@ -319,7 +368,9 @@ def ensure_synthetic_pretrained_backbone(cfg, dataset_root: str) -> str:
             pixel_std=cfg.MODEL.PIXEL_STD,
             seed=pretraining_seed(cfg),
         )
-        accuracy = attribute_accuracy(backbone, classifiers, _Normalize(cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD), val_set)
+        accuracy = attribute_accuracy(
+            backbone, classifiers, _Normalize(cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD), val_set
+        )
         os.makedirs(os.path.dirname(path), exist_ok=True)
         save_timm_trunk(backbone, path)
         atomic_write_json(settings_path(path), {"settings": wanted, "val_accuracy": accuracy})
@@ -328,6 +379,9 @@ def ensure_synthetic_pretrained_backbone(cfg, dataset_root: str) -> str:
             path,
             time.perf_counter() - start,
             val_set.num_objects,
-            "; ".join(f"{level} " + " ".join(f"{a} {v:.0f}%" for a, v in acc.items()) for level, acc in accuracy.items()),
+            "; ".join(
+                f"{level} " + " ".join(f"{a} {v:.0f}%" for a, v in acc.items())
+                for level, acc in accuracy.items()
+            ),
         )
     return path

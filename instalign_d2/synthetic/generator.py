@@ -71,6 +71,7 @@ TEXT_ENCODER_SIZE = {
     "max_tokens": 20,
 }
 
+
 # ----------------------------------------------------------------------------- one image
 def _touching(masks: List[np.ndarray]) -> List[bool]:
     """Whether each mask touches or borders another one (4-neighbourhood)."""

@@ -23,7 +23,9 @@ REFS_FILE = "grefs(unc).json"
 INSTANCES_FILE = "instances.json"
 IMAGES_DIR = "images"
 TEXT_ENCODER_DIR = "text_encoder"
-MARKER_FILE = "generator.json"  # parameters and statistics; written last: its presence means "complete"
+MARKER_FILE = (
+    "generator.json"  # parameters and statistics; written last: its presence means "complete"
+)
 
 SYNTHETIC_LAYOUT = """\
   synthetic_gres/          written by: python -m instalign_d2.synthetic --root <this folder>
@@ -66,7 +68,9 @@ class SyntheticParams:
             object.__setattr__(self, field.name, value)
         for split in SYNTHETIC_SPLITS:
             if self.num_images(split) < 0:
-                raise ValueError(f"num_{split}_images={self.num_images(split)}: expected a count >= 0")
+                raise ValueError(
+                    f"num_{split}_images={self.num_images(split)}: expected a count >= 0"
+                )
         if self.image_size < 32:
             raise ValueError(
                 f"image_size={self.image_size}: expected at least 32 pixels "

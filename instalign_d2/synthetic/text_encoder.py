@@ -9,12 +9,17 @@ Why not ``RobertaTokenizer(vocab_file=..., merges_file=...)``: in transformers 5
 builds a 5-token tokenizer mapping every word to ``<unk>``; loading the saved directory through
 ``AutoTokenizer`` gives the real ids and RoBERTa's pad id 1.
 """
+
 from __future__ import annotations
 
 import os
 import shutil
 import tempfile
 from typing import Iterable
+
+import torch
+from tokenizers import ByteLevelBPETokenizer
+from transformers import AutoModel, RobertaConfig
 
 # RoBERTa's special tokens, in the order that gives its ids: <s>=0, <pad>=1, </s>=2, <unk>=3.
 ROBERTA_SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
@@ -50,15 +55,19 @@ def write_local_text_encoder(
     Returns:
         ``directory``.
     """
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import RobertaConfig
 
     sentences = [s for s in corpus if s]
     if not sentences:
-        raise ValueError("write_local_text_encoder: the corpus is empty; give it the dataset's sentences.")
+        raise ValueError(
+            "write_local_text_encoder: the corpus is empty; give it the dataset's sentences."
+        )
     tokenizer = ByteLevelBPETokenizer()
     tokenizer.train_from_iterator(
-        sentences, vocab_size=vocab_size, min_frequency=1, special_tokens=ROBERTA_SPECIAL_TOKENS, show_progress=False
+        sentences,
+        vocab_size=vocab_size,
+        min_frequency=1,
+        special_tokens=ROBERTA_SPECIAL_TOKENS,
+        show_progress=False,
     )
     config = RobertaConfig(
         vocab_size=tokenizer.get_vocab_size(),
@@ -83,8 +92,6 @@ def write_local_text_encoder(
         tokenizer.save_model(staging)
         config.save_pretrained(staging)
         if save_weights:
-            import torch
-            from transformers import AutoModel
 
             torch.manual_seed(seed)
             AutoModel.from_config(config).save_pretrained(staging)

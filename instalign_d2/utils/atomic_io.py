@@ -5,6 +5,7 @@ half-written checkpoint, result or picture, and a failed write leaves nothing be
 file sits in the same folder, so ``os.replace`` stays on one filesystem and is atomic on POSIX; it
 keeps the target's extension, so writers that infer the format from the name (PIL) still work.
 """
+
 from __future__ import annotations
 
 import json

@@ -1,4 +1,5 @@
 """Where datasets and local model directories live."""
+
 import os
 
 DATASETS_ENV = "DETECTRON2_DATASETS"
@@ -13,5 +14,7 @@ def expand_path(path: str) -> str:
     """Expand ``~`` and ``$DETECTRON2_DATASETS`` (default ``datasets``) in a config path."""
     if not path:
         return path
-    path = path.replace("${" + DATASETS_ENV + "}", datasets_root()).replace("$" + DATASETS_ENV, datasets_root())
+    path = path.replace("${" + DATASETS_ENV + "}", datasets_root()).replace(
+        "$" + DATASETS_ENV, datasets_root()
+    )
     return os.path.expanduser(path)

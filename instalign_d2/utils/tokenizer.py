@@ -3,6 +3,7 @@
 The mapper (data side) and the text encoder (model side) share this, so both always agree on
 ids, padding and truncation; it lives in ``utils`` so that neither side imports the other.
 """
+
 from __future__ import annotations
 
 import logging
@@ -11,6 +12,8 @@ from functools import lru_cache
 from typing import Dict, List, Optional, Sequence
 
 import torch
+from huggingface_hub import try_to_load_from_cache
+from transformers import AutoTokenizer
 
 from instalign_d2.utils.paths import expand_path
 
@@ -31,7 +34,6 @@ def resolve_text_encoder(name: str) -> str:
     if os.path.isdir(path):
         return path
     try:  # a hub name already in the local cache is fine; nothing is fetched
-        from huggingface_hub import try_to_load_from_cache
 
         if isinstance(try_to_load_from_cache(name, "config.json"), str):
             return name
@@ -47,7 +49,6 @@ def resolve_text_encoder(name: str) -> str:
 @lru_cache(maxsize=8)
 def load_tokenizer(name: str):
     """``AutoTokenizer`` of the text encoder, loaded from local files only (cached per name)."""
-    from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(resolve_text_encoder(name), local_files_only=True)
 
@@ -71,9 +72,14 @@ def tokenize(tokenizer, sentences: Sequence[str], max_tokens: int) -> Dict[str, 
     if too_long:
         logger.warning(
             "%d expression(s) longer than MAX_TOKENS=%d were truncated, e.g. %r",
-            len(too_long), max_tokens, too_long[0][:80],
+            len(too_long),
+            max_tokens,
+            too_long[0][:80],
         )
-    return {"input_ids": encoded["input_ids"].long(), "attention_mask": encoded["attention_mask"].long()}
+    return {
+        "input_ids": encoded["input_ids"].long(),
+        "attention_mask": encoded["attention_mask"].long(),
+    }
 
 
 def is_text_encoder_dir(directory: Optional[str]) -> bool:

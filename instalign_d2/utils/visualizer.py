@@ -42,7 +42,7 @@ class WordAlignment:
 @lru_cache(maxsize=4)
 def _font(size: int) -> ImageFont.ImageFont:
     try:  # matplotlib (a detectron2 dependency) ships DejaVu Sans
-        from matplotlib import font_manager
+        from matplotlib import font_manager  # noqa: PLC0415  (slow import, only to find a font)
 
         return ImageFont.truetype(font_manager.findfont("DejaVu Sans"), size)
     except Exception:  # pragma: no cover - depends on the installed fonts

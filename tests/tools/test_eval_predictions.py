@@ -1,7 +1,6 @@
 """tools/eval_predictions.py: a dump scored without the model gives the evaluator's numbers."""
 
 import json
-import os
 import uuid
 
 import numpy as np
@@ -96,7 +95,9 @@ def test_dump_rescored_equals_evaluator(tmp_path, evaluator_type, resolution, lo
     dump_file = predictions_path(str(tmp_path / "eval"), name)
     results, skipped = results_from_dump(read_dump(dump_file), dicts)
     assert [r.sent_id for r in results] == [100, 101, 102, 103] and [s[1] for s in skipped] == [104]
-    got = load_tool("eval_predictions").main(["--predictions", dump_file, "--output-dir", str(tmp_path / "tool")])
+    got = load_tool("eval_predictions").main(
+        ["--predictions", dump_file, "--output-dir", str(tmp_path / "tool")]
+    )
     assert got == expected  # exactly the same numbers, through the same metric code
     saved = json.load(open(tmp_path / "tool" / f"{name}_results.json"))
     assert saved["eval_resolution"] == resolution

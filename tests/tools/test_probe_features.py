@@ -1,4 +1,5 @@
 """tools/probe_features.py: the linear probe (its mask pooling is tested with the backbone pre-training)."""
+
 import numpy as np
 
 

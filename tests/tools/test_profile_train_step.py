@@ -31,7 +31,16 @@ def test_profile_of_a_tiny_config(load_tool, repo_root, tmp_path, monkeypatch, c
     tool = load_tool("profile_train_step")
     config = f"{repo_root}/configs/synthetic/instalign_tiny.yaml"
     out = tool.main(
-        ["--config-file", config, "--iters", "2", "--warmup", "1", "--json", str(tmp_path / "p.json")]
+        [
+            "--config-file",
+            config,
+            "--iters",
+            "2",
+            "--warmup",
+            "1",
+            "--json",
+            str(tmp_path / "p.json"),
+        ]
         + ["--opts", *TINY]
     )
     seconds = out["seconds"]

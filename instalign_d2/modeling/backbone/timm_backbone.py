@@ -22,6 +22,7 @@ import os
 import re
 from typing import Dict, Iterator, List, Mapping, Optional, Sequence
 
+import timm
 import torch
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
@@ -80,7 +81,6 @@ def _resolve_weights_path(path: str, model_name: str) -> str:
 
 def _needs_image_size(model_name: str) -> bool:
     """Whether timm builds ``model_name`` for one input size (Swin, ViT) rather than any (CNNs)."""
-    import timm
 
     pretrained_cfg = timm.models.get_pretrained_cfg(model_name)
     return bool(pretrained_cfg is not None and getattr(pretrained_cfg, "fixed_input_size", False))
@@ -117,7 +117,6 @@ class TimmBackbone(Backbone):
         model_kwargs: Optional[Mapping] = None,
     ):
         super().__init__()
-        import timm
 
         unknown = [name for name in out_features if name not in FEATURE_STRIDES]
         if not out_features or unknown:
@@ -213,7 +212,6 @@ class TimmBackbone(Backbone):
 
     def _report_weight_loading(self, path: str, records: List[logging.LogRecord]) -> None:
         logger.info("TimmBackbone: loaded %s weights from %s", self.model_name, path)
-        import timm
 
         # The classifier is built, then dropped by features_only: its keys are no news.
         pretrained_cfg = timm.models.get_pretrained_cfg(self.model_name)

@@ -13,6 +13,7 @@ from typing import Dict, Sequence, Tuple
 import torch
 from detectron2.config import configurable
 from torch import nn
+from transformers import AutoConfig, AutoModel
 
 from instalign_d2.utils.tokenizer import load_tokenizer, resolve_text_encoder, tokenize
 
@@ -58,7 +59,6 @@ class TextEncoder(nn.Module):
         freeze: bool = False,
     ):
         super().__init__()
-        from transformers import AutoConfig, AutoModel
 
         if max_tokens < 3:
             raise ValueError(

@@ -5,7 +5,7 @@ positions plus a learned per-level embedding, and refined jointly by a Deformabl
 The stride-4 map joins FPN-style: a lateral 1x1 conv plus the upsampled stride-8 output, then a
 3x3 conv. A 1x1 conv on that stride-4 map gives the mask features.
 
-In the paper's notation (DESIGN.md §1.2): the encoder outputs at strides 32, 16, 8 are
+In the paper's notation (Fig. 2): the encoder outputs at strides 32, 16, 8 are
 ``V1, V2, V3`` -- the maps the POT blocks attend to in turn -- and the mask features are ``V4``.
 """
 
