@@ -152,17 +152,21 @@ class TinyGRefCOCO:
 
 
 @pytest.fixture(autouse=True)
-def drop_run_loggers():
-    """Remove the handlers an in-process run attaches (Detectron2's setup_logger writes to the
-    sys.stdout of that moment: pytest's capture of that test, closed once it ends)."""
-    names = ("detectron2", "fvcore", "d2", "instalign_d2")
-    before = {name: list(logging.getLogger(name).handlers) for name in names}
+def isolated_run_loggers():
+    """Each test starts without the handlers earlier in-process runs attached, and leaves none.
+
+    Detectron2's setup_logger writes to the sys.stdout of its moment: pytest's capture of that
+    test, closed once it ends, so a later message to it prints "Logging error" on stderr.
+    """
+    loggers = [logging.getLogger(n) for n in ("detectron2", "fvcore", "d2", "instalign_d2")]
+    before = [list(logger.handlers) for logger in loggers]
+    for logger in loggers:
+        logger.handlers.clear()
     yield
-    for name in names:
-        logger = logging.getLogger(name)
-        for handler in [h for h in logger.handlers if h not in before[name]]:
-            logger.removeHandler(handler)
+    for logger, handlers in zip(loggers, before):
+        for handler in logger.handlers:
             handler.close()
+        logger.handlers[:] = handlers
 
 
 @pytest.fixture
