@@ -6,7 +6,12 @@ from __future__ import annotations
 import os
 from typing import Iterable
 
-from instalign_d2.utils.paths import expand_path
+from detectron2.data import DatasetCatalog
+
+from instalign_d2.data import checked
+from instalign_d2.data.datasets.errors import DatasetLayoutError
+from instalign_d2.utils.paths import datasets_root, expand_path
+from instalign_d2.utils.tokenizer import TextEncoderNotFoundError, resolve_text_encoder
 
 
 class ConfigError(ValueError):
@@ -25,8 +30,6 @@ def check_config_file(path: str) -> None:
 
 
 def _check_datasets(key: str, names: Iterable[str]) -> None:
-    from detectron2.data import DatasetCatalog
-
     known = DatasetCatalog.list()
     for name in names:
         if name not in known:
@@ -89,8 +92,6 @@ def check_config(cfg, *, eval_only: bool = False, resume: bool = False) -> None:
 
     text = getattr(cfg.MODEL, "TEXT_ENCODER", None)
     if text is not None and not _text_encoder_will_be_generated(cfg):
-        from instalign_d2.utils.tokenizer import TextEncoderNotFoundError, resolve_text_encoder
-
         try:
             resolve_text_encoder(text.NAME)
         except TextEncoderNotFoundError as exc:
@@ -112,9 +113,6 @@ def check_datasets(cfg, *, eval_only: bool = False) -> None:
     built next in this process (``instalign_d2/data/checked.py``); call its ``release()`` when
     those run elsewhere or not at all.
     """
-    from instalign_d2.data import checked
-    from instalign_d2.data.datasets.errors import DatasetLayoutError
-
     keys = ([] if eval_only else [("DATASETS.TRAIN", cfg.DATASETS.TRAIN)]) + [
         ("DATASETS.TEST", cfg.DATASETS.TEST)
     ]
@@ -129,8 +127,6 @@ def check_datasets(cfg, *, eval_only: bool = False) -> None:
 
 def _text_encoder_will_be_generated(cfg) -> bool:
     """The synthetic dataset writes its own tiny text encoder; it may not exist before the first run."""
-    from instalign_d2.utils.paths import datasets_root
-
     synthetic_dir = os.path.join(datasets_root(), "synthetic_gres")
     name = expand_path(cfg.MODEL.TEXT_ENCODER.NAME)
     uses_synthetic = any(
