@@ -8,13 +8,16 @@
 
 Works on GPUs and on a CPU-only machine (``--num-gpus N`` there starts N gloo processes).
 """
+
 from __future__ import annotations
 
 import warnings
 
 # detectron2 decorates a few functions with torch.jit.script, which torch 2.14 deprecates; the
 # warning says nothing to our users.
-warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
+warnings.filterwarnings(
+    "ignore", message="`torch.jit.script` is deprecated", category=FutureWarning
+)
 
 import contextlib
 import logging
@@ -24,7 +27,14 @@ import weakref
 
 import torch
 from detectron2.config import get_cfg
-from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, default_argument_parser, default_setup, launch
+from detectron2.engine import (
+    AMPTrainer,
+    DefaultTrainer,
+    SimpleTrainer,
+    default_argument_parser,
+    default_setup,
+    launch,
+)
 from detectron2.evaluation import DatasetEvaluators
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
@@ -34,9 +44,16 @@ from instalign_d2 import add_instalign_config
 from instalign_d2.data import checked as checked_datasets
 from instalign_d2.data.build import build_gres_test_loader, build_gres_train_loader
 from instalign_d2.data.datasets.errors import DatasetLayoutError, error_line
-from instalign_d2.engine import AtomicCheckpointer, ConfigError, check_config, check_config_file, create_ddp_model, finish_distributed
+from instalign_d2.engine import (
+    AtomicCheckpointer,
+    ConfigError,
+    check_config,
+    check_config_file,
+    create_ddp_model,
+    finish_distributed,
+)
 from instalign_d2.engine.checks import check_datasets
-from instalign_d2.solver import build_lr_scheduler, build_optimizer
+from instalign_d2.solver import apply_epoch_schedule, build_lr_scheduler, build_optimizer
 from instalign_d2.solver.optimizer import describe_param_groups
 from instalign_d2.synthetic import backbone_pretraining
 from instalign_d2.synthetic import generator as synthetic_generator
@@ -50,7 +67,13 @@ class Trainer(DefaultTrainer):
     checkpoints, and DDP that also works for CPU models (gloo)."""
 
     def __init__(self, cfg):
-        # DefaultTrainer.__init__, except for create_ddp_model (CPU-aware) and the checkpointer.
+        # A mirror of DefaultTrainer.__init__ (detectron2 0.7 / main branch of 2024), with two
+        # changes: our create_ddp_model, which also wraps a CPU model for gloo (detectron2's passes
+        # device_ids, which DDP rejects for a CPU module), and the atomic checkpointer. The DDP
+        # wrap happens inside DefaultTrainer.__init__, between classmethods that could otherwise be
+        # overridden (as Mask2Former does), so the constructor itself must be ours.
+        # tests/test_train_net.py fails when detectron2's constructor sets attributes this one does
+        # not: then mirror it again.
         super(DefaultTrainer, self).__init__()
         if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
             setup_logger()
@@ -58,7 +81,11 @@ class Trainer(DefaultTrainer):
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
-        model = create_ddp_model(model, broadcast_buffers=False, find_unused_parameters=cfg.MODEL.get("FIND_UNUSED_PARAMETERS", False))
+        model = create_ddp_model(
+            model,
+            broadcast_buffers=False,
+            find_unused_parameters=cfg.MODEL.get("FIND_UNUSED_PARAMETERS", False),
+        )
         trainer_class = AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer
         self._trainer = trainer_class(model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
@@ -106,11 +133,15 @@ def build_config(args):
     except (KeyError, ValueError, AssertionError) as exc:
         raise ConfigError(f"--config-file {args.config_file}: {exc}") from None
     if len(args.opts) % 2:
-        raise ConfigError(f"options after the flags must be KEY VALUE pairs, got an odd list: {' '.join(args.opts)}")
+        raise ConfigError(
+            f"options after the flags must be KEY VALUE pairs, got an odd list: {' '.join(args.opts)}"
+        )
     try:
         cfg.merge_from_list(args.opts)
     except (KeyError, ValueError, AssertionError) as exc:
-        raise ConfigError(f"command-line option: {exc} (keys are listed in instalign_d2/config.py and detectron2's defaults)") from None
+        raise ConfigError(
+            f"command-line option: {exc} (keys are listed in instalign_d2/config.py and detectron2's defaults)"
+        ) from None
     if args.eval_only:
         # The checkpoint holds the whole model: the backbone's initial weights are neither read
         # nor made (a user scoring a downloaded checkpoint needs no Swin file, no pre-training).
@@ -131,7 +162,9 @@ def console_progress(*logger_names: str):
     this a first run would sit silent while it generates the dataset and pre-trains the backbone.
     """
     console = logging.StreamHandler(sys.stdout)
-    console.setFormatter(logging.Formatter("[%(asctime)s %(name)s]: %(message)s", datefmt="%m/%d %H:%M:%S"))
+    console.setFormatter(
+        logging.Formatter("[%(asctime)s %(name)s]: %(message)s", datefmt="%m/%d %H:%M:%S")
+    )
     loggers = [logging.getLogger(name) for name in logger_names]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
@@ -168,8 +201,12 @@ def prepare_data(cfg) -> None:
 def setup(args):
     """Config + Detectron2's default setup (logger, config backup in OUTPUT_DIR)."""
     cfg = build_config(args)
-    default_setup(cfg, args)
     setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="instalign_d2")
+    if not args.eval_only:
+        # SOLVER.EPOCHS (and the *_EPOCHS periods) -> iterations, from the train split that
+        # prepare_data has made; before default_setup, so that OUTPUT_DIR/config.yaml records them.
+        cfg = apply_epoch_schedule(cfg)
+    default_setup(cfg, args)
     if cfg.MODEL.DEVICE == "cpu" and comm.get_world_size() > 1:
         # N processes on one machine share its cores; more threads than cores only thrash.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // comm.get_local_size()))
@@ -181,7 +218,9 @@ def main(args):
         cfg = setup(args)
         if args.eval_only:
             model = Trainer.build_model(cfg)
-            AtomicCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+            AtomicCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+                cfg.MODEL.WEIGHTS, resume=args.resume
+            )
             return Trainer.test(cfg, model)
         trainer = Trainer(cfg)
         trainer.resume_or_load(resume=args.resume)

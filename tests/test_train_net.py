@@ -360,3 +360,16 @@ def test_trainer_constructor_still_mirrors_detectron2s():
     ours = assigned_attributes(train_net.Trainer.__init__)
     assert {"_trainer", "checkpointer", "scheduler", "start_iter", "max_iter", "cfg"} <= theirs
     assert theirs == ours, f"detectron2's DefaultTrainer.__init__ changed: {theirs ^ ours}"
+
+
+def test_a_schedule_in_epochs_becomes_iterations(tmp_path, datasets_root, capsys):
+    """12 training images, each a sample with its expressions, 2 per batch: 1 epoch = 6 steps."""
+    output = tmp_path / "epochs"
+    argv = ["--config-file", CONFIG, *TINY, "SOLVER.EPOCHS", "2", "SOLVER.MAX_ITER", "999"]
+    rc, err = run(
+        argv + ["SOLVER.CHECKPOINT_PERIOD_EPOCHS", "1", "OUTPUT_DIR", str(output)], capsys
+    )
+    assert rc == 0, err
+    saved = (output / "config.yaml").read_text()
+    assert "MAX_ITER: 12\n" in saved and "CHECKPOINT_PERIOD: 6\n" in saved
+    assert {"model_0000005.pth", "model_final.pth"} <= set(os.listdir(output))

@@ -18,9 +18,9 @@ import math
 from typing import Tuple
 
 from detectron2.config import CfgNode
-from detectron2.data import DatasetCatalog
 
 from instalign_d2.data.build import group_by_image
+from instalign_d2.data.checked import checked_dicts
 from instalign_d2.engine.checks import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -40,8 +40,13 @@ def iterations_for_epochs(num_samples: int, batch: int, epochs: int) -> int:
 def count_train_samples(cfg: CfgNode) -> Tuple[int, int]:
     """``(samples, expressions)`` of ``DATASETS.TRAIN``, counted as the train loader builds them."""
 
-    # The loader's get_detection_dataset_dicts(filter_empty=False) is these lists concatenated.
-    dataset = [record for name in cfg.DATASETS.TRAIN for record in DatasetCatalog.get(name)]
+    # What the train loader will read (expressions of missing images left out); ``keep`` leaves
+    # the loaded split for the loader, so it is read once.
+    dataset = [
+        record
+        for name in cfg.DATASETS.TRAIN
+        for record in checked_dicts(cfg, name, training=True, keep=True)
+    ]
     if cfg.DATALOADER.TRAIN_EXPRESSIONS_PER_IMAGE > 0:
         return len(group_by_image(dataset)), len(dataset)
     return len(dataset), len(dataset)
