@@ -24,12 +24,25 @@ def _xavier_init(module: nn.Module) -> None:
             nn.init.xavier_uniform_(p)
 
 
-class CrossAttentionLayer(nn.Module):
-    """Queries attend to a memory (visual tokens, or text tokens in the ReLA-style decoder).
+class _ResidualLayer(nn.Module):
+    """What every sub-layer shares: the residual connection, with its LayerNorm on the sub-layer's
+    input (pre-norm) or on the sum (post-norm). Subclasses define ``norm``, ``dropout`` and
+    ``pre_norm``."""
 
-    ``attn_mask`` ``(B * nheads, N, S)`` bool, True = may not attend (the masked attention of
-    Mask2Former); ``memory_pad_mask`` ``(B, S)`` bool, True = padding.
-    """
+    norm: nn.LayerNorm
+    dropout: nn.Dropout
+    pre_norm: bool
+
+    def _input(self, queries: torch.Tensor) -> torch.Tensor:
+        return self.norm(queries) if self.pre_norm else queries
+
+    def _add_residual(self, queries: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+        out = queries + self.dropout(update)
+        return out if self.pre_norm else self.norm(out)
+
+
+class _AttentionLayer(_ResidualLayer):
+    """A multi-head attention sub-layer (the parameters of cross- and self-attention alike)."""
 
     def __init__(self, dim: int, nheads: int, dropout: float = 0.0, pre_norm: bool = False):
         super().__init__()
@@ -38,6 +51,14 @@ class CrossAttentionLayer(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.pre_norm = pre_norm
         _xavier_init(self)
+
+
+class CrossAttentionLayer(_AttentionLayer):
+    """Queries attend to a memory (visual tokens, or text tokens in the ReLA-style decoder).
+
+    ``attn_mask`` ``(B * nheads, N, S)`` bool, True = may not attend (the masked attention of
+    Mask2Former); ``memory_pad_mask`` ``(B, S)`` bool, True = padding.
+    """
 
     def forward(
         self,
@@ -49,7 +70,7 @@ class CrossAttentionLayer(nn.Module):
         memory_pos: Optional[torch.Tensor] = None,
         query_pos: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        x = self.norm(queries) if self.pre_norm else queries
+        x = self._input(queries)
         update = self.attention(
             query=with_position(x, query_pos),
             key=with_position(memory, memory_pos),
@@ -58,32 +79,22 @@ class CrossAttentionLayer(nn.Module):
             key_padding_mask=memory_pad_mask,
             need_weights=False,
         )[0]
-        out = queries + self.dropout(update)
-        return out if self.pre_norm else self.norm(out)
+        return self._add_residual(queries, update)
 
 
-class SelfAttentionLayer(nn.Module):
+class SelfAttentionLayer(_AttentionLayer):
     """Queries attend to each other (lets them compete for objects and avoid duplicates)."""
-
-    def __init__(self, dim: int, nheads: int, dropout: float = 0.0, pre_norm: bool = False):
-        super().__init__()
-        self.attention = nn.MultiheadAttention(dim, nheads, dropout=dropout, batch_first=True)
-        self.norm = nn.LayerNorm(dim)
-        self.dropout = nn.Dropout(dropout)
-        self.pre_norm = pre_norm
-        _xavier_init(self)
 
     def forward(
         self, queries: torch.Tensor, query_pos: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
-        x = self.norm(queries) if self.pre_norm else queries
+        x = self._input(queries)
         q = k = with_position(x, query_pos)
         update = self.attention(q, k, value=x, need_weights=False)[0]
-        out = queries + self.dropout(update)
-        return out if self.pre_norm else self.norm(out)
+        return self._add_residual(queries, update)
 
 
-class FeedForwardLayer(nn.Module):
+class FeedForwardLayer(_ResidualLayer):
     """Linear -> ReLU -> Linear with residual and LayerNorm."""
 
     def __init__(self, dim: int, hidden_dim: int, dropout: float = 0.0, pre_norm: bool = False):
@@ -96,10 +107,9 @@ class FeedForwardLayer(nn.Module):
         _xavier_init(self)
 
     def forward(self, queries: torch.Tensor) -> torch.Tensor:
-        x = self.norm(queries) if self.pre_norm else queries
+        x = self._input(queries)
         update = self.linear2(self.dropout(F.relu(self.linear1(x))))
-        out = queries + self.dropout(update)
-        return out if self.pre_norm else self.norm(out)
+        return self._add_residual(queries, update)
 
 
 class MLP(nn.Module):
