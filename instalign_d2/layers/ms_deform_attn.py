@@ -413,32 +413,16 @@ class _MSDeformAttnFunction(torch.autograd.Function):
         im2col_step,
     ):
         ctx.im2col_step = im2col_step
-        ctx.save_for_backward(
-            value, spatial_shapes, level_start_index, sampling_locations, attention_weights
-        )
-        return _EXTENSION.ms_deform_attn_forward(
-            value,
-            spatial_shapes,
-            level_start_index,
-            sampling_locations,
-            attention_weights,
-            im2col_step,
-        )
+        # The backward takes the forward's inputs, in the same order, then the output's gradient.
+        inputs = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+        ctx.save_for_backward(*inputs)
+        return _EXTENSION.ms_deform_attn_forward(*inputs, im2col_step)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
-        value, spatial_shapes, level_start_index, sampling_locations, attention_weights = (
-            ctx.saved_tensors
-        )
         grad_value, grad_locations, grad_weights = _EXTENSION.ms_deform_attn_backward(
-            value,
-            spatial_shapes,
-            level_start_index,
-            sampling_locations,
-            attention_weights,
-            grad_output.contiguous(),
-            ctx.im2col_step,
+            *ctx.saved_tensors, grad_output.contiguous(), ctx.im2col_step
         )
         return grad_value, None, None, grad_locations, grad_weights, None
 
