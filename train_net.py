@@ -23,6 +23,7 @@ import contextlib
 import logging
 import os
 import sys
+import time
 import weakref
 
 import torch
@@ -53,6 +54,7 @@ from instalign_d2.engine import (
     finish_distributed,
 )
 from instalign_d2.engine.checks import check_datasets
+from instalign_d2.engine.summary import run_summary
 from instalign_d2.solver import apply_epoch_schedule, build_lr_scheduler, build_optimizer
 from instalign_d2.solver.optimizer import describe_param_groups
 from instalign_d2.synthetic import backbone_pretraining
@@ -60,6 +62,8 @@ from instalign_d2.synthetic import generator as synthetic_generator
 from instalign_d2.synthetic.params import SyntheticParams, synthetic_root
 
 logger = logging.getLogger("instalign_d2")
+# When this run started (data preparation included); a launched worker counts from its import.
+_RUN_START = time.perf_counter()
 
 
 class Trainer(DefaultTrainer):
@@ -224,8 +228,16 @@ def main(args):
             return Trainer.test(cfg, model)
         trainer = Trainer(cfg)
         trainer.resume_or_load(resume=args.resume)
-        return trainer.train()
-    except DatasetLayoutError as exc:
+        trainer.train()
+        results = getattr(trainer, "_last_eval_results", None)  # set by the final evaluation
+        if comm.is_main_process():
+            seconds = time.perf_counter() - _RUN_START
+            iterations = (
+                trainer.iter - trainer.start_iter
+            )  # run by this process (a resume counts on)
+            print(run_summary(cfg, args.config_file, results, seconds, iterations))
+        return results
+    except (DatasetLayoutError, ConfigError) as exc:
         # A dataset problem found in this process (a launched worker, or damaged images met in
         # training): one line, and exit status 2 as for the checks before launch.
         print(f"instalign_d2: error: {error_line(exc)}", file=sys.stderr)
@@ -240,6 +252,8 @@ def distributed_main(args):
 
 
 def invoke_main(argv=None) -> int:
+    global _RUN_START
+    _RUN_START = time.perf_counter()
     args = default_argument_parser().parse_args(argv)
     try:
         # Everything that can be checked is checked here, once, before any process starts or

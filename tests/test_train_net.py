@@ -185,7 +185,7 @@ def test_short_training_then_eval_only_and_grouped_equals_ungrouped(
     tmp_path, datasets_root, capsys
 ):
     output = tmp_path / "train"
-    rc, err = run(
+    rc = train_net.invoke_main(
         [
             "--config-file",
             CONFIG,
@@ -197,9 +197,19 @@ def test_short_training_then_eval_only_and_grouped_equals_ungrouped(
             "OUTPUT_DIR",
             str(output),
         ],
-        capsys,
     )
+    captured = capsys.readouterr()
+    err = captured.err
     assert rc == 0, err
+    # The run ends with its summary: metrics, time, where the files are, what to try next.
+    summary = captured.out[captured.out.index("Training finished in") :]
+    assert "(4 iterations," in summary and "synthetic_gres_val" in summary and "gIoU" in summary
+    assert f"model:        {output / 'model_final.pth'}" in summary
+    assert "--eval-only MODEL.WEIGHTS" in summary and "demo/app.py" in summary
+    assert (
+        "--input " + str(datasets_root / "synthetic_gres" / "images" / "val" / "000000.png")
+        in summary
+    )
     # the dataset and its text encoder were generated on first use
     assert (datasets_root / "synthetic_gres" / "text_encoder" / "vocab.json").exists()
     assert (output / "last_checkpoint").read_text() == "model_final.pth"
