@@ -40,12 +40,14 @@ def make_inputs(
     points,
     dtype=torch.float64,
     device="cpu",
+    seed=0,
     generator=None,
 ):
     """Random inputs; locations spread over [-0.3, 1.3] so that some points lie (partly) outside.
-    Without a generator, a fixed seed: every draw of these tests is reproducible."""
+    Drawn from ``generator``, else from a fresh one seeded with ``seed``: every draw of these
+    tests is reproducible."""
     if generator is None:
-        generator = torch.Generator().manual_seed(0)
+        generator = torch.Generator().manual_seed(seed)
     num_levels = len(shapes)
     tokens = sum(h * w for h, w in shapes)
     value = torch.randn(batch, tokens, heads, channels, dtype=dtype, generator=generator)
@@ -110,13 +112,7 @@ small_sizes = st.fixed_dictionaries(
 def test_reference_matches_the_definition_computed_by_loops():
     shapes = [(3, 5), (1, 1), (4, 2)]
     value, spatial_shapes, starts, locations, weights = make_inputs(
-        shapes,
-        batch=2,
-        heads=2,
-        channels=3,
-        queries=4,
-        points=2,
-        generator=torch.Generator().manual_seed(1),
+        shapes, batch=2, heads=2, channels=3, queries=4, points=2, seed=1
     )
     output = ms_deform_attn_pytorch(value, spatial_shapes, starts, locations, weights)
     expected = torch.zeros_like(output)
@@ -167,8 +163,7 @@ def test_hand_computed_samples(impl):
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(sizes=small_sizes)
 def test_cpp_matches_reference_in_float64(sizes):
-    generator = torch.Generator().manual_seed(sizes.pop("seed"))
-    inputs = make_inputs(**sizes, generator=generator)
+    inputs = make_inputs(**sizes)
     out_cpp, grads_cpp = output_and_grads("cpu", *inputs)
     out_ref, grads_ref = output_and_grads("pytorch", *inputs)
     torch.testing.assert_close(out_cpp, out_ref, rtol=0, atol=1e-9)
@@ -194,8 +189,7 @@ def assert_close_relative(actual, expected, tolerance, name):
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(sizes=small_sizes)
 def test_cpp_float32_matches_float64_reference(sizes):
-    generator = torch.Generator().manual_seed(sizes.pop("seed"))
-    inputs64 = make_inputs(**sizes, generator=generator)
+    inputs64 = make_inputs(**sizes)
     inputs32 = [t.float() if t.is_floating_point() else t for t in inputs64]
     out32, grads32 = output_and_grads("cpu", *inputs32)
     out64, grads64 = output_and_grads("pytorch", *inputs64)
@@ -216,9 +210,7 @@ def test_cpp_float32_matches_float64_reference(sizes):
     ],
 )
 def test_cpp_backward_both_work_splits(batch, heads, channels):
-    inputs = make_inputs(
-        [(5, 3), (1, 1)], batch, heads, channels, 6, 3, generator=torch.Generator().manual_seed(3)
-    )
+    inputs = make_inputs([(5, 3), (1, 1)], batch, heads, channels, 6, 3, seed=3)
     out_cpp, grads_cpp = output_and_grads("cpu", *inputs)
     out_ref, grads_ref = output_and_grads("pytorch", *inputs)
     torch.testing.assert_close(out_cpp, out_ref, rtol=0, atol=1e-10)
@@ -229,13 +221,7 @@ def test_cpp_backward_both_work_splits(batch, heads, channels):
 @needs_cpp
 def test_cpp_gradcheck():
     value, spatial_shapes, starts, locations, weights = make_inputs(
-        [(3, 2), (1, 1), (2, 3)],
-        batch=2,
-        heads=2,
-        channels=2,
-        queries=3,
-        points=2,
-        generator=torch.Generator().manual_seed(5),
+        [(3, 2), (1, 1), (2, 3)], batch=2, heads=2, channels=2, queries=3, points=2, seed=5
     )
     assert torch.autograd.gradcheck(
         lambda v, loc, w: ms_deform_attn(v, spatial_shapes, starts, loc, w, impl="cpu"),
@@ -262,9 +248,8 @@ def test_cpp_points_far_outside_give_zero_output_and_gradients():
 
 @needs_cpp
 def test_non_contiguous_inputs_give_the_contiguous_result():
-    generator = torch.Generator().manual_seed(7)
     value, spatial_shapes, starts, locations, weights = make_inputs(
-        [(4, 3), (2, 2)], 2, 3, 4, 5, 2, generator=generator
+        [(4, 3), (2, 2)], 2, 3, 4, 5, 2, seed=7
     )
     # The same numbers, laid out transposed in memory.
     value_nc = value.transpose(0, 1).contiguous().transpose(0, 1)
@@ -295,9 +280,7 @@ def test_no_queries(impl):
 
 @needs_cpp
 def test_batch_not_divisible_by_im2col_step():
-    inputs = make_inputs(
-        [(4, 3), (1, 1)], 3, 2, 4, 5, 2, generator=torch.Generator().manual_seed(9)
-    )
+    inputs = make_inputs([(4, 3), (1, 1)], 3, 2, 4, 5, 2, seed=9)
     out_ref, grads_ref = output_and_grads("pytorch", *inputs)
     out, grads = output_and_grads("cpu", *inputs, im2col_step=2)
     torch.testing.assert_close(out, out_ref, rtol=0, atol=1e-10)
@@ -401,10 +384,7 @@ def test_outside_samples_with_non_finite_weights_have_zero_location_and_weight_g
 
 # --------------------------------------------------------------------------- bad input
 def good_inputs():
-    generator = torch.Generator().manual_seed(17)
-    return make_inputs(
-        [(3, 4), (1, 1)], batch=2, heads=2, channels=3, queries=5, points=2, generator=generator
-    )
+    return make_inputs([(3, 4), (1, 1)], batch=2, heads=2, channels=3, queries=5, points=2, seed=17)
 
 
 def with_replaced(index, tensor):
@@ -684,10 +664,7 @@ def test_cuda_matches_reference(dtype, batch, im2col_step):
 @pytest.mark.cuda
 def test_cuda_gradcheck_and_auto_dispatch():
     value, spatial_shapes, starts, locations, weights = (
-        t.cuda()
-        for t in make_inputs(
-            [(3, 2), (1, 1)], 2, 2, 3, 3, 2, generator=torch.Generator().manual_seed(13)
-        )
+        t.cuda() for t in make_inputs([(3, 2), (1, 1)], 2, 2, 3, 3, 2, seed=13)
     )
     assert torch.autograd.gradcheck(
         lambda v, loc, w: ms_deform_attn(v, spatial_shapes, starts, loc, w, impl="cuda"),
