@@ -7,24 +7,18 @@ Our synthetic dataset is written in this layout and loads through :func:`load_gr
 
 from __future__ import annotations
 
-import logging
 import os
-import time
 from typing import Callable, Dict, List, Mapping, Optional
 
 from instalign_d2.data.datasets.catalog import register_splits
 from instalign_d2.data.datasets.image_presence import ImageFolders
 from instalign_d2.data.datasets.refer_common import (
-    CocoIndex,
     as_id_list,
-    build_expression_dicts,
     first_existing,
     kind_of_target_count,
-    load_refs,
+    load_expression_dicts,
     require_path,
 )
-
-logger = logging.getLogger(__name__)
 
 GREFCOCO_SPLITS = ("train", "val", "testA", "testB")
 NO_TARGET_ANN_ID = -1
@@ -84,9 +78,6 @@ def load_grefcoco_json(
     require_path(refs_file, f"{dataset_name}: refs file", layout)
     require_path(instances_file, f"{dataset_name}: instances file", layout)
     require_path(image_root, f"{dataset_name}: image folder", layout)
-    start = time.perf_counter()
-    refs = load_refs(refs_file, expected_format)
-    index = CocoIndex.from_file(instances_file)
 
     def describe(ref: Mapping, targets: List[dict]) -> Dict[str, object]:
         return {
@@ -95,21 +86,17 @@ def load_grefcoco_json(
             "source": source,
         }
 
-    dicts = build_expression_dicts(
-        refs,
-        index,
+    return load_expression_dicts(
+        refs_file,
+        instances_file,
+        expected_format,
         split=split,
         dataset_name=dataset_name,
         image_file=lambda image: os.path.join(image_root, image["file_name"]),
         target_ids=grefcoco_target_ids,
         describe_ref=describe,
         images=ImageFolders((image_root,), layout),
-        refs_file=refs_file,
     )
-    logger.info(
-        "%s: loaded in %.2f s from %s", dataset_name, time.perf_counter() - start, refs_file
-    )
-    return dicts
 
 
 def register_all_grefcoco(root: Callable[[], str]) -> None:
@@ -118,7 +105,11 @@ def register_all_grefcoco(root: Callable[[], str]) -> None:
         {f"grefcoco_unc_{split}": split for split in GREFCOCO_SPLITS},
         grefcoco_paths,
         lambda paths, split, name: load_grefcoco_json(
-            paths["refs_file"], paths["instances_file"], paths["image_root"], split, dataset_name=name
+            paths["refs_file"],
+            paths["instances_file"],
+            paths["image_root"],
+            split,
+            dataset_name=name,
         ),
         evaluator_type="grefcoco",
         root=root,

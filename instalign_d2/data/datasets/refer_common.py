@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence
@@ -27,6 +28,7 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence
 from detectron2.structures import BoxMode
 
 from instalign_d2.data.datasets import load_report
+
 # DatasetLayoutError is re-exported: the loaders and their users import it from here.
 from instalign_d2.data.datasets.errors import DatasetLayoutError, one_line_layout  # noqa: F401
 from instalign_d2.data.datasets.image_presence import ImageFolders
@@ -43,7 +45,6 @@ logger = logging.getLogger(__name__)
 
 # How many examples of each kind of bad entry are logged one by one before only counting.
 LOGGED_EXAMPLES_PER_REASON = 5
-
 
 
 def require_path(path: str, what: str, layout: str) -> str:
@@ -316,6 +317,27 @@ def build_expression_dicts(
         f"; images missing: {len(report.missing_images)}" if report.missing_images else "",
     )
     return dataset_dicts
+
+
+def load_expression_dicts(
+    refs_file: str,
+    instances_file: str,
+    expected_format: Optional[str],
+    **build_kwargs,
+) -> List[dict]:
+    """Read and check the refs (:func:`load_refs`) and the instances, then
+    :func:`build_expression_dicts` with ``build_kwargs``; logs how long the whole load took."""
+    start = time.perf_counter()
+    refs = load_refs(refs_file, expected_format)
+    index = CocoIndex.from_file(instances_file)
+    dicts = build_expression_dicts(refs, index, refs_file=refs_file, **build_kwargs)
+    logger.info(
+        "%s: loaded in %.2f s from %s",
+        build_kwargs["dataset_name"],
+        time.perf_counter() - start,
+        refs_file,
+    )
+    return dicts
 
 
 def _mark_missing_images(dataset_dicts: List[dict], report: load_report.LoadReport) -> None:

@@ -10,26 +10,20 @@ so we look in ``trainval2014`` first and fall back to ``train2014`` / ``val2014`
 
 from __future__ import annotations
 
-import logging
 import os
-import time
 from typing import Callable, Dict, List, Mapping, Optional
 
 from instalign_d2.data.datasets.catalog import register_splits
 from instalign_d2.data.datasets.errors import one_line_layout
 from instalign_d2.data.datasets.image_presence import ImageFolders
 from instalign_d2.data.datasets.refer_common import (
-    CocoIndex,
     DatasetLayoutError,
     as_id_list,
-    build_expression_dicts,
     first_existing,
     kind_of_target_count,
-    load_refs,
+    load_expression_dicts,
     require_path,
 )
-
-logger = logging.getLogger(__name__)
 
 REFZOM_SPLITS = ("train", "test")
 ZERO_SOURCE = "zero"  # Ref-ZOM's tag of one-to-zero refs
@@ -116,9 +110,6 @@ def load_refzom(
             f"Expected under $DETECTRON2_DATASETS (default ./datasets): "
             f"{one_line_layout(REFZOM_LAYOUT)}"
         )
-    start = time.perf_counter()
-    refs = load_refs(refs_file, "refzom")
-    index = CocoIndex.from_file(instances_file)
     folders = ImageFolders((image_root, train_image_root, val_image_root), REFZOM_LAYOUT)
 
     def describe(ref: Mapping, targets: List[dict]) -> Dict[str, object]:
@@ -130,21 +121,17 @@ def load_refzom(
             "source": str(ref.get("source", "")),
         }
 
-    dicts = build_expression_dicts(
-        refs,
-        index,
+    return load_expression_dicts(
+        refs_file,
+        instances_file,
+        "refzom",
         split=split,
         dataset_name=dataset_name,
         image_file=make_image_locator(image_root, train_image_root, val_image_root, folders),
         target_ids=refzom_target_ids,
         describe_ref=describe,
         images=folders,
-        refs_file=refs_file,
     )
-    logger.info(
-        "%s: loaded in %.2f s from %s", dataset_name, time.perf_counter() - start, refs_file
-    )
-    return dicts
 
 
 def register_all_refzom(root: Callable[[], str]) -> None:
