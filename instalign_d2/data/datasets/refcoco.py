@@ -53,30 +53,17 @@ def refcoco_paths(datasets_root: str, folder: str, split_by: str) -> Dict[str, s
     }
 
 
-def load_refcoco(
-    refs_file: str,
-    instances_file: str,
-    image_root: str,
-    split: str,
-    *,
-    dataset_name: str = "refcoco",
-    source: str = "refcoco",
-) -> List[dict]:
-    """One dataset dict per sentence of the refs of ``split``; each has exactly one target.
-
-    The REFER refs of RefCOCO/+/g are gRefCOCO's format with one ``ann_id`` per ref, so the
-    gRefCOCO loader reads them.
-    """
-    return load_grefcoco_json(
-        refs_file,
-        instances_file,
-        image_root,
-        split,
-        dataset_name=dataset_name,
-        source=source,
-        layout=REFCOCO_LAYOUT,
-        expected_format="refcoco",
-    )
+# ``load_refcoco(refs_file, instances_file, image_root, split, dataset_name=..., source=...)``:
+# one dataset dict per sentence of the refs of ``split``; each has exactly one target. The REFER
+# refs of RefCOCO/+/g are gRefCOCO's format with one ``ann_id`` per ref, so the gRefCOCO loader
+# reads them, told which layout and which family of refs to expect.
+load_refcoco = functools.partial(
+    load_grefcoco_json,
+    dataset_name="refcoco",
+    source="refcoco",
+    layout=REFCOCO_LAYOUT,
+    expected_format="refcoco",
+)
 
 
 def refcoco_dataset_names() -> List[str]:
