@@ -115,90 +115,33 @@ IMAGES = [
 ]
 
 
-def _sentences(ref_id, texts):
-    return [
+def _ref(ref_id, image_id, split, ann_id, category_id, texts, **fields):
+    """A ref in the REFER layout, with one sentence per text; ``fields`` go before the sentences."""
+    sentences = [
         {"sent_id": ref_id * 10 + i, "raw": t, "sent": t.lower(), "tokens": t.lower().split()}
         for i, t in enumerate(texts)
     ]
+    return {
+        "ref_id": ref_id,
+        "image_id": image_id,
+        "split": split,
+        "ann_id": ann_id,
+        "category_id": category_id,
+        **fields,
+        "sentences": sentences,
+    }
 
 
 GREFS = [
-    {
-        "ref_id": 1,
-        "image_id": 1,
-        "split": "train",
-        "ann_id": [101],
-        "category_id": [1],
-        "no_target": False,
-        "sentences": _sentences(1, ["The left box", "box on the left"]),
-    },
-    {
-        "ref_id": 2,
-        "image_id": 1,
-        "split": "train",
-        "ann_id": [102, 103],
-        "category_id": [2, 3],
-        "no_target": False,
-        "sentences": _sentences(2, ["both things on the right"]),
-    },
-    {
-        "ref_id": 3,
-        "image_id": 1,
-        "split": "train",
-        "ann_id": [-1],
-        "category_id": [-1],
-        "no_target": True,
-        "sentences": _sentences(3, ["a purple elephant", "the dog"]),
-    },
-    {
-        "ref_id": 4,
-        "image_id": 1,
-        "split": "train",
-        "ann_id": [104, 105],
-        "category_id": [1, 4],
-        "no_target": False,
-        "sentences": _sentences(4, ["the triangle and the crowd"]),
-    },
-    {
-        "ref_id": 5,
-        "image_id": 2,
-        "split": "train",
-        "ann_id": [106],
-        "category_id": [1],
-        "sentences": _sentences(5, ["bad polygon"]),
-    },
-    {
-        "ref_id": 6,
-        "image_id": 1,
-        "split": "val",
-        "ann_id": 101,
-        "category_id": 1,
-        "sentences": _sentences(6, ["val box"]),
-    },
-    {
-        "ref_id": 7,
-        "image_id": 99,
-        "split": "train",
-        "ann_id": [101],
-        "category_id": [1],
-        "sentences": _sentences(7, ["no image"]),
-    },
-    {
-        "ref_id": 8,
-        "image_id": 1,
-        "split": "train",
-        "ann_id": [999],
-        "category_id": [1],
-        "sentences": _sentences(8, ["no ann"]),
-    },
-    {
-        "ref_id": 9,
-        "image_id": 2,
-        "split": "train",
-        "ann_id": [107],
-        "category_id": [1],
-        "sentences": _sentences(9, ["zero area"]),
-    },
+    _ref(1, 1, "train", [101], [1], ["The left box", "box on the left"], no_target=False),
+    _ref(2, 1, "train", [102, 103], [2, 3], ["both things on the right"], no_target=False),
+    _ref(3, 1, "train", [-1], [-1], ["a purple elephant", "the dog"], no_target=True),
+    _ref(4, 1, "train", [104, 105], [1, 4], ["the triangle and the crowd"], no_target=False),
+    _ref(5, 2, "train", [106], [1], ["bad polygon"]),
+    _ref(6, 1, "val", 101, 1, ["val box"]),
+    _ref(7, 99, "train", [101], [1], ["no image"]),
+    _ref(8, 1, "train", [999], [1], ["no ann"]),
+    _ref(9, 2, "train", [107], [1], ["zero area"]),
 ]
 
 
@@ -383,52 +326,12 @@ REFZOM_ANNOTATIONS = [
     },
 ]
 REFZOM_REFS = [
-    {
-        "ref_id": 1,
-        "image_id": 1,
-        "split": "train",
-        "ann_id": 101,
-        "category_id": 1,
-        "source": "one",
-        "sentences": _sentences(1, ["the box"]),
-    },
-    {
-        "ref_id": 2,
-        "image_id": 1,
-        "split": "train",
-        "ann_id": [101, 102],
-        "category_id": [1, 2],
-        "source": "many",
-        "sentences": _sentences(2, ["all things", "the two things"]),
-    },
+    _ref(1, 1, "train", 101, 1, ["the box"], source="one"),
+    _ref(2, 1, "train", [101, 102], [1, 2], ["all things", "the two things"], source="many"),
     # one-to-zero: its ann_id is not a target
-    {
-        "ref_id": 3,
-        "image_id": 1,
-        "split": "train",
-        "ann_id": 101,
-        "category_id": 1,
-        "source": "zero",
-        "sentences": _sentences(3, ["a giraffe"]),
-    },
-    {
-        "ref_id": 4,
-        "image_id": 3,
-        "split": "train",
-        "ann_id": 301,
-        "category_id": 5,
-        "source": "one",
-        "sentences": _sentences(4, ["the val thing"]),
-    },
-    {
-        "ref_id": 5,
-        "image_id": 1,
-        "split": "test",
-        "ann_id": 101,
-        "category_id": 1,
-        "source": "one",
-        "sentences": _sentences(5, ["test box"]),
-    },
+    _ref(3, 1, "train", 101, 1, ["a giraffe"], source="zero"),
+    _ref(4, 3, "train", 301, 5, ["the val thing"], source="one"),
+    _ref(5, 1, "test", 101, 1, ["test box"], source="one"),
 ]
 
 
@@ -494,27 +397,24 @@ def test_refzom_without_any_image_folder_names_the_layout(tmp_path, monkeypatch)
 
 
 # ----------------------------------------------------------------------------- RefCOCO family
+def _refcoco_ref(ref_id, split, ann_id, category_id, texts):
+    """A ref of image 1 as RefCOCO's REFER files write it: they also list the sentence ids and
+    name a per-object crop of the image."""
+    return _ref(
+        ref_id,
+        1,
+        split,
+        ann_id,
+        category_id,
+        texts,
+        sent_ids=[ref_id * 10 + i for i in range(len(texts))],
+        file_name=f"COCO_train2014_000000000001_{ann_id}.jpg",
+    )
+
+
 REFCOCO_REFS = [
-    {
-        "ref_id": 1,
-        "image_id": 1,
-        "split": "train",
-        "ann_id": 101,
-        "category_id": 1,
-        "sent_ids": [10, 11],
-        "file_name": "COCO_train2014_000000000001_101.jpg",
-        "sentences": _sentences(1, ["left box", "box at left"]),
-    },
-    {
-        "ref_id": 2,
-        "image_id": 1,
-        "split": "testA",
-        "ann_id": 102,
-        "category_id": 2,
-        "sent_ids": [20],
-        "file_name": "COCO_train2014_000000000001_102.jpg",
-        "sentences": _sentences(2, ["right thing"]),
-    },
+    _refcoco_ref(1, "train", 101, 1, ["left box", "box at left"]),
+    _refcoco_ref(2, "testA", 102, 2, ["right thing"]),
 ]
 
 
