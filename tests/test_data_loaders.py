@@ -29,24 +29,13 @@ def _rle_of(mask, as_str=True):
     }
 
 
-def _uncompressed(mask):
-    """Column-major runs, first run of zeros (COCO's uncompressed RLE), counted by hand."""
-    flat = mask.T.reshape(-1)
-    counts, value, run = [], False, 0
-    for v in flat:
-        if v == value:
-            run += 1
-        else:
-            counts.append(run)
-            value, run = v, 1
-    counts.append(run)
-    return {"size": list(mask.shape), "counts": counts}
-
-
 MASK_102 = np.zeros((H1, W1), bool)
 MASK_102[10:15, 20:28] = True
 MASK_103 = np.zeros((H1, W1), bool)
 MASK_103[0:4, 25:30] = True
+# MASK_103 as COCO's uncompressed RLE, counted by hand: column-major runs starting with zeros, so
+# the 25 empty columns (25 * 20 pixels), then in each of the last 5 columns 4 ones and 16 zeros.
+RLE_103 = {"size": [H1, W1], "counts": [25 * H1] + [4, H1 - 4] * 5}
 POLY_101 = [2.0, 2.0, 10.0, 2.0, 10.0, 8.0, 2.0, 8.0]
 POLY_104 = [12.0, 12.0, 18.0, 12.0, 15.0, 18.0]
 
@@ -73,7 +62,7 @@ ANNOTATIONS = [
         "category_id": 3,
         "bbox": [25, 0, 5, 4],
         "iscrowd": 0,
-        "segmentation": _uncompressed(MASK_103),
+        "segmentation": RLE_103,
     },
     # one invalid polygon (2 points) beside a valid one: the invalid one is dropped
     {
