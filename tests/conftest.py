@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 from detectron2.config import get_cfg
+from detectron2.structures import Instances
 
 from instalign_d2.config import add_instalign_config
 from instalign_d2.synthetic.text_encoder import write_local_text_encoder
@@ -124,5 +125,39 @@ def tiny_cfg(tiny_text_encoder):
 
     def make(text_encoder_dir: str = tiny_text_encoder, **instalign):
         return build_tiny_cfg(text_encoder_dir, **instalign)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def model_input():
+    """``model_input(model, image, sentence, masks=(), file_name=..., height=..., width=...)``:
+    one input of the tiny model as its dataset mapper makes it (masks at the input size, the
+    sentence tokenised unless ``tokenized=False``); height and width are the original image's."""
+
+    def make(
+        model, image, sentence, masks=(), file_name="scene.png", height=80, width=96, tokenized=True
+    ):
+        size = TINY_IMAGE_SIZE
+        instances = Instances((size, size))
+        gt = torch.stack(list(masks)) if masks else torch.zeros(0, size, size, dtype=torch.bool)
+        instances.gt_masks = gt
+        instances.gt_classes = torch.zeros(len(gt), dtype=torch.long)
+        x = {
+            "image": image,
+            "height": height,
+            "width": width,
+            "file_name": file_name,
+            "image_id": 1,
+            "instances": instances,
+            "gt_mask_merged": gt.any(0) if len(gt) else torch.zeros(size, size, dtype=torch.bool),
+            "empty": len(gt) == 0,
+            "sentence": {"raw": sentence, "sent_id": 0, "ref_id": 0},
+        }
+        if tokenized:
+            encoded = model.text_encoder.tokenize([sentence])
+            x["input_ids"] = encoded["input_ids"][0]
+            x["attention_mask"] = encoded["attention_mask"][0]
+        return x
 
     return make

@@ -7,7 +7,6 @@ import pytest
 import torch
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
-from detectron2.structures import Instances
 
 import instalign_d2.instalign_model  # noqa: F401  (registers InstAlign)
 from instalign_d2.config import add_instalign_config
@@ -40,48 +39,24 @@ def draw_scene(seed):
     return image, masks
 
 
-def make_input(
-    model, image, sentence, masks=(), file_name="scene.png", height=80, width=96, tokenized=True
-):
-    instances = Instances((SIZE, SIZE))
-    gt = torch.stack(list(masks)) if masks else torch.zeros(0, SIZE, SIZE, dtype=torch.bool)
-    instances.gt_masks = gt
-    instances.gt_classes = torch.zeros(len(gt), dtype=torch.long)
-    x = {
-        "image": image,
-        "height": height,
-        "width": width,
-        "file_name": file_name,
-        "image_id": 1,
-        "instances": instances,
-        "gt_mask_merged": gt.any(0) if len(gt) else torch.zeros(SIZE, SIZE, dtype=torch.bool),
-        "empty": len(gt) == 0,
-        "sentence": {"raw": sentence, "sent_id": 0, "ref_id": 0},
-    }
-    if tokenized:
-        encoded = model.text_encoder.tokenize([sentence])
-        x["input_ids"], x["attention_mask"] = encoded["input_ids"][0], encoded["attention_mask"][0]
-    return x
-
-
-def training_batch(model):
+def training_batch(model, model_input):
     image_a, masks_a = draw_scene(0)
     image_b, masks_b = draw_scene(1)
     return [
-        make_input(model, image_a, "the red square", masks_a["red"]),
-        make_input(model, image_a, "both blue circles", masks_a["blue"]),
-        make_input(model, image_b, "the purple cone", (), file_name="other.png"),
-        make_input(model, image_b, "all yellow things", (), file_name="other.png"),
+        model_input(model, image_a, "the red square", masks_a["red"]),
+        model_input(model, image_a, "both blue circles", masks_a["blue"]),
+        model_input(model, image_b, "the purple cone", (), file_name="other.png"),
+        model_input(model, image_b, "all yellow things", (), file_name="other.png"),
     ]
 
 
 # ----------------------------------------------------------------------------- training
 
 
-def test_training_losses_are_finite_and_gradients_reach_every_part(model):
+def test_training_losses_are_finite_and_gradients_reach_every_part(model, model_input):
     model.train()
     model.zero_grad()
-    losses = model(training_batch(model))
+    losses = model(training_batch(model, model_input))
     assert "loss_merged" in losses and "loss_no_target" in losses and "loss_phrase_0" in losses
     assert all(torch.isfinite(v) and v.dim() == 0 for v in losses.values())
     sum(losses.values()).backward()
@@ -98,29 +73,29 @@ def test_training_losses_are_finite_and_gradients_reach_every_part(model):
     assert grad_norm(model.no_target_head.parameters()) > 0
 
 
-def test_merged_logits_only_where_the_criterion_reads_them(tiny_cfg):
+def test_merged_logits_only_where_the_criterion_reads_them(tiny_cfg, model_input):
     """Training merges (Eq. 8) every prediction when each has an L_merged, else only the last;
     inference always only the last."""
     torch.manual_seed(0)
     for last_only in (False, True):
         model = build_model(tiny_cfg(MERGED_LOSS_ON_LAST_ONLY=last_only)).train()
         with torch.no_grad():
-            outputs, visual, image_index = model.compute_outputs(training_batch(model))
+            outputs, visual, image_index = model.compute_outputs(training_batch(model, model_input))
         merged = ["merged_logits" in p for p in outputs["predictions"]]
         assert len(merged) == 4 and merged[-1]  # K = 3 blocks + the initial queries
         assert merged[:-1] == [not last_only] * 3
         assert image_index.tolist() == [0, 0, 1, 1] and len(visual.image_sizes) == 2
         model.eval()
-        outputs, _, _ = model.compute_outputs(training_batch(model))
+        outputs, _, _ = model.compute_outputs(training_batch(model, model_input))
         assert ["merged_logits" in p for p in outputs["predictions"]] == [False] * 3 + [True]
 
 
-def test_training_on_an_all_no_target_batch_is_finite(model):
+def test_training_on_an_all_no_target_batch_is_finite(model, model_input):
     model.train()
     image, _ = draw_scene(3)
     batch = [
-        make_input(model, image, "the purple cone"),
-        make_input(model, image, "all yellow things"),
+        model_input(model, image, "the purple cone"),
+        model_input(model, image, "all yellow things"),
     ]
     losses = model(batch)
     assert all(torch.isfinite(v) for v in losses.values())
@@ -128,9 +103,9 @@ def test_training_on_an_all_no_target_batch_is_finite(model):
     sum(losses.values()).backward()
 
 
-def test_prepare_targets_pads_and_checks(model):
+def test_prepare_targets_pads_and_checks(model, model_input):
     image, masks = draw_scene(0)
-    x = make_input(model, image, "the red square", masks["red"])
+    x = model_input(model, image, "the red square", masks["red"])
     del x["gt_mask_merged"]  # derived from the instances when absent
     (target,) = model.prepare_targets([x], (96, 64))
     assert target["masks"].shape == (1, 96, 64) and target["merged_mask"].shape == (96, 64)
@@ -149,7 +124,7 @@ def test_prepare_targets_pads_and_checks(model):
 # ----------------------------------------------------------------------------- inference contract
 
 
-def test_inference_output_contract(model):
+def test_inference_output_contract(model, model_input):
     model.eval()
     image, _ = draw_scene(0)
     model.instance_score_threshold = 0.0  # list every query, to check sorting and the cap
@@ -158,7 +133,7 @@ def test_inference_output_contract(model):
     # whether it does depends on what earlier tests did to the shared model, so rule it out.
     model.no_target_threshold = 1.0
     try:
-        (out,) = model([make_input(model, image, "the red square", height=80, width=96)])
+        (out,) = model([model_input(model, image, "the red square", height=80, width=96)])
     finally:
         model.instance_score_threshold, model.max_instances, model.no_target_threshold = (
             0.5,
@@ -185,17 +160,17 @@ def test_inference_output_contract(model):
     )
 
 
-def test_ref_seg_is_the_input_size_map_when_sizes_agree(model):
+def test_ref_seg_is_the_input_size_map_when_sizes_agree(model, model_input):
     model.eval()
     image, _ = draw_scene(0)
-    (out,) = model([make_input(model, image, "the red square", height=SIZE, width=SIZE)])
+    (out,) = model([model_input(model, image, "the red square", height=SIZE, width=SIZE)])
     assert torch.allclose(out["ref_seg"], out["ref_seg_input"], atol=1e-6)
 
 
-def test_no_target_threshold_empties_the_answer(model):
+def test_no_target_threshold_empties_the_answer(model, model_input):
     model.eval()
     image, _ = draw_scene(0)
-    x = make_input(model, image, "the red square")
+    x = model_input(model, image, "the red square")
     try:
         model.no_target_threshold = -1.0  # every expression is called no-target
         (out,) = model([x])
@@ -211,22 +186,22 @@ def test_no_target_threshold_empties_the_answer(model):
         model.no_target_threshold, model.instance_score_threshold = 0.5, 0.5
 
 
-def test_unpadded_sizes_are_cropped_back(model):
+def test_unpadded_sizes_are_cropped_back(model, model_input):
     model.eval()
     image = torch.randint(0, 255, (3, 60, 50), dtype=torch.uint8)  # padded to 64x64 inside
-    (out,) = model([make_input(model, image, "the red square", height=120, width=100)])
+    (out,) = model([model_input(model, image, "the red square", height=120, width=100)])
     assert out["ref_seg_input"].shape == (60, 50) and out["ref_seg"].shape == (120, 100)
 
 
-def test_grouped_inference_equals_one_expression_at_a_time(model):
+def test_grouped_inference_equals_one_expression_at_a_time(model, model_input):
     model.eval()
     image_a, _ = draw_scene(0)
     image_b, _ = draw_scene(1)
     batch = [
-        make_input(model, image_a, "the red square", file_name="a.png"),
-        make_input(model, image_b, "both blue circles", file_name="b.png", height=64, width=64),
-        make_input(model, image_a.clone(), "all yellow things", file_name="a.png"),
-        make_input(model, image_b, "the purple cone", file_name="a.png"),  # same name, other image
+        model_input(model, image_a, "the red square", file_name="a.png"),
+        model_input(model, image_b, "both blue circles", file_name="b.png", height=64, width=64),
+        model_input(model, image_a.clone(), "all yellow things", file_name="a.png"),
+        model_input(model, image_b, "the purple cone", file_name="a.png"),  # same name, other image
     ]
     representatives, image_index = model.group_by_image(batch)
     assert representatives == [0, 1, 3] and image_index.tolist() == [0, 1, 0, 2]
@@ -246,11 +221,11 @@ def test_grouped_inference_equals_one_expression_at_a_time(model):
         assert torch.allclose(a["instances"].token_weights, b["instances"].token_weights, atol=1e-5)
 
 
-def test_raw_sentences_are_tokenised(model):
+def test_raw_sentences_are_tokenised(model, model_input):
     model.eval()
     image, _ = draw_scene(0)
-    tokenized = make_input(model, image, "both blue circles")
-    as_dict = make_input(model, image, "both blue circles", tokenized=False)
+    tokenized = model_input(model, image, "both blue circles")
+    as_dict = model_input(model, image, "both blue circles", tokenized=False)
     as_string = dict(as_dict, sentence="both blue circles")
     outs = model([tokenized, as_dict, as_string])
     for other in outs[1:]:
@@ -299,11 +274,11 @@ def test_encode_images_and_decode_expressions_for_a_demo(model):
         {"MERGED_LOSS_ON_LAST_ONLY": True, "SCORE_LOSS_NORMALIZATION": "mean_over_queries"},
     ],
 )
-def test_ablation_settings_train_and_infer(tiny_cfg, override):
+def test_ablation_settings_train_and_infer(tiny_cfg, override, model_input):
     torch.manual_seed(0)
     model = build_model(tiny_cfg(**override))
     model.train()
-    losses = model(training_batch(model))
+    losses = model(training_batch(model, model_input))
     assert all(torch.isfinite(v) for v in losses.values())
     assert ("loss_phrase" in losses) == (override.get("INSTANCE_SUPERVISION", "phrase") == "phrase")
     assert ("loss_merged_0" in losses) == (
@@ -315,13 +290,13 @@ def test_ablation_settings_train_and_infer(tiny_cfg, override):
     )
     sum(losses.values()).backward()
     model.eval()
-    assert model(training_batch(model)[:1])[0]["ref_seg"].shape == (80, 96)
+    assert model(training_batch(model, model_input)[:1])[0]["ref_seg"].shape == (80, 96)
 
 
 # ----------------------------------------------------------------------------- configs
 
 
-def test_r50_config_builds_with_detectron2_resnet(tiny_text_encoder):
+def test_r50_config_builds_with_detectron2_resnet(tiny_text_encoder, model_input):
     cfg = add_instalign_config(get_cfg())
     cfg.merge_from_file(
         os.path.join(os.path.dirname(__file__), "..", "configs", "grefcoco", "instalign_R50.yaml")
@@ -339,7 +314,7 @@ def test_r50_config_builds_with_detectron2_resnet(tiny_text_encoder):
     assert type(model) is InstAlign and model.input_format == "BGR"
     assert torch.allclose(model.pixel_mean.flatten(), torch.tensor([103.530, 116.280, 123.675]))
     image, _ = draw_scene(0)
-    (out,) = model([make_input(model, image, "the red square")])
+    (out,) = model([model_input(model, image, "the red square")])
     assert out["ref_seg"].shape == (80, 96) and torch.isfinite(out["ref_seg"]).all()
 
 
@@ -347,11 +322,11 @@ def test_r50_config_builds_with_detectron2_resnet(tiny_text_encoder):
 
 
 @pytest.mark.slow
-def test_tiny_model_overfits_one_batch(tiny_cfg):
+def test_tiny_model_overfits_one_batch(tiny_cfg, model_input):
     torch.manual_seed(0)
     model = build_model(tiny_cfg())
     model.train()
-    batch = training_batch(model)
+    batch = training_batch(model, model_input)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     history = []
     for _ in range(300):

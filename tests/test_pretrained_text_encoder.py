@@ -12,7 +12,6 @@ import os
 import pytest
 import torch
 from detectron2.modeling import build_model
-from detectron2.structures import Instances
 
 import instalign_d2.instalign_model  # noqa: F401  (registers InstAlign)
 from instalign_d2.modeling.language import TextEncoder
@@ -183,28 +182,7 @@ def scene(seed):
     return image, masks
 
 
-def training_input(model, image, sentence, masks, file_name):
-    gt = torch.stack(masks) if masks else torch.zeros(0, SIZE, SIZE, dtype=torch.bool)
-    instances = Instances((SIZE, SIZE))
-    instances.gt_masks = gt
-    instances.gt_classes = torch.zeros(len(gt), dtype=torch.long)
-    encoded = model.text_encoder.tokenize([sentence])
-    return {
-        "image": image,
-        "height": SIZE,
-        "width": SIZE,
-        "file_name": file_name,
-        "image_id": 1,
-        "instances": instances,
-        "gt_mask_merged": gt.any(0) if len(gt) else torch.zeros(SIZE, SIZE, dtype=torch.bool),
-        "empty": len(gt) == 0,
-        "sentence": {"raw": sentence, "sent_id": 0, "ref_id": 0},
-        "input_ids": encoded["input_ids"][0],
-        "attention_mask": encoded["attention_mask"][0],
-    }
-
-
-def test_tiny_instalign_trains_on_the_pretrained_encoder(tiny_cfg):
+def test_tiny_instalign_trains_on_the_pretrained_encoder(tiny_cfg, model_input):
     cfg = tiny_cfg(text_encoder_dir=MODEL_DIR)
     cfg.MODEL.TEXT_ENCODER.PRETRAINED = True
     cfg.MODEL.TEXT_ENCODER.MAX_TOKENS = MAX_TOKENS
@@ -216,10 +194,10 @@ def test_tiny_instalign_trains_on_the_pretrained_encoder(tiny_cfg):
 
     (image_a, masks_a), (image_b, masks_b) = scene(0), scene(1)
     batch = [
-        training_input(model, image_a, "the red box", [masks_a["red"]], "a.png"),
-        training_input(model, image_a, "the blue box", [masks_a["blue"]], "a.png"),
-        training_input(model, image_b, "both boxes", list(masks_b.values()), "b.png"),
-        training_input(model, image_b, "the green circle", [], "b.png"),
+        model_input(model, image_a, "the red box", [masks_a["red"]], "a.png", SIZE, SIZE),
+        model_input(model, image_a, "the blue box", [masks_a["blue"]], "a.png", SIZE, SIZE),
+        model_input(model, image_b, "both boxes", list(masks_b.values()), "b.png", SIZE, SIZE),
+        model_input(model, image_b, "the green circle", [], "b.png", SIZE, SIZE),
     ]
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     history = []
