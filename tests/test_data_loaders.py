@@ -29,6 +29,18 @@ def _rle_of(mask, as_str=True):
     }
 
 
+def _annotation(ann_id, image_id, category_id, bbox, segmentation, iscrowd=0):
+    """An entry of a COCO ``instances.json``."""
+    return {
+        "id": ann_id,
+        "image_id": image_id,
+        "category_id": category_id,
+        "bbox": bbox,
+        "iscrowd": iscrowd,
+        "segmentation": segmentation,
+    }
+
+
 MASK_102 = np.zeros((H1, W1), bool)
 MASK_102[10:15, 20:28] = True
 MASK_103 = np.zeros((H1, W1), bool)
@@ -40,63 +52,14 @@ POLY_101 = [2.0, 2.0, 10.0, 2.0, 10.0, 8.0, 2.0, 8.0]
 POLY_104 = [12.0, 12.0, 18.0, 12.0, 15.0, 18.0]
 
 ANNOTATIONS = [
-    {
-        "id": 101,
-        "image_id": 1,
-        "category_id": 1,
-        "bbox": [2, 2, 8, 6],
-        "iscrowd": 0,
-        "segmentation": [POLY_101],
-    },
-    {
-        "id": 102,
-        "image_id": 1,
-        "category_id": 2,
-        "bbox": [20, 10, 8, 5],
-        "iscrowd": 0,
-        "segmentation": _rle_of(MASK_102),
-    },
-    {
-        "id": 103,
-        "image_id": 1,
-        "category_id": 3,
-        "bbox": [25, 0, 5, 4],
-        "iscrowd": 0,
-        "segmentation": RLE_103,
-    },
+    _annotation(101, 1, 1, [2, 2, 8, 6], [POLY_101]),
+    _annotation(102, 1, 2, [20, 10, 8, 5], _rle_of(MASK_102)),
+    _annotation(103, 1, 3, [25, 0, 5, 4], RLE_103),
     # one invalid polygon (2 points) beside a valid one: the invalid one is dropped
-    {
-        "id": 104,
-        "image_id": 1,
-        "category_id": 1,
-        "bbox": [12, 12, 6, 6],
-        "iscrowd": 0,
-        "segmentation": [[1.0, 1.0, 3.0, 3.0], POLY_104],
-    },
-    {
-        "id": 105,
-        "image_id": 1,
-        "category_id": 4,
-        "bbox": [0, 0, 5, 5],
-        "iscrowd": 1,
-        "segmentation": _rle_of(np.ones((H1, W1), bool)),
-    },
-    {
-        "id": 106,
-        "image_id": 2,
-        "category_id": 1,
-        "bbox": [0, 0, 1, 1],
-        "iscrowd": 0,
-        "segmentation": [[0.0, 0.0, 1.0, 1.0]],
-    },
-    {
-        "id": 107,
-        "image_id": 2,
-        "category_id": 1,
-        "bbox": [0, 0, 0, 0],
-        "iscrowd": 0,
-        "segmentation": _rle_of(np.zeros((H2, W2), bool)),
-    },
+    _annotation(104, 1, 1, [12, 12, 6, 6], [[1.0, 1.0, 3.0, 3.0], POLY_104]),
+    _annotation(105, 1, 4, [0, 0, 5, 5], _rle_of(np.ones((H1, W1), bool)), iscrowd=1),
+    _annotation(106, 2, 1, [0, 0, 1, 1], [[0.0, 0.0, 1.0, 1.0]]),
+    _annotation(107, 2, 1, [0, 0, 0, 0], _rle_of(np.zeros((H2, W2), bool))),
 ]
 IMAGES = [
     {"id": 1, "file_name": "COCO_train2014_000000000001.jpg", "height": H1, "width": W1},
@@ -305,14 +268,7 @@ REFZOM_IMAGES = [
 REFZOM_ANNOTATIONS = [
     {**ANNOTATIONS[0]},
     {**ANNOTATIONS[1]},
-    {
-        "id": 301,
-        "image_id": 3,
-        "category_id": 5,
-        "bbox": [20, 10, 8, 5],
-        "iscrowd": 0,
-        "segmentation": _rle_of(MASK_102),
-    },
+    _annotation(301, 3, 5, [20, 10, 8, 5], _rle_of(MASK_102)),
 ]
 REFZOM_REFS = [
     _ref(1, 1, "train", 101, 1, ["the box"], source="one"),
