@@ -354,6 +354,24 @@ def _outputs(batch=2, queries=4, levels=3, size=8, tokens=5, dim=8, requires_gra
     }
 
 
+def _single_prediction_outputs(
+    relevance, mask_logits, queries, text, pad, merged_logits, no_target_logits
+):
+    """The criterion's input when the decoder made one prediction (no deep supervision)."""
+    prediction = {
+        "relevance_logits": relevance,
+        "mask_logits": mask_logits,
+        "queries": queries,
+        "text": text,
+        "merged_logits": merged_logits,
+    }
+    return {
+        "predictions": [prediction],
+        "text_pad_mask": pad,
+        "no_target_logits": no_target_logits,
+    }
+
+
 def _targets(instances_per_image, size=32):
     targets = []
     for count in instances_per_image:
@@ -440,19 +458,9 @@ def test_eq7_written_out_by_hand(monkeypatch, instances, normalization):
             "empty": True,
         },
     ]
-    outputs = {
-        "predictions": [
-            {
-                "relevance_logits": relevance,
-                "mask_logits": mask_logits,
-                "queries": queries,
-                "text": text,
-                "merged_logits": torch.zeros(2, size, size),
-            }
-        ],
-        "text_pad_mask": pad,
-        "no_target_logits": torch.zeros(2),
-    }
+    outputs = _single_prediction_outputs(
+        relevance, mask_logits, queries, text, pad, torch.zeros(2, size, size), torch.zeros(2)
+    )
     criterion = _criterion(
         score_weight=l_score,
         mask_weight=l_mask,
@@ -546,19 +554,9 @@ def test_criterion_values_for_a_known_match():
     queries = torch.randn(1, 2, 8)
     text = torch.randn(1, 5, 8)
     pad = torch.tensor([[False, False, False, True, True]])
-    outputs = {
-        "predictions": [
-            {
-                "relevance_logits": relevance,
-                "mask_logits": mask_logits,
-                "queries": queries,
-                "text": text,
-                "merged_logits": perfect[None],
-            }
-        ],
-        "text_pad_mask": pad,
-        "no_target_logits": torch.tensor([-3.0]),
-    }
+    outputs = _single_prediction_outputs(
+        relevance, mask_logits, queries, text, pad, perfect[None], torch.tensor([-3.0])
+    )
     target = [{"masks": gt, "merged_mask": gt[0], "empty": False}]
     losses = _criterion()(outputs, target)
 
