@@ -49,6 +49,17 @@ SPATIAL = {"leftmost": (0, 1), "rightmost": (0, -1), "topmost": (1, 1), "bottomm
 TINY = dict(num_train_images=40, num_val_images=8, num_test_images=8, image_size=64)
 
 
+def _train_split_only(num_train_images, **params):
+    """Small images and no val or test split: for the tests that look at one split only."""
+    return SyntheticParams(
+        num_train_images=num_train_images,
+        num_val_images=0,
+        num_test_images=0,
+        image_size=48,
+        **params,
+    )
+
+
 def _read(root, name):
     with open(os.path.join(root, name), "rb") as f:
         return f.read()
@@ -218,14 +229,7 @@ def test_loader_reads_the_generated_split(tiny_dataset, monkeypatch):
 
 def test_statistics_follow_the_requested_proportions(tmp_path):
     weights = (0.2, 0.2, 0.6)
-    params = SyntheticParams(
-        seed=1,
-        num_train_images=150,
-        num_val_images=0,
-        num_test_images=0,
-        image_size=48,
-        kind_weights=weights,
-    )
+    params = _train_split_only(150, seed=1, kind_weights=weights)
     stats = generate_synthetic_gres(str(tmp_path / "s"), params, workers=1)
     train = stats["train"]
     assert train["expressions"] >= 150 * 5.5  # ~6 per image
@@ -309,7 +313,7 @@ def test_foreign_folder_is_never_replaced(tmp_path):
     root = tmp_path / "synthetic_gres"
     root.mkdir()
     (root / "precious.txt").write_text("user data")
-    params = SyntheticParams(num_train_images=1, num_val_images=0, num_test_images=0, image_size=48)
+    params = _train_split_only(1)
     with pytest.raises(FileExistsError, match="generator.json"):
         ensure_synthetic_gres(str(root), params)
     assert (root / "precious.txt").read_text() == "user data"
@@ -320,7 +324,7 @@ def test_interrupted_run_leaves_nothing(tmp_path, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(generator, "write_local_text_encoder", interrupted)
-    params = SyntheticParams(num_train_images=2, num_val_images=0, num_test_images=0, image_size=48)
+    params = _train_split_only(2)
     with pytest.raises(KeyboardInterrupt):
         generate_synthetic_gres(str(tmp_path / "s"), params)
     assert os.listdir(tmp_path) == []
