@@ -32,6 +32,10 @@ TINY = dict(
     msda_impl="pytorch",
 )
 
+needs_compiled = pytest.mark.skipif(
+    msda_extension_info() == "missing", reason="the compiled ms_deform_attn extension is not built"
+)
+
 
 def features_for(height, width, batch=2, shapes=SHAPES, seed=0):
     generator = torch.Generator().manual_seed(seed)
@@ -186,9 +190,7 @@ def test_msda_impl_reaches_every_encoder_layer():
     assert [layer.self_attn.n_levels for layer in decoder.encoder.layers] == [3, 3]
 
 
-@pytest.mark.skipif(
-    msda_extension_info() == "missing", reason="the compiled ms_deform_attn extension is not built"
-)
+@needs_compiled
 def test_compiled_kernel_and_reference_give_the_same_decoder_output():
     torch.manual_seed(0)
     reference = MSDeformAttnPixelDecoder(SHAPES, **dict(TINY, msda_impl="pytorch")).eval()
@@ -199,6 +201,27 @@ def test_compiled_kernel_and_reference_give_the_same_decoder_output():
     got, got_levels = compiled(features)
     assert torch.allclose(got, expected, atol=1e-4)
     assert all(torch.allclose(g, e, atol=1e-4) for g, e in zip(got_levels, expected_levels))
+
+
+@pytest.mark.parametrize("impl", ["pytorch", pytest.param("cpu", marks=needs_compiled)])
+def test_pixel_decoder_step_reads_no_tensor_back(impl, monkeypatch):
+    """The pixel decoder hands the levels down as python ints: after the first step (which
+    validates the layout), a training step reads nothing back from the device -- on a GPU no
+    host-device synchronisation, and a step that CUDA graphs can capture."""
+    torch.manual_seed(0)
+    decoder = MSDeformAttnPixelDecoder(SHAPES, **dict(TINY, msda_impl=impl))
+    features = features_for(64, 96)
+    decoder(features)  # first step: the layout is checked and cached
+
+    def no_read_back(*args, **kwargs):
+        raise AssertionError("a tensor was read back to python during the step")
+
+    for name in ("tolist", "item", "__int__", "__index__", "__bool__", "__float__"):
+        monkeypatch.setattr(torch.Tensor, name, no_read_back)
+    mask_features, multi_scale = decoder(features)
+    (mask_features.sum() + sum(level.sum() for level in multi_scale)).backward()
+    monkeypatch.undo()
+    assert decoder.encoder.layers[0].self_attn.sampling_offsets.weight.grad.abs().sum() > 0
 
 
 def test_bad_configurations_are_refused_with_the_key():
