@@ -507,7 +507,9 @@ def submit_and_wait(driver, expressions, image_path=None):
     from selenium.webdriver.support.ui import WebDriverWait
 
     if image_path is not None:
-        driver.find_element(By.ID, "image-file").send_keys(str(image_path))
+        driver.find_element(By.ID, "image-file").send_keys(
+            os.path.abspath(image_path)
+        )  # the browser wants an absolute path
     box = driver.find_element(By.ID, "expressions")
     box.clear()
     box.send_keys("\n".join(expressions))
