@@ -202,12 +202,8 @@ def _cfg(**datasets):
 
 
 def allow_missing(monkeypatch, fraction):
-    """Config options (or, before the config defines the key, a patched default) that set the
-    share of missing images a run accepts."""
-    if "MAX_MISSING_IMAGE_FRACTION" in _cfg().DATASETS:
-        return ["DATASETS.MAX_MISSING_IMAGE_FRACTION", str(fraction)]
-    monkeypatch.setattr(checked, "DEFAULT_MAX_MISSING_IMAGE_FRACTION", fraction)
-    return []
+    """Config options that set the share of missing images a run accepts."""
+    return ["DATASETS.MAX_MISSING_IMAGE_FRACTION", str(fraction)]
 
 
 def argv(text_encoder, output, *extra, eval_only=None):

@@ -26,7 +26,6 @@ from instalign_d2.utils.paths import datasets_root
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_MISSING_IMAGE_FRACTION = 0.01
 FRACTION_KEY = "DATASETS.MAX_MISSING_IMAGE_FRACTION"
 
 # (dataset name, datasets root) -> the checked dicts, waiting for the loader that uses them.
@@ -34,8 +33,8 @@ _handed_over: Dict[Tuple[str, str], List[dict]] = {}
 
 
 def max_missing_image_fraction(cfg) -> float:
-    """``DATASETS.MAX_MISSING_IMAGE_FRACTION`` (the default until the config defines the key)."""
-    return float(cfg.DATASETS.get("MAX_MISSING_IMAGE_FRACTION", DEFAULT_MAX_MISSING_IMAGE_FRACTION))
+    """``DATASETS.MAX_MISSING_IMAGE_FRACTION``."""
+    return float(cfg.DATASETS.MAX_MISSING_IMAGE_FRACTION)
 
 
 def _key(name: str) -> Tuple[str, str]:
