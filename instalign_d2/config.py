@@ -111,6 +111,10 @@ def add_instalign_config(cfg: CN) -> CN:
     cfg.MODEL.INSTALIGN.PRE_NORM = False  # post-norm residual blocks, as Mask2Former
     cfg.MODEL.INSTALIGN.ENFORCE_INPUT_PROJ = False
     cfg.MODEL.INSTALIGN.MASK_ATTENTION = True  # masked cross-attention to V_k, as Mask2Former
+    # Add V_k's positions to the values of the visual cross-attention too, not only to its keys
+    # (the paper is silent; False is Mask2Former's reading). True lets a query's content carry
+    # where its object is, which spatial expressions ("the leftmost ...") need.
+    cfg.MODEL.INSTALIGN.POSITIONS_IN_VALUES = False
     cfg.MODEL.INSTALIGN.SIZE_DIVISIBILITY = (
         32  # images are zero-padded to a multiple of this (backbone stride)
     )

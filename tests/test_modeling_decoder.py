@@ -194,6 +194,35 @@ def test_masked_cross_attention_ignores_blocked_visual_tokens():
     )
 
 
+@pytest.mark.parametrize("positions_in_values", [False, True])
+def test_cross_attention_values_carry_positions_only_when_asked(positions_in_values):
+    """One visible memory token: the update is out_proj(W_v value), value = memory (+ position)."""
+    torch.manual_seed(0)
+    layer = CrossAttentionLayer(8, 2, positions_in_values=positions_in_values).eval()
+    queries, memory, position = torch.randn(1, 1, 8), torch.randn(1, 3, 8), torch.randn(1, 3, 8)
+    only_token_1 = torch.tensor([[[True, False, True]]]).repeat_interleave(2, 0)
+    out = layer(queries, memory, attn_mask=only_token_1, memory_pos=position)
+
+    attention = layer.attention
+    w_v = attention.in_proj_weight[16:]
+    b_v = attention.in_proj_bias[16:]
+    value = memory[0, 1] + (position[0, 1] if positions_in_values else 0.0)
+    update = attention.out_proj(value @ w_v.T + b_v)
+    expected = layer.norm(queries[0, 0] + update)  # post-norm residual
+    assert torch.allclose(out[0, 0], expected, atol=1e-5)
+
+
+def test_decoder_reads_positions_in_values_from_the_config():
+    cfg = tiny_cfg()
+    cfg.MODEL.INSTALIGN.POSITIONS_IN_VALUES = True
+    decoder = build_transformer_decoder(cfg, 24, MASK_DIM, TEXT_DIM)
+    assert all(b.visual_cross_attention.positions_in_values for b in decoder.blocks)
+    assert not any(
+        b.visual_cross_attention.positions_in_values
+        for b in build_transformer_decoder(tiny_cfg(), 24, MASK_DIM, TEXT_DIM).blocks
+    )
+
+
 def test_prediction_heads_shapes():
     heads = InstancePredictionHeads(HIDDEN, MASK_DIM)
     relevance, masks = heads(torch.randn(3, QUERIES, HIDDEN), torch.randn(3, MASK_DIM, 7, 9))

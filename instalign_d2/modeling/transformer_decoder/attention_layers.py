@@ -2,7 +2,8 @@
 
 Each is one attention or feed-forward step with its residual connection and LayerNorm, in
 Mask2Former's two flavours: post-norm (``x = norm(x + f(x))``, its default and ours) or pre-norm
-(``x = x + f(norm(x))``). Positional embeddings are added to queries and keys, never to values.
+(``x = x + f(norm(x))``). Positional embeddings are added to queries and keys; the cross-attention
+adds them to its values as well when asked (``positions_in_values``).
 """
 
 from __future__ import annotations
@@ -57,8 +58,14 @@ class CrossAttentionLayer(_AttentionLayer):
     """Queries attend to a memory (visual tokens, or text tokens in the ReLA-style decoder).
 
     ``attn_mask`` ``(B * nheads, N, S)`` bool, True = may not attend (the masked attention of
-    Mask2Former); ``memory_pad_mask`` ``(B, S)`` bool, True = padding.
+    Mask2Former); ``memory_pad_mask`` ``(B, S)`` bool, True = padding. With ``positions_in_values``
+    the memory's positions are added to the values too, not only to the keys: the update then
+    carries the attention-weighted position of what the query read.
     """
+
+    def __init__(self, *args, positions_in_values: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)  # the arguments of _AttentionLayer
+        self.positions_in_values = positions_in_values
 
     def forward(
         self,
@@ -74,7 +81,7 @@ class CrossAttentionLayer(_AttentionLayer):
         update = self.attention(
             query=with_position(x, query_pos),
             key=with_position(memory, memory_pos),
-            value=memory,
+            value=with_position(memory, memory_pos) if self.positions_in_values else memory,
             attn_mask=attn_mask,
             key_padding_mask=memory_pad_mask,
             need_weights=False,

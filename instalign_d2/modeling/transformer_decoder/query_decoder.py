@@ -42,10 +42,11 @@ class DecoderBlock(nn.Module):
         dropout: float,
         pre_norm: bool,
         text_layer: Optional[nn.Module],
+        positions_in_values: bool = False,
     ):
         super().__init__()
         self.visual_cross_attention = CrossAttentionLayer(
-            dim, nheads, dropout=dropout, pre_norm=pre_norm
+            dim, nheads, dropout=dropout, pre_norm=pre_norm, positions_in_values=positions_in_values
         )
         self.text_interaction = text_layer
         self.self_attention = SelfAttentionLayer(dim, nheads, dropout=dropout, pre_norm=pre_norm)
@@ -92,6 +93,7 @@ class QueryDecoder(nn.Module):
         mask_attention: bool = True,
         dropout: float = 0.0,
         num_feature_levels: int = 3,
+        positions_in_values: bool = False,
     ):
         """
         Args:
@@ -101,6 +103,9 @@ class QueryDecoder(nn.Module):
             enforce_input_proj: 1x1 conv on V_k even when its channels equal C.
             mask_attention: Mask2Former's masked visual cross-attention (else attend everywhere).
             dropout: dropout of every sub-layer. num_feature_levels: visual levels used in turn.
+            positions_in_values: add V_k's sine positions to the values of the visual
+                cross-attention, not only to its keys (the paper is silent; Mask2Former adds them
+                to the keys only), so that each query's content carries where its object is.
         """
         super().__init__()
         if hidden_dim % 4:
@@ -142,6 +147,7 @@ class QueryDecoder(nn.Module):
                     if self.text_layer_class
                     else None
                 ),
+                positions_in_values,
             )
             for _ in range(dec_layers)
         )
@@ -163,6 +169,7 @@ class QueryDecoder(nn.Module):
             "enforce_input_proj": c.ENFORCE_INPUT_PROJ,
             "mask_attention": c.MASK_ATTENTION,
             "dropout": c.DROPOUT,
+            "positions_in_values": c.POSITIONS_IN_VALUES,
         }
 
     def _visual_tokens(
