@@ -240,12 +240,17 @@ def test_exif_orientation_is_applied(tmp_path):
     assert out[2, 5, 0] > 200 and out[17, 5, 0] < 50  # the red half is now on top
 
 
-def test_from_config_and_augmentation(text_encoder, sample_image):
+def _cfg(text_encoder):
     cfg = get_cfg()
     add_instalign_config(cfg)
     cfg.INPUT.IMAGE_SIZE = S
     cfg.MODEL.TEXT_ENCODER.NAME = text_encoder
     cfg.MODEL.TEXT_ENCODER.MAX_TOKENS = MAX_TOKENS
+    return cfg
+
+
+def test_from_config_and_augmentation(text_encoder, sample_image):
+    cfg = _cfg(text_encoder)
     mapper = GRESDatasetMapper(cfg, True)
     assert (mapper.image_size, mapper.max_tokens, mapper.image_format) == (S, MAX_TOKENS, "RGB")
     assert mapper.augmentations == []  # off by default, as the paper
@@ -280,3 +285,32 @@ def test_from_config_and_augmentation(text_encoder, sample_image):
 def test_bad_settings_are_named(text_encoder):
     with pytest.raises(ValueError, match="EVAL_RESOLUTION"):
         _mapper(text_encoder, eval_resolution="native")
+
+
+def test_expressions_of_one_image_share_one_input_tensor_without_augmentation(
+    text_encoder, sample_image, tmp_path
+):
+    path, pixels = sample_image
+    other = tmp_path / "other.png"
+    Image.fromarray(255 - pixels).save(other)
+    mapper = _mapper(text_encoder, True)
+    first = mapper(_dict(path, ANNOTATIONS))
+    second = mapper(_dict(path, ANNOTATIONS[:1], raw="the red circle"))
+    assert second["image"] is first["image"]
+    third = mapper(_dict(str(other), ANNOTATIONS))
+    assert third["image"] is not first["image"]
+    expected = np.asarray(Image.fromarray(255 - pixels).resize((S, S), Image.BILINEAR))
+    np.testing.assert_array_equal(third["image"].permute(1, 2, 0).numpy(), expected)
+    # the masks are still the expression's own
+    assert second["instances"].gt_masks.shape == (1, S, S)
+
+
+def test_augmented_expressions_get_their_own_input_tensor(text_encoder, sample_image):
+    cfg = _cfg(text_encoder)
+    cfg.INPUT.AUGMENT.ENABLED = True
+    mapper = GRESDatasetMapper(cfg, True)
+    np.random.seed(0)
+    first = mapper(_dict(sample_image[0], ANNOTATIONS))
+    second = mapper(_dict(sample_image[0], ANNOTATIONS))
+    assert second["image"] is not first["image"]
+    assert not torch.equal(second["image"], first["image"])  # a different random crop

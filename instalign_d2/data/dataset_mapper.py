@@ -97,6 +97,9 @@ class GRESDatasetMapper:
         # expressions of one image one after the other (data/build.py), so each image is decoded
         # once, not once per expression. Nothing modifies it in place (transforms make copies).
         self._last_image: Tuple[Optional[str], Optional[np.ndarray]] = (None, None)
+        # Without augmentation the model input of an image is the same for each of its expressions:
+        # they share one tensor, so the model need not compare pixels to see one image.
+        self._last_input: Tuple[Optional[str], Optional[torch.Tensor]] = (None, None)
         mode = "train" if self.is_train else "test"
         logger.info(
             f"[GRESDatasetMapper] {mode}: {self.image_size}x{self.image_size}, augmentations {self.augmentations}"
@@ -195,13 +198,20 @@ class GRESDatasetMapper:
         resize = T.ResizeTransform(
             image.shape[0], image.shape[1], size, size, interp=Image.BILINEAR
         )
+        deterministic = not transforms.transforms and not reason
         transforms = transforms + resize
-        image = resize.apply_image(image)
+        if deterministic and self._last_input[0] == dataset_dict["file_name"]:
+            image_tensor = self._last_input[1]
+        else:
+            image = resize.apply_image(image)
+            image_tensor = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+            if deterministic:
+                self._last_input = (dataset_dict["file_name"], image_tensor)
         gt_masks = transform_masks(masks, transforms)  # bool (M, S, S), nearest
 
         record = {key: dataset_dict[key] for key in PASSTHROUGH_KEYS if key in dataset_dict}
         record["empty"] = bool(dataset_dict.get("empty", not annotations))
-        record["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        record["image"] = image_tensor
         instances = Instances((size, size))
         instances.gt_masks = torch.from_numpy(np.ascontiguousarray(gt_masks))
         instances.gt_classes = torch.tensor(
