@@ -2,6 +2,7 @@
 
 import itertools
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from instalign_d2.modeling.criterion import (
     phrase_alignment_loss,
     phrase_token_weights,
 )
+from instalign_d2.modeling.loss_settings import PAPER_LOSS_WEIGHTS, LossWeights, PointSampling
 from instalign_d2.modeling.matcher import PhraseAwareHungarianMatcher
 
 # ----------------------------------------------------------------------------- POA, Eq. 1-3
@@ -176,9 +178,7 @@ def test_no_target_head_gradient_reaches_relevance_scores():
 
 
 def test_matcher_cost_by_hand_on_constant_masks():
-    matcher = PhraseAwareHungarianMatcher(
-        cost_score=2.0, cost_mask=5.0, cost_phrase=1.0, num_points=50
-    )
+    matcher = PhraseAwareHungarianMatcher(weights=PAPER_LOSS_WEIGHTS, num_points=50)
     relevance = torch.tensor([[0.0, 2.0]])
     # Logits 0 (p = 0.5) everywhere and an empty instance: every sampled point reads exactly that,
     # even beyond the last pixel centre, where point_sample blends with the zero padding.
@@ -233,9 +233,7 @@ def test_matcher_assignment_is_the_brute_force_optimum_of_hand_written_costs():
 
     masks = torch.stack([torch.full((size, size), f) for f in full])
     mask_logits = torch.tensor(logits)[:, None, None].expand(5, size, size)
-    matcher = PhraseAwareHungarianMatcher(
-        cost_score=2.0, cost_mask=5.0, cost_phrase=1.0, num_points=points
-    )
+    matcher = PhraseAwareHungarianMatcher(weights=PAPER_LOSS_WEIGHTS, num_points=points)
     torch.manual_seed(0)
     ((rows, cols),) = matcher(
         torch.tensor([relevance]), mask_logits[None], [masks], torch.tensor([phrase])
@@ -274,10 +272,12 @@ def test_matcher_phrase_term_changes_the_assignment():
     mask_logits = torch.zeros(1, 2, 4, 4)
     gt = [torch.ones(1, 4, 4, dtype=torch.bool)]
     phrase = torch.tensor([[0.9, 0.1]])
-    ((rows, _),) = PhraseAwareHungarianMatcher(cost_phrase=1.0)(relevance, mask_logits, gt, phrase)
+    ((rows, _),) = PhraseAwareHungarianMatcher(weights=PAPER_LOSS_WEIGHTS)(
+        relevance, mask_logits, gt, phrase
+    )
     assert rows.tolist() == [1]
     phrase_swapped = torch.tensor([[0.1, 0.9]])
-    ((rows, _),) = PhraseAwareHungarianMatcher(cost_phrase=1.0)(
+    ((rows, _),) = PhraseAwareHungarianMatcher(weights=PAPER_LOSS_WEIGHTS)(
         relevance, mask_logits, gt, phrase_swapped
     )
     assert rows.tolist() == [0]
@@ -305,9 +305,11 @@ def test_matcher_rejects_nan_predictions():
 
 def test_matcher_from_config_drops_phrase_cost_for_standard_supervision(cfg_factory):
     cfg = cfg_factory()
-    assert PhraseAwareHungarianMatcher(cfg).cost_phrase == 1.0
+    assert PhraseAwareHungarianMatcher(cfg).weights.phrase == 1.0
     cfg.MODEL.INSTALIGN.INSTANCE_SUPERVISION = "standard"
-    assert PhraseAwareHungarianMatcher(cfg).cost_phrase == 0.0
+    assert PhraseAwareHungarianMatcher(cfg).weights.phrase == 0.0
+    criterion = InstAlignCriterion(cfg)
+    assert criterion.matcher.weights == criterion.weights  # one set of lambdas for Eq. 6 and 7
 
 
 # ----------------------------------------------------------------------------- criterion, Eq. 7, 9, 13
@@ -326,10 +328,13 @@ def cfg_factory():
 
 
 def _criterion(**kwargs):
-    matcher = PhraseAwareHungarianMatcher(
-        cost_phrase=0.0 if kwargs.get("instance_supervision") == "standard" else 1.0, num_points=64
+    weights = kwargs.pop("weights", PAPER_LOSS_WEIGHTS)
+    if kwargs.get("instance_supervision") == "standard":
+        weights = replace(weights, phrase=0.0)
+    matcher = PhraseAwareHungarianMatcher(weights=weights, num_points=64)
+    return InstAlignCriterion(
+        matcher=matcher, weights=weights, points=PointSampling(num_points=64), **kwargs
     )
-    return InstAlignCriterion(matcher=matcher, num_points=64, **kwargs)
 
 
 def _outputs(batch=2, queries=4, levels=3, size=8, tokens=5, dim=8, requires_grad=False):
@@ -462,9 +467,7 @@ def test_eq7_written_out_by_hand(monkeypatch, instances, normalization):
         relevance, mask_logits, queries, text, pad, torch.zeros(2, size, size), torch.zeros(2)
     )
     criterion = _criterion(
-        score_weight=l_score,
-        mask_weight=l_mask,
-        phrase_weight=l_phrase,
+        weights=replace(PAPER_LOSS_WEIGHTS, score=l_score, mask=l_mask, phrase=l_phrase),
         score_normalization=normalization,
     )
     matched = [1, 2][:instances]  # omega*: instance i -> query matched[i]
@@ -625,3 +628,11 @@ def test_border_bands_of_the_point_sampled_mask_loss(load_tool):
     cut = tool.cut_by_an_edge(mask, rng)
     assert tool.touches_border(cut) and not tool.touches_border(mask)
     assert 0.5 * mask.sum() <= cut.sum() <= 0.8 * mask.sum()  # 20-50 % of its extent is outside
+
+
+def test_paper_loss_weights_are_the_config_defaults(cfg_factory):
+    cfg = cfg_factory()
+    assert LossWeights.from_config(cfg) == PAPER_LOSS_WEIGHTS
+    assert PointSampling.from_config(cfg) == PointSampling()  # Mask2Former's 12544 / 3 / 0.75
+    cfg.MODEL.INSTALIGN.MERGED_WEIGHT = 2.5
+    assert LossWeights.from_config(cfg).merged == 2.5

@@ -39,6 +39,7 @@ from detectron2.projects.point_rend.point_features import (
 from detectron2.utils import comm
 from torch import nn
 
+from .loss_settings import PAPER_LOSS_WEIGHTS, LossWeights, PointSampling
 from .matcher import PhraseAwareHungarianMatcher
 
 INSTANCE_SUPERVISION_MODES = ("none", "standard", "phrase")
@@ -123,16 +124,9 @@ class InstAlignCriterion(nn.Module):
         self,
         *,
         matcher: PhraseAwareHungarianMatcher,
+        weights: LossWeights = PAPER_LOSS_WEIGHTS,
+        points: PointSampling = PointSampling(),
         instance_supervision: str = "phrase",
-        score_weight: float = 2.0,
-        mask_weight: float = 5.0,
-        phrase_weight: float = 1.0,
-        merged_weight: float = 5.0,
-        instance_weight: float = 1.0,
-        no_target_weight: float = 0.1,
-        num_points: int = 12544,
-        oversample_ratio: float = 3.0,
-        importance_sample_ratio: float = 0.75,
         deep_supervision: bool = True,
         merged_loss_on_last_only: bool = False,
         score_normalization: str = "num_instances",
@@ -140,12 +134,11 @@ class InstAlignCriterion(nn.Module):
         """
         Args:
             matcher: the Hungarian matcher (its costs use the same lambdas, Eq. 6).
+            weights: the lambdas of L_match (Eq. 6-7) and of Eq. 13.
+            points: the importance sampling of the points on which the instance mask losses are
+                computed (Mask2Former's setting).
             instance_supervision: Table 3(a): "phrase" (Eq. 6-7), "standard" (no phrase term) or
                 "none" (no instance loss: only merged and no-target losses).
-            score_weight, mask_weight, phrase_weight: lambda_score, lambda_mask, lambda_phrase in L_match.
-            merged_weight, instance_weight, no_target_weight: the lambdas of Eq. 13.
-            num_points, oversample_ratio, importance_sample_ratio: importance sampling of the points
-                on which instance mask losses are computed (Mask2Former's setting).
             deep_supervision: losses on every block's prediction, not only the last.
             merged_loss_on_last_only: with deep supervision, L_merged on the last prediction only
                 (L_inst still on all).
@@ -163,16 +156,9 @@ class InstAlignCriterion(nn.Module):
                 f"{SCORE_LOSS_NORMALIZATIONS}."
             )
         self.matcher = matcher
+        self.weights = weights
+        self.points = points
         self.instance_supervision = instance_supervision
-        self.score_weight = score_weight
-        self.mask_weight = mask_weight
-        self.phrase_weight = phrase_weight
-        self.merged_weight = merged_weight
-        self.instance_weight = instance_weight
-        self.no_target_weight = no_target_weight
-        self.num_points = num_points
-        self.oversample_ratio = oversample_ratio
-        self.importance_sample_ratio = importance_sample_ratio
         self.deep_supervision = deep_supervision
         self.merged_loss_on_last_only = merged_loss_on_last_only
         self.score_normalization = score_normalization
@@ -182,16 +168,9 @@ class InstAlignCriterion(nn.Module):
         c = cfg.MODEL.INSTALIGN
         return {
             "matcher": PhraseAwareHungarianMatcher(cfg),
+            "weights": LossWeights.from_config(cfg),
+            "points": PointSampling.from_config(cfg),
             "instance_supervision": c.INSTANCE_SUPERVISION,
-            "score_weight": c.COST_SCORE,
-            "mask_weight": c.COST_MASK,
-            "phrase_weight": c.COST_PHRASE,
-            "merged_weight": c.MERGED_WEIGHT,
-            "instance_weight": c.INSTANCE_WEIGHT,
-            "no_target_weight": c.NO_TARGET_WEIGHT,
-            "num_points": c.TRAIN_NUM_POINTS,
-            "oversample_ratio": c.OVERSAMPLE_RATIO,
-            "importance_sample_ratio": c.IMPORTANCE_SAMPLE_RATIO,
             "deep_supervision": c.DEEP_SUPERVISION,
             "merged_loss_on_last_only": c.MERGED_LOSS_ON_LAST_ONLY,
             "score_normalization": c.SCORE_LOSS_NORMALIZATION,
@@ -247,7 +226,7 @@ class InstAlignCriterion(nn.Module):
         labels = torch.zeros_like(relevance_logits)
         labels[batch_index, pred_index] = 1.0
         weights = torch.ones_like(relevance_logits)
-        weights[batch_index, pred_index] = self.score_weight
+        weights[batch_index, pred_index] = self.weights.score
         score_bce = F.binary_cross_entropy_with_logits(relevance_logits, labels, reduction="none")
         score_normaliser = (
             num_instances if self.score_normalization == "num_instances" else weights.sum()
@@ -266,11 +245,11 @@ class InstAlignCriterion(nn.Module):
             mask_terms = self.point_sampled_mask_loss(
                 mask_logits[batch_index, pred_index], matched_gt
             )
-            losses["loss_mask"] = self.mask_weight * mask_terms.sum() / num_instances
+            losses["loss_mask"] = self.weights.mask * mask_terms.sum() / num_instances
             if use_phrase:
                 phrase_terms = phrase[batch_index, pred_index]
-                losses["loss_phrase"] = self.phrase_weight * phrase_terms.sum() / num_instances
-        return {k: self.instance_weight * v for k, v in losses.items()}
+                losses["loss_phrase"] = self.weights.phrase * phrase_terms.sum() / num_instances
+        return {k: self.weights.instance * v for k, v in losses.items()}
 
     def point_sampled_mask_loss(
         self, mask_logits: torch.Tensor, gt_masks: torch.Tensor
@@ -281,9 +260,9 @@ class InstAlignCriterion(nn.Module):
             points = get_uncertain_point_coords_with_randomness(
                 logits,
                 _uncertainty,
-                self.num_points,
-                self.oversample_ratio,
-                self.importance_sample_ratio,
+                self.points.num_points,
+                self.points.oversample_ratio,
+                self.points.importance_sample_ratio,
             )
             point_labels = point_sample(gt_masks[:, None].float(), points, align_corners=False)[
                 :, 0
@@ -322,7 +301,7 @@ class InstAlignCriterion(nn.Module):
             last = level == len(predictions) - 1
             suffix = "" if last else f"_{level}"
             if last or not self.merged_loss_on_last_only:
-                losses["loss_merged" + suffix] = self.merged_weight * self.merged_loss(
+                losses["loss_merged" + suffix] = self.weights.merged * self.merged_loss(
                     prediction["merged_logits"], gt_merged
                 )
             if self.instance_supervision != "none":
@@ -330,7 +309,7 @@ class InstAlignCriterion(nn.Module):
                     prediction, gt_masks, outputs["text_pad_mask"], num_instances
                 )
                 losses.update({k + suffix: v for k, v in level_losses.items()})
-        losses["loss_no_target"] = self.no_target_weight * self.no_target_loss(
+        losses["loss_no_target"] = self.weights.no_target * self.no_target_loss(
             outputs["no_target_logits"], empty
         )
         return losses
@@ -345,9 +324,8 @@ class InstAlignCriterion(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"instance_supervision={self.instance_supervision}, lambdas: score={self.score_weight}, "
-            f"mask={self.mask_weight}, phrase={self.phrase_weight}, merged={self.merged_weight}, "
-            f"inst={self.instance_weight}, nt={self.no_target_weight}, deep_supervision={self.deep_supervision}, "
+            f"instance_supervision={self.instance_supervision}, {self.weights}, {self.points}, "
+            f"deep_supervision={self.deep_supervision}, "
             f"merged_loss_on_last_only={self.merged_loss_on_last_only}, "
             f"score_normalization={self.score_normalization}"
         )

@@ -18,6 +18,8 @@ from detectron2.projects.point_rend.point_features import point_sample
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
+from .loss_settings import PAPER_LOSS_WEIGHTS, LossWeights
+
 
 def pairwise_bce_cost(pred_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean per-point sigmoid BCE between every prediction ``(N, P)`` and every target ``(M, P)`` -> ``(N, M)``."""
@@ -38,33 +40,21 @@ class PhraseAwareHungarianMatcher(nn.Module):
     """One-to-one assignment of predictions to ground-truth instances, per image (Eq. 5-6)."""
 
     @configurable
-    def __init__(
-        self,
-        *,
-        cost_score: float = 2.0,
-        cost_mask: float = 5.0,
-        cost_phrase: float = 1.0,
-        num_points: int = 12544,
-    ):
+    def __init__(self, *, weights: LossWeights = PAPER_LOSS_WEIGHTS, num_points: int = 12544):
         """
         Args:
-            cost_score, cost_mask, cost_phrase: lambda_score, lambda_mask, lambda_phrase of Eq. 6
-                (cost_phrase = 0 is "standard" instance supervision).
+            weights: lambda_score, lambda_mask, lambda_phrase of Eq. 6 are ``weights.score``,
+                ``.mask``, ``.phrase`` (phrase = 0 is "standard" instance supervision).
             num_points: points sampled per image for the mask costs.
         """
         super().__init__()
-        self.cost_score = cost_score
-        self.cost_mask = cost_mask
-        self.cost_phrase = cost_phrase
+        self.weights = weights
         self.num_points = num_points
 
     @classmethod
     def from_config(cls, cfg):
-        phrase_aware = cfg.MODEL.INSTALIGN.INSTANCE_SUPERVISION == "phrase"
         return {
-            "cost_score": cfg.MODEL.INSTALIGN.COST_SCORE,
-            "cost_mask": cfg.MODEL.INSTALIGN.COST_MASK,
-            "cost_phrase": cfg.MODEL.INSTALIGN.COST_PHRASE if phrase_aware else 0.0,
+            "weights": LossWeights.from_config(cfg),
             "num_points": cfg.MODEL.INSTALIGN.TRAIN_NUM_POINTS,
         }
 
@@ -104,13 +94,13 @@ class PhraseAwareHungarianMatcher(nn.Module):
         mask_cost = pairwise_bce_cost(pred_points, gt_points) + pairwise_dice_cost(
             pred_points, gt_points
         )
-        per_query = self.cost_score * F.softplus(-relevance_logits)  # BCE(p_i, 1) = -log p_i
-        if self.cost_phrase and phrase_costs is not None:
-            per_query = per_query + self.cost_phrase * phrase_costs.float()  # Eq. 6, phrase term
+        per_query = self.weights.score * F.softplus(-relevance_logits)  # BCE(p_i, 1) = -log p_i
+        if self.weights.phrase and phrase_costs is not None:
+            per_query = per_query + self.weights.phrase * phrase_costs.float()  # Eq. 6, phrase term
         costs, offset = [], 0
         for b, count in enumerate(counts):
             block = mask_cost[b * num_queries : (b + 1) * num_queries, offset : offset + count]
-            costs.append(per_query[b][:, None] + self.cost_mask * block)  # Eq. 6
+            costs.append(per_query[b][:, None] + self.weights.mask * block)  # Eq. 6
             offset += count
         return costs
 
@@ -153,7 +143,8 @@ class PhraseAwareHungarianMatcher(nn.Module):
         return matches
 
     def extra_repr(self) -> str:
+        w = self.weights
         return (
-            f"cost_score={self.cost_score}, cost_mask={self.cost_mask}, cost_phrase={self.cost_phrase}, "
+            f"cost_score={w.score}, cost_mask={w.mask}, cost_phrase={w.phrase}, "
             f"num_points={self.num_points}"
         )
