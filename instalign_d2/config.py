@@ -56,6 +56,9 @@ def add_instalign_config(cfg: CN) -> CN:
     )
     cfg.MODEL.TIMM.OUT_FEATURES = ["res2", "res3", "res4", "res5"]  # strides 4/8/16/32
     cfg.MODEL.TIMM.FREEZE = False  # freeze all backbone weights
+    # Freeze a first part only, as detectron2's MODEL.BACKBONE.FREEZE_AT: 0 nothing, 1 the stem,
+    # k = 2..5 the stem and res2..res{k} (weights fixed, BatchNorm statistics kept).
+    cfg.MODEL.TIMM.FREEZE_AT = 0
     cfg.MODEL.TIMM.DROP_PATH_RATE = 0.3  # stochastic depth, as Mask2Former's Swin-B
     cfg.MODEL.TIMM.NORM_OUTPUTS = True  # LayerNorm after each returned stage, as Mask2Former's Swin
     cfg.MODEL.TIMM.KWARGS = CN(new_allowed=True)  # extra keyword arguments of timm.create_model

@@ -124,6 +124,44 @@ def test_freeze_fixes_timm_weights_and_keeps_them_in_eval_mode():
     assert torch.equal(backbone(images)["res5"], backbone(images)["res5"])
 
 
+@pytest.mark.parametrize(
+    "freeze_at, frozen, trained",
+    [
+        (0, [], ["conv1", "layer1"]),
+        (1, ["conv1", "bn1"], ["layer1", "layer2"]),
+        (2, ["conv1", "bn1", "layer1"], ["layer2", "layer4"]),
+        (5, ["conv1", "layer1", "layer4"], []),
+    ],
+)
+def test_freeze_at_fixes_the_stem_and_the_first_stages(freeze_at, frozen, trained):
+    torch.manual_seed(0)
+    backbone = TimmBackbone(model_name="resnet10t", freeze_at=freeze_at).train()
+    children = dict(backbone.body.named_children())
+    for name in frozen:
+        assert all(not p.requires_grad for p in children[name].parameters()), name
+        assert not children[name].training, name  # BatchNorm statistics kept
+    for name in trained:
+        assert all(p.requires_grad for p in children[name].parameters()), name
+        assert children[name].training, name
+    images = torch.randn(2, 3, 64, 64, requires_grad=True)  # a graph even when all is frozen
+    sum(f.sum() for f in backbone(images).values()).backward()
+    for name in frozen:
+        assert all(p.grad is None for p in children[name].parameters()), name
+    for name in trained:
+        assert all(p.grad is not None for p in children[name].parameters()), name
+
+
+def test_freeze_at_on_swin_fixes_the_patch_embedding_and_reads_the_config():
+    cfg = add_instalign_config(get_cfg())
+    cfg.MODEL.TIMM.FREEZE_AT = 1
+    assert TimmBackbone.from_config(cfg)["freeze_at"] == 1
+    body = tiny_swin(freeze_at=1).body
+    assert not any(p.requires_grad for p in body.patch_embed.parameters())
+    assert all(p.requires_grad for p in body.layers_0.parameters())
+    with pytest.raises(ValueError, match="FREEZE_AT=6"):
+        tiny_swin(freeze_at=6)
+
+
 def test_drop_path_rate_reaches_timm():
     rates = [
         m.drop_prob

@@ -99,6 +99,9 @@ class TimmBackbone(Backbone):
         pretrained_weights: a local checkpoint of the timm model (timm's keys or the original
             release's; timm's loader converts them); "" for random weights. Never downloads.
         freeze: keep the timm weights fixed (and their BatchNorm / drop-path in eval mode).
+        freeze_at: keep only a first part fixed, as detectron2's ``MODEL.BACKBONE.FREEZE_AT``:
+            0 nothing, 1 the stem (all that runs before the stride-4 stage), k = 2..5 the stem and
+            the stages res2..res{k}.
         drop_path_rate: stochastic depth of the timm model (None: timm's default).
         model_kwargs: more keyword arguments of ``timm.create_model`` (tiny test models, ...).
     """
@@ -113,6 +116,7 @@ class TimmBackbone(Backbone):
         norm_outputs: bool = False,
         pretrained_weights: str = "",
         freeze: bool = False,
+        freeze_at: int = 0,
         drop_path_rate: Optional[float] = None,
         model_kwargs: Optional[Mapping] = None,
     ):
@@ -182,11 +186,11 @@ class TimmBackbone(Backbone):
             if norm_outputs
             else {}
         )
-        if freeze:
-            # Only the timm trunk: the output norms are new layers with nothing pretrained to keep.
-            for parameter in self.body.parameters():
-                parameter.requires_grad_(False)
-            self.body.eval()
+        # Only the timm trunk: the output norms are new layers with nothing pretrained to keep.
+        self._frozen_modules = self._modules_to_freeze(freeze, freeze_at)
+        for module in self._frozen_modules:
+            module.requires_grad_(False)
+            module.eval()
 
     @classmethod
     def from_config(cls, cfg, input_shape: Optional[ShapeSpec] = None):
@@ -203,6 +207,7 @@ class TimmBackbone(Backbone):
             "norm_outputs": timm_cfg.NORM_OUTPUTS,
             "pretrained_weights": timm_cfg.PRETRAINED_WEIGHTS,
             "freeze": timm_cfg.FREEZE,
+            "freeze_at": timm_cfg.FREEZE_AT,
             "drop_path_rate": timm_cfg.DROP_PATH_RATE,
             # YAML gives lists where timm's signatures say tuples (depths, num_heads, ...).
             "model_kwargs": {
@@ -255,9 +260,35 @@ class TimmBackbone(Backbone):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        if self.freeze:
-            self.body.eval()  # frozen BatchNorm statistics and no drop-path, whatever the model's mode
+        for module in self._frozen_modules:
+            module.eval()  # frozen BatchNorm statistics and no drop-path, whatever the model's mode
         return self
+
+    def _modules_to_freeze(self, freeze: bool, freeze_at: int) -> List[nn.Module]:
+        """The trunk's modules to keep fixed: all (``freeze``) or the ``freeze_at`` prefix."""
+        if freeze:
+            return [self.body]
+        if not 0 <= freeze_at <= 5:
+            raise ValueError(
+                f"TimmBackbone: MODEL.TIMM.FREEZE_AT={freeze_at}: expected 0 (nothing), 1 (the stem) "
+                "or 2..5 (the stem and the stages up to res2..res5)"
+            )
+        if freeze_at == 0:
+            return []
+        # timm names a stage "layers.0" in feature_info and "layers_0" as a child of the trunk.
+        stage_strides = {
+            name.replace(".", "_"): stride
+            for name, stride in zip(
+                self.body.feature_info.module_name(), self.body.feature_info.reduction()
+            )
+        }
+        last_frozen_stride = FEATURE_STRIDES[f"res{freeze_at}"] if freeze_at >= 2 else 2
+        frozen = []
+        for name, module in self.body.named_children():
+            if stage_strides.get(name, 0) > last_frozen_stride:
+                break
+            frozen.append(module)
+        return frozen
 
     def forward(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
         """``images`` (B, 3, H, W) with H and W divisible by 32 -> dict of NCHW maps."""
