@@ -4,16 +4,6 @@ import time
 
 import pytest
 
-TINY = [
-    "DATASETS.SYNTHETIC.NUM_TRAIN_IMAGES", "6",
-    "DATASETS.SYNTHETIC.NUM_VAL_IMAGES", "2",
-    "DATASETS.SYNTHETIC.NUM_TEST_IMAGES", "0",
-    "DATASETS.SYNTHETIC.IMAGE_SIZE", "64",
-    "INPUT.IMAGE_SIZE", "64",
-    "MODEL.TIMM.NAME", "test_resnet",
-    "SOLVER.IMS_PER_BATCH", "2",
-]  # fmt: skip
-
 
 def test_section_timer_subtracts_inner_sections(load_tool):
     timer = load_tool("profile_train_step").SectionTimer()
@@ -26,8 +16,7 @@ def test_section_timer_subtracts_inner_sections(load_tool):
     assert timer.totals["outer"] == pytest.approx(0.04, abs=0.02)
 
 
-def test_profile_of_a_tiny_config(load_tool, repo_root, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path / "datasets"))
+def test_profile_of_a_tiny_config(load_tool, repo_root, tmp_path, tiny_training_opts, capsys):
     tool = load_tool("profile_train_step")
     config = f"{repo_root}/configs/synthetic/instalign_tiny.yaml"
     out = tool.main(
@@ -41,7 +30,7 @@ def test_profile_of_a_tiny_config(load_tool, repo_root, tmp_path, monkeypatch, c
             "--json",
             str(tmp_path / "p.json"),
         ]
-        + ["--opts", *TINY]
+        + ["--opts", *tiny_training_opts]
     )
     seconds = out["seconds"]
     assert out["missing_parts"] == []
