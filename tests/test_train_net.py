@@ -383,3 +383,33 @@ def test_a_schedule_in_epochs_becomes_iterations(tmp_path, datasets_root, capsys
     saved = (output / "config.yaml").read_text()
     assert "MAX_ITER: 12\n" in saved and "CHECKPOINT_PERIOD: 6\n" in saved
     assert {"model_0000005.pth", "model_final.pth"} <= set(os.listdir(output))
+
+
+@pytest.mark.slow
+def test_the_same_seed_gives_the_same_model_and_metrics_in_two_processes(tmp_path):
+    """Everything ``make train`` does from nothing — the dataset, the backbone pre-training, the
+    training, the evaluation — twice, in two processes with different string-hash seeds and their
+    own dataset folders: the weights and the metrics come out bit for bit the same."""
+    results = []
+    for run, hash_seed in ((1, "1"), (2, "2")):
+        env = dict(
+            os.environ,
+            DETECTRON2_DATASETS=str(tmp_path / f"datasets{run}"),
+            PYTHONHASHSEED=hash_seed,
+        )
+        output = tmp_path / f"run{run}"
+        subprocess.run(
+            [sys.executable, os.path.join(REPO, "train_net.py"), "--config-file", CONFIG, *TINY]
+            + ["SOLVER.MAX_ITER", "6", "SEED", "3", "OUTPUT_DIR", str(output)],
+            env=env,
+            check=True,
+            capture_output=True,
+        )
+        weights = torch.load(output / "model_final.pth", map_location="cpu", weights_only=False)
+        with open(output / "inference" / "synthetic_gres_val_results.json") as f:
+            results.append((weights["model"], json.load(f)))
+    (first_weights, first_metrics), (second_weights, second_metrics) = results
+    assert first_weights.keys() == second_weights.keys()
+    for name, value in first_weights.items():
+        assert torch.equal(value, second_weights[name]), name
+    assert json.dumps(first_metrics, sort_keys=True) == json.dumps(second_metrics, sort_keys=True)
