@@ -390,7 +390,7 @@ def test_the_same_seed_gives_the_same_model_and_metrics_in_two_processes(tmp_pat
     """Everything ``make train`` does from nothing — the dataset, the backbone pre-training, the
     training, the evaluation — twice, in two processes with different string-hash seeds and their
     own dataset folders: the weights and the metrics come out bit for bit the same."""
-    results = []
+    results, pretrained_trunks = [], []
     for run, hash_seed in ((1, "1"), (2, "2")):
         env = dict(
             os.environ,
@@ -406,8 +406,15 @@ def test_the_same_seed_gives_the_same_model_and_metrics_in_two_processes(tmp_pat
             capture_output=True,
         )
         weights = torch.load(output / "model_final.pth", map_location="cpu", weights_only=False)
+        pretrained = tmp_path / f"datasets{run}" / "synthetic_gres" / "pretrained_backbone"
+        pretrained_trunks.append(torch.load(next(pretrained.glob("*.pth")), map_location="cpu"))
         with open(output / "inference" / "synthetic_gres_val_results.json") as f:
             results.append((weights["model"], json.load(f)))
+    # The pre-trained trunk, every tensor (the file's bytes differ: torch.save names the archive
+    # after the temporary file it writes first).
+    assert pretrained_trunks[0].keys() == pretrained_trunks[1].keys()
+    for name, value in pretrained_trunks[0].items():
+        assert torch.equal(value, pretrained_trunks[1][name]), name
     (first_weights, first_metrics), (second_weights, second_metrics) = results
     assert first_weights.keys() == second_weights.keys()
     for name, value in first_weights.items():

@@ -264,11 +264,15 @@ def save_timm_trunk(backbone, path: str) -> None:
     """Write the trunk of a :class:`TimmBackbone` as the state dict of the full timm model.
 
     timm loads pre-trained files into the full model before cutting it to ``features_only``;
-    the full model's classifier, which pre-training never used, keeps its fresh weights.
+    the full model's classifier, which pre-training never used, keeps fresh weights, drawn from a
+    fixed seed so that the file's bytes depend on the pre-training alone (not on what else the
+    process has drawn from the global generator).
     """
 
     trunk = backbone.body.state_dict()
-    full = timm.create_model(backbone.model_name, pretrained=False, **backbone.timm_kwargs)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        full = timm.create_model(backbone.model_name, pretrained=False, **backbone.timm_kwargs)
     missing, unexpected = full.load_state_dict(trunk, strict=False)
     classifier = full.pretrained_cfg.get("classifier") or ()
     classifier = (classifier,) if isinstance(classifier, str) else tuple(classifier)
