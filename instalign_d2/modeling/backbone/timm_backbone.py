@@ -129,7 +129,6 @@ class TimmBackbone(Backbone):
                 f"got {list(out_features)} (MODEL.TIMM.OUT_FEATURES)"
             )
         self.model_name = model_name
-        self.freeze = freeze
         self._out_features = sorted(out_features, key=FEATURE_STRIDES.get)
 
         kwargs = dict(model_kwargs or {})
