@@ -118,6 +118,10 @@ def add_instalign_config(cfg: CN) -> CN:
     # (the paper is silent; False is Mask2Former's reading). True lets a query's content carry
     # where its object is, which spatial expressions ("the leftmost ...") need.
     cfg.MODEL.INSTALIGN.POSITIONS_IN_VALUES = False
+    # Before each POT block, add to each query's learned positional embedding an embedding of its
+    # current mask's centre and spread (the paper is silent; False is Mask2Former's reading), so
+    # that the self-attention can compare queries by where their objects lie.
+    cfg.MODEL.INSTALIGN.QUERY_POSITIONS_FROM_MASKS = False
     cfg.MODEL.INSTALIGN.SIZE_DIVISIBILITY = (
         32  # images are zero-padded to a multiple of this (backbone stride)
     )

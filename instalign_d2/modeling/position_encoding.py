@@ -19,7 +19,16 @@ from typing import Optional
 import torch
 from torch import nn
 
-__all__ = ["PositionEmbeddingSine"]
+__all__ = ["PositionEmbeddingSine", "sine_encoding"]
+
+
+def sine_encoding(values: torch.Tensor, num_feats: int, temperature: float = 10000) -> torch.Tensor:
+    """``(...)`` coordinates -> ``(..., num_feats)``: channel 2k is ``sin(p / t ** (2k / n))``,
+    channel 2k+1 the cosine of the same frequency."""
+    pair_index = torch.arange(num_feats, dtype=torch.float32, device=values.device) // 2
+    wavelengths = temperature ** (2 * pair_index / num_feats)
+    scaled = values.float()[..., None] / wavelengths
+    return torch.stack((scaled[..., 0::2].sin(), scaled[..., 1::2].cos()), dim=-1).flatten(-2)
 
 
 class PositionEmbeddingSine(nn.Module):
@@ -78,13 +87,8 @@ class PositionEmbeddingSine(nn.Module):
             row = row / (row[:, -1:, :] + eps) * self.scale
             col = col / (col[:, :, -1:] + eps) * self.scale
 
-        pair_index = torch.arange(self.num_pos_feats, dtype=torch.float32, device=x.device) // 2
-        wavelengths = self.temperature ** (2 * pair_index / self.num_pos_feats)
-        row = row[..., None] / wavelengths  # (B, H, W, num_pos_feats)
-        col = col[..., None] / wavelengths
-        # Channel 2k holds the sine and 2k+1 the cosine of the same frequency.
-        row = torch.stack((row[..., 0::2].sin(), row[..., 1::2].cos()), dim=-1).flatten(3)
-        col = torch.stack((col[..., 0::2].sin(), col[..., 1::2].cos()), dim=-1).flatten(3)
+        row = sine_encoding(row, self.num_pos_feats, self.temperature)  # (B, H, W, num_pos_feats)
+        col = sine_encoding(col, self.num_pos_feats, self.temperature)
         return torch.cat((row, col), dim=3).permute(0, 3, 1, 2).to(x.dtype)
 
     def extra_repr(self) -> str:

@@ -27,6 +27,7 @@ from torch import nn
 from ..position_encoding import PositionEmbeddingSine
 from .attention_layers import CrossAttentionLayer, FeedForwardLayer, SelfAttentionLayer
 from .build import TRANSFORMER_DECODER_REGISTRY
+from .mask_positions import MaskPositionEmbedding
 from .prediction_heads import InstancePredictionHeads, masked_attention_mask
 from .text_attention import ObjectTextCrossAttention, QueriesReadText
 
@@ -94,6 +95,7 @@ class QueryDecoder(nn.Module):
         dropout: float = 0.0,
         num_feature_levels: int = 3,
         positions_in_values: bool = False,
+        query_positions_from_masks: bool = False,
     ):
         """
         Args:
@@ -106,6 +108,9 @@ class QueryDecoder(nn.Module):
             positions_in_values: add V_k's sine positions to the values of the visual
                 cross-attention, not only to its keys (the paper is silent; Mask2Former adds them
                 to the keys only), so that each query's content carries where its object is.
+            query_positions_from_masks: before each block, add to each query's learned positional
+                embedding an embedding of its current mask's centre and spread (the paper is
+                silent; see :mod:`.mask_positions`).
         """
         super().__init__()
         if hidden_dim % 4:
@@ -152,6 +157,9 @@ class QueryDecoder(nn.Module):
             for _ in range(dec_layers)
         )
         self.heads = InstancePredictionHeads(hidden_dim, mask_dim)
+        self.mask_position_embed = (
+            MaskPositionEmbedding(hidden_dim) if query_positions_from_masks else None
+        )
 
     @classmethod
     def from_config(cls, cfg, in_channels: int, mask_dim: int, text_dim: int):
@@ -170,6 +178,7 @@ class QueryDecoder(nn.Module):
             "mask_attention": c.MASK_ATTENTION,
             "dropout": c.DROPOUT,
             "positions_in_values": c.POSITIONS_IN_VALUES,
+            "query_positions_from_masks": c.QUERY_POSITIONS_FROM_MASKS,
         }
 
     def _visual_tokens(
@@ -231,8 +240,19 @@ class QueryDecoder(nn.Module):
                 if self.mask_attention
                 else None
             )
+            block_query_pos = query_pos
+            if self.mask_position_embed is not None:
+                block_query_pos = query_pos + self.mask_position_embed(
+                    predictions[-1]["mask_logits"]
+                )
             queries, text = block(
-                queries, text, text_pad_mask, tokens[level], positions[level], attn_mask, query_pos
+                queries,
+                text,
+                text_pad_mask,
+                tokens[level],
+                positions[level],
+                attn_mask,
+                block_query_pos,
             )
             predictions.append(self._predict(queries, text, mask_features))
         return {"predictions": predictions, "text_pad_mask": text_pad_mask}

@@ -1,0 +1,61 @@
+"""Positional embeddings of the object queries taken from where their masks are.
+
+The paper is silent on the queries' positions inside the POT blocks; Mask2Former gives each query
+a learned positional embedding that is the same for every image. With
+``MODEL.INSTALIGN.QUERY_POSITIONS_FROM_MASKS`` each block instead adds to it an embedding of the
+query's current mask — its centre and spread — so that the self-attention can compare queries by
+where their objects lie ("the leftmost small shape" is the small shape no other small shape is
+left of), in the spirit of the box queries of DAB-DETR.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..position_encoding import sine_encoding
+from .attention_layers import MLP
+
+
+def mask_geometry(mask_logits: torch.Tensor) -> torch.Tensor:
+    """``(B, N, H, W)`` mask logits -> ``(B, N, 4)``: the centre ``(x, y)`` and the standard
+    deviations ``(sx, sy)`` of each mask's probability mass, in fractions of the map's side.
+
+    Pixel centres lie at ``(i + 0.5) / W``. No gradient flows back into the masks: the geometry is
+    read from a prediction, as the masked attention reads its attention mask.
+    """
+    probabilities = mask_logits.detach().float().sigmoid()
+    height, width = probabilities.shape[-2:]
+    device = probabilities.device
+    xs = (torch.arange(width, device=device, dtype=torch.float32) + 0.5) / width
+    ys = (torch.arange(height, device=device, dtype=torch.float32) + 0.5) / height
+    mass_x = probabilities.sum(-2)  # (B, N, W): the mass of each column
+    mass_y = probabilities.sum(-1)  # (B, N, H)
+    total = mass_x.sum(-1).clamp_min(1e-6)
+    cx = (mass_x * xs).sum(-1) / total
+    cy = (mass_y * ys).sum(-1) / total
+    sx = ((mass_x * (xs - cx[..., None]) ** 2).sum(-1) / total).clamp_min(0).sqrt()
+    sy = ((mass_y * (ys - cy[..., None]) ** 2).sum(-1) / total).clamp_min(0).sqrt()
+    return torch.stack((cx, cy, sx, sy), dim=-1)
+
+
+class MaskPositionEmbedding(nn.Module):
+    """Mask geometry -> sine encoding of each of its 4 numbers -> 2-layer MLP -> ``(B, N, C)``."""
+
+    def __init__(self, hidden_dim: int, temperature: float = 20.0):
+        super().__init__()
+        if hidden_dim % 8:
+            raise ValueError(
+                f"MaskPositionEmbedding: hidden_dim={hidden_dim} must be a multiple of 8 "
+                "(a sin/cos pair per frequency for each of the 4 mask numbers)."
+            )
+        self.feats_per_number = hidden_dim // 4
+        # A low temperature: the numbers lie in [0, 1], so the wavelengths must be short enough
+        # to tell apart objects a few pixels apart (DAB-DETR uses 20 for its boxes).
+        self.temperature = temperature
+        self.mlp = MLP(hidden_dim, hidden_dim, hidden_dim, 2)
+
+    def forward(self, mask_logits: torch.Tensor) -> torch.Tensor:
+        geometry = mask_geometry(mask_logits) * 2 * torch.pi  # one period over the image
+        encoded = sine_encoding(geometry, self.feats_per_number, self.temperature).flatten(-2)
+        return self.mlp(encoded.to(mask_logits.dtype))

@@ -1,0 +1,87 @@
+"""Query positional embeddings from the queries' masks (MODEL.INSTALIGN.QUERY_POSITIONS_FROM_MASKS)."""
+
+import pytest
+import torch
+from test_modeling_decoder import MASK_DIM, TEXT_DIM, inputs, tiny_cfg
+
+from instalign_d2.modeling.transformer_decoder import build_transformer_decoder
+from instalign_d2.modeling.transformer_decoder.mask_positions import (
+    MaskPositionEmbedding,
+    mask_geometry,
+)
+
+BIG = 30.0  # a logit whose sigmoid is 1 to float precision
+
+
+def _box_logits(height, width, rows, cols):
+    logits = torch.full((1, 1, height, width), -BIG)
+    logits[0, 0, rows, cols] = BIG
+    return logits
+
+
+def test_geometry_of_a_rectangle_is_its_centre_and_spread():
+    # Columns 2..5 of 10 (centres 0.25..0.55), rows 6..7 of 8 (centres 0.8125, 0.9375).
+    geometry = mask_geometry(_box_logits(8, 10, slice(6, 8), slice(2, 6)))[0, 0]
+    xs = (torch.arange(2, 6) + 0.5) / 10
+    ys = (torch.arange(6, 8) + 0.5) / 8
+    expected = torch.stack((xs.mean(), ys.mean(), xs.std(unbiased=False), ys.std(unbiased=False)))
+    assert torch.allclose(geometry, expected, atol=1e-5)
+
+
+def test_geometry_weighs_pixels_by_their_probability():
+    logits = torch.full((1, 1, 1, 4), -BIG)
+    logits[0, 0, 0, 0] = BIG  # probability 1 at x = 0.125
+    logits[0, 0, 0, 3] = 0.0  # probability 0.5 at x = 0.875
+    cx = mask_geometry(logits)[0, 0, 0]
+    assert cx.item() == pytest.approx((0.125 + 0.5 * 0.875) / 1.5, abs=1e-5)
+
+
+def test_an_empty_mask_gives_finite_numbers_and_no_gradient_reaches_the_masks():
+    logits = torch.full((2, 3, 4, 4), -1e4, requires_grad=True)
+    geometry = mask_geometry(logits)
+    assert torch.isfinite(geometry).all() and not geometry.requires_grad
+
+
+def test_the_embedding_tells_left_from_right_and_has_the_query_shape():
+    torch.manual_seed(0)
+    embed = MaskPositionEmbedding(16)
+    left = _box_logits(8, 8, slice(2, 5), slice(0, 2))
+    right = _box_logits(8, 8, slice(2, 5), slice(6, 8))
+    out_left, out_right = embed(left), embed(right)
+    assert out_left.shape == (1, 1, 16)
+    assert not torch.allclose(out_left, out_right, atol=1e-3)
+    assert torch.allclose(embed(left.clone()), out_left)  # a function of the mask alone
+    with pytest.raises(ValueError, match="multiple of 8"):
+        MaskPositionEmbedding(12)
+
+
+def test_the_decoder_uses_the_masks_positions_only_when_asked():
+    features, mask_features, text, pad = inputs()
+    cfg = tiny_cfg()
+    cfg.MODEL.INSTALIGN.QUERY_POSITIONS_FROM_MASKS = True
+    torch.manual_seed(0)
+    with_masks = build_transformer_decoder(cfg, 24, MASK_DIM, TEXT_DIM).eval()
+    torch.manual_seed(0)
+    plain = build_transformer_decoder(tiny_cfg(), 24, MASK_DIM, TEXT_DIM).eval()
+    assert plain.mask_position_embed is None and with_masks.mask_position_embed is not None
+
+    # Same weights everywhere else: the outputs differ only through the mask positions, and
+    # they differ from the first block on (the initial prediction is the same).
+    plain.load_state_dict(with_masks.state_dict(), strict=False)
+    out_with = with_masks(features, mask_features, text, pad)["predictions"]
+    out_plain = plain(features, mask_features, text, pad)["predictions"]
+    assert torch.allclose(out_with[0]["mask_logits"], out_plain[0]["mask_logits"])
+    assert not torch.allclose(out_with[1]["queries"], out_plain[1]["queries"], atol=1e-4)
+
+    # With the embedding's last layer zeroed, the decoder is the plain one again.
+    torch.nn.init.zeros_(with_masks.mask_position_embed.mlp.layers[-1].weight)
+    torch.nn.init.zeros_(with_masks.mask_position_embed.mlp.layers[-1].bias)
+    out_zeroed = with_masks(features, mask_features, text, pad)["predictions"]
+    assert torch.allclose(out_zeroed[-1]["mask_logits"], out_plain[-1]["mask_logits"], atol=1e-5)
+
+    # Gradients reach the embedding's weights.
+    with_masks.train()
+    torch.nn.init.normal_(with_masks.mask_position_embed.mlp.layers[-1].weight)
+    loss = with_masks(features, mask_features, text, pad)["predictions"][-1]["mask_logits"].sum()
+    loss.backward()
+    assert with_masks.mask_position_embed.mlp.layers[0].weight.grad.abs().sum() > 0
