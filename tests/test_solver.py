@@ -145,6 +145,40 @@ def test_full_model_gradient_clipping_clips_the_global_norm():
     assert (model.weight.grad[0, 0] / model.bias.grad[0]).item() == pytest.approx(0.75)
 
 
+def test_adamw_is_fused_and_takes_the_same_steps_as_the_per_tensor_loop():
+    torch.manual_seed(0)
+    model = TinyGRESNet()
+    reference = TinyGRESNet()
+    reference.load_state_dict(model.state_dict())
+    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = build_optimizer(make_cfg(), model)
+    assert optimizer.defaults["fused"] is True
+    plain = torch.optim.AdamW(
+        [
+            {
+                **{k: v for k, v in g.items() if k != "params"},
+                "params": [dict(reference.named_parameters())[n] for n in g["param_names"]],
+            }
+            for g in optimizer.param_groups
+        ],
+        foreach=False,
+    )
+    for step in range(3):
+        for module in (model, reference):
+            module.zero_grad()
+            torch.manual_seed(step)
+            x = torch.randn(2, 3, 6, 6)
+            loss = module.group_norm(module.backbone(x)).square().mean()
+            loss = loss + module.head(module.query_feat.weight).sum() * module.prelu(loss)
+            loss.backward()
+        optimizer.step()
+        plain.step()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert torch.allclose(p, q, atol=1e-6), name
+        if p.grad is not None and p.grad.abs().sum() > 0:
+            assert not torch.equal(p, initial[name]), f"{name} did not move"
+
+
 @pytest.mark.parametrize("warmup_iters", [0, 10])
 def test_linear_decay_reaches_end_lr_at_max_iter(warmup_iters):
     cfg = make_cfg(MAX_ITER=100, BASE_LR_END=1e-6, WARMUP_ITERS=warmup_iters, WARMUP_FACTOR=0.1)
