@@ -17,7 +17,8 @@ about batches; ``score_normalization`` chooses):
 
 Other reductions: the merged-mask loss is the per-image mean BCE over pixels plus the Dice loss,
 averaged over the batch, at the ground truth's resolution (the merged logits are upsampled
-bilinearly); the no-target loss is the BCE averaged over the batch.
+bilinearly; with ``PointSampling.at_logit_grid`` at the logits' own grid, the ground truth
+resampled to it); the no-target loss is the BCE averaged over the batch.
 
 Deep supervision (the paper is silent; Mask2Former's): L_merged and L_inst on every one of the
 K + 1 predictions (``merged_loss_on_last_only`` keeps L_merged on the last one only), L_nt on the
@@ -39,7 +40,7 @@ from detectron2.projects.point_rend.point_features import (
 from detectron2.utils import comm
 from torch import nn
 
-from .loss_settings import PAPER_LOSS_WEIGHTS, LossWeights, PointSampling
+from .loss_settings import PAPER_LOSS_WEIGHTS, LossWeights, PointSampling, resample_to_grid
 from .matcher import PhraseAwareHungarianMatcher
 
 INSTANCE_SUPERVISION_MODES = ("none", "standard", "phrase")
@@ -135,8 +136,8 @@ class InstAlignCriterion(nn.Module):
         Args:
             matcher: the Hungarian matcher (its costs use the same lambdas, Eq. 6).
             weights: the lambdas of L_match (Eq. 6-7) and of Eq. 13.
-            points: the importance sampling of the points on which the instance mask losses are
-                computed (Mask2Former's setting).
+            points: where the mask losses are computed: on importance-sampled points
+                (Mask2Former's setting) or at the cells of the mask logits (``at_logit_grid``).
             instance_supervision: Table 3(a): "phrase" (Eq. 6-7), "standard" (no phrase term) or
                 "none" (no instance loss: only merged and no-target losses).
             deep_supervision: losses on every block's prediction, not only the last.
@@ -154,6 +155,12 @@ class InstAlignCriterion(nn.Module):
             raise ValueError(
                 f"MODEL.INSTALIGN.SCORE_LOSS_NORMALIZATION={score_normalization!r}: choose one of "
                 f"{SCORE_LOSS_NORMALIZATIONS}."
+            )
+        if getattr(matcher, "at_logit_grid", False) != points.at_logit_grid:
+            raise ValueError(
+                "InstAlignCriterion: the matcher and the losses must evaluate the masks alike; "
+                f"matcher.at_logit_grid={matcher.at_logit_grid}, "
+                f"points.at_logit_grid={points.at_logit_grid}."
             )
         self.matcher = matcher
         self.weights = weights
@@ -184,12 +191,11 @@ class InstAlignCriterion(nn.Module):
     # ------------------------------------------------------------------ the three objectives
     def merged_loss(self, merged_logits: torch.Tensor, gt_merged: torch.Tensor) -> torch.Tensor:
         """L_merged of Eq. 9: ``(B, h, w)`` merged logits vs ``(B, H, W)`` union masks."""
-        logits = F.interpolate(
-            merged_logits[:, None].float(),
-            size=gt_merged.shape[-2:],
-            mode="bilinear",
-            align_corners=False,
-        )
+        logits = merged_logits.float()
+        if logits.shape[-2:] != gt_merged.shape[-2:]:
+            logits = F.interpolate(
+                logits[:, None], size=gt_merged.shape[-2:], mode="bilinear", align_corners=False
+            )
         return bce_dice_loss(logits.flatten(1), gt_merged.flatten(1).float()).mean()
 
     def instance_losses(
@@ -242,9 +248,14 @@ class InstAlignCriterion(nn.Module):
             matched_gt = torch.cat([gt_masks[b][gt] for b, (_, gt) in enumerate(matches)]).to(
                 mask_logits.device
             )
-            mask_terms = self.point_sampled_mask_loss(
-                mask_logits[batch_index, pred_index], matched_gt
-            )
+            matched_logits = mask_logits[batch_index, pred_index]
+            if self.points.at_logit_grid:
+                mask_terms = bce_dice_loss(
+                    matched_logits.float().flatten(1),
+                    resample_to_grid(matched_gt, matched_logits.shape[-2:]).flatten(1),
+                )
+            else:
+                mask_terms = self.point_sampled_mask_loss(matched_logits, matched_gt)
             losses["loss_mask"] = self.weights.mask * mask_terms.sum() / num_instances
             if use_phrase:
                 phrase_terms = phrase[batch_index, pred_index]
@@ -295,6 +306,10 @@ class InstAlignCriterion(nn.Module):
         gt_merged = torch.stack([t["merged_mask"] for t in targets])
         empty = torch.as_tensor([bool(t["empty"]) for t in targets], device=gt_merged.device)
         num_instances = self._num_instances(gt_masks, gt_merged.device)
+        if self.points.at_logit_grid:  # resampled once for all K + 1 predictions
+            grid = tuple(predictions[-1]["mask_logits"].shape[-2:])
+            gt_masks = [resample_to_grid(m, grid) for m in gt_masks]
+            gt_merged = resample_to_grid(gt_merged, grid)
 
         losses: Dict[str, torch.Tensor] = {}
         for level, prediction in enumerate(predictions):
