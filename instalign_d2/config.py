@@ -153,11 +153,6 @@ def add_instalign_config(cfg: CN) -> CN:
     cfg.MODEL.INSTALIGN.TRAIN_NUM_POINTS = 112 * 112
     cfg.MODEL.INSTALIGN.OVERSAMPLE_RATIO = 3.0
     cfg.MODEL.INSTALIGN.IMPORTANCE_SAMPLE_RATIO = 0.75
-    # True: every mask loss and matching cost (L_inst, L_merged, Eq. 6) at the cells of the mask
-    # logits, against the ground truth resampled to their centres, instead of on sampled points
-    # (L_inst, Eq. 6) and at the ground truth's resolution (L_merged). The same BCE + Dice; for
-    # small logit maps (the tiny config's 32 x 32) it is cheaper and reads every cell.
-    cfg.MODEL.INSTALIGN.MASK_LOSS_AT_LOGIT_GRID = False
 
     cfg.MODEL.INSTALIGN.TEST = CN()
     cfg.MODEL.INSTALIGN.TEST.NO_TARGET_THRESHOLD = (

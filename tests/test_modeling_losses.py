@@ -7,7 +7,6 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from instalign_d2.modeling.aggregation import (
     EMPTY_MASK_LOGIT,
@@ -22,12 +21,7 @@ from instalign_d2.modeling.criterion import (
     phrase_alignment_loss,
     phrase_token_weights,
 )
-from instalign_d2.modeling.loss_settings import (
-    PAPER_LOSS_WEIGHTS,
-    LossWeights,
-    PointSampling,
-    resample_to_grid,
-)
+from instalign_d2.modeling.loss_settings import PAPER_LOSS_WEIGHTS, LossWeights, PointSampling
 from instalign_d2.modeling.matcher import PhraseAwareHungarianMatcher
 
 # ----------------------------------------------------------------------------- POA, Eq. 1-3
@@ -642,79 +636,3 @@ def test_paper_loss_weights_are_the_config_defaults(cfg_factory):
     assert PointSampling.from_config(cfg) == PointSampling()  # Mask2Former's 12544 / 3 / 0.75
     cfg.MODEL.INSTALIGN.MERGED_WEIGHT = 2.5
     assert LossWeights.from_config(cfg).merged == 2.5
-
-
-# ------------------------------------------------------------------ losses at the logit grid
-def _grid_criterion(**kwargs):
-    matcher = PhraseAwareHungarianMatcher(num_points=64, at_logit_grid=True)
-    points = PointSampling(num_points=64, at_logit_grid=True)
-    return InstAlignCriterion(matcher=matcher, points=points, **kwargs)
-
-
-def test_resample_to_grid_reads_the_masks_at_the_cell_centres():
-    mask = torch.zeros(1, 8, 8, dtype=torch.bool)
-    mask[0, :, :3] = True  # columns 0-2
-    grid = resample_to_grid(mask, (2, 2))  # cell centres at x = 1.5 and 5.5 pixels
-    # Column 1.5 lies halfway between columns 1 (inside) and 2 (inside): 1; 5.5 is outside: 0.
-    assert torch.equal(grid, torch.tensor([[[1.0, 0.0], [1.0, 0.0]]]))
-    mask[0, :, 2] = False  # now x = 1.5 lies between an inside and an outside column: 0.5
-    assert torch.allclose(resample_to_grid(mask, (2, 2))[0, :, 0], torch.tensor([0.5, 0.5]))
-    assert resample_to_grid(torch.zeros(0, 8, 8, dtype=torch.bool), (2, 2)).shape == (0, 2, 2)
-    same = torch.rand(3, 4, 4)
-    assert torch.equal(resample_to_grid(same, (4, 4)), same)  # already on the grid
-
-
-def test_grid_matcher_costs_are_eq6_at_every_cell():
-    torch.manual_seed(0)
-    relevance = torch.randn(1, 3)
-    mask_logits = torch.randn(1, 3, 4, 4)
-    gt = torch.zeros(2, 16, 16, dtype=torch.bool)
-    gt[0, :8, :8] = True
-    gt[1, 8:, 4:] = True
-    matcher = PhraseAwareHungarianMatcher(at_logit_grid=True)
-    (cost,) = matcher.batched_cost_matrices(relevance, mask_logits, [gt])
-    labels = resample_to_grid(gt, (4, 4)).flatten(1)
-    for i in range(3):
-        for j in range(2):
-            logits = mask_logits[0, i].flatten()[None]
-            expected = 2.0 * F.softplus(-relevance[0, i]) + 5.0 * bce_dice_loss(
-                logits, labels[j][None]
-            )
-            assert cost[i, j].item() == pytest.approx(expected.item(), rel=1e-5)
-
-
-def test_grid_losses_are_bce_dice_against_the_resampled_ground_truth():
-    outputs = _outputs(levels=1, size=8, requires_grad=True)
-    targets = _targets([2, 0])
-    criterion = _grid_criterion(instance_supervision="standard")
-    losses = criterion(outputs, targets)
-    prediction = outputs["predictions"][0]
-
-    gt_merged = resample_to_grid(torch.stack([t["merged_mask"] for t in targets]), (8, 8))
-    merged = bce_dice_loss(prediction["merged_logits"].flatten(1), gt_merged.flatten(1)).mean()
-    assert losses["loss_merged"].item() == pytest.approx(5.0 * merged.item(), rel=1e-5)
-
-    (pred_index, gt_index), _ = criterion.matcher(
-        prediction["relevance_logits"].detach(),
-        prediction["mask_logits"].detach(),
-        [resample_to_grid(t["masks"], (8, 8)) for t in targets],
-    )
-    gt_grid = resample_to_grid(targets[0]["masks"][gt_index], (8, 8))
-    mask_terms = bce_dice_loss(
-        prediction["mask_logits"][0, pred_index].flatten(1), gt_grid.flatten(1)
-    )
-    assert losses["loss_mask"].item() == pytest.approx(5.0 * mask_terms.sum().item() / 2, rel=1e-5)
-    sum(losses.values()).backward()
-    assert prediction["mask_logits"].grad.abs().sum() > 0
-
-
-def test_the_grid_setting_is_read_from_the_config_and_must_agree(cfg_factory):
-    cfg = cfg_factory()
-    cfg.MODEL.INSTALIGN.MASK_LOSS_AT_LOGIT_GRID = True
-    criterion = InstAlignCriterion(cfg)
-    assert criterion.points.at_logit_grid and criterion.matcher.at_logit_grid
-    with pytest.raises(ValueError, match="evaluate the masks alike"):
-        InstAlignCriterion(
-            matcher=PhraseAwareHungarianMatcher(),
-            points=PointSampling(at_logit_grid=True),
-        )

@@ -17,8 +17,7 @@ about batches; ``score_normalization`` chooses):
 
 Other reductions: the merged-mask loss is the per-image mean BCE over pixels plus the Dice loss,
 averaged over the batch, at the ground truth's resolution (the merged logits are upsampled
-bilinearly; with ``PointSampling.at_logit_grid`` at the logits' own grid, the ground truth
-resampled to it); the no-target loss is the BCE averaged over the batch.
+bilinearly); the no-target loss is the BCE averaged over the batch.
 
 Deep supervision (the paper is silent; Mask2Former's): L_merged and L_inst on every one of the
 K + 1 predictions (``merged_loss_on_last_only`` keeps L_merged on the last one only), L_nt on the
@@ -40,7 +39,7 @@ from detectron2.projects.point_rend.point_features import (
 from detectron2.utils import comm
 from torch import nn
 
-from .loss_settings import PAPER_LOSS_WEIGHTS, LossWeights, PointSampling, resample_to_grid
+from .loss_settings import PAPER_LOSS_WEIGHTS, LossWeights, PointSampling
 from .matcher import PhraseAwareHungarianMatcher
 
 INSTANCE_SUPERVISION_MODES = ("none", "standard", "phrase")
@@ -136,8 +135,8 @@ class InstAlignCriterion(nn.Module):
         Args:
             matcher: the Hungarian matcher (its costs use the same lambdas, Eq. 6).
             weights: the lambdas of L_match (Eq. 6-7) and of Eq. 13.
-            points: where the mask losses are computed: on importance-sampled points
-                (Mask2Former's setting) or at the cells of the mask logits (``at_logit_grid``).
+            points: the importance sampling of the points on which the instance mask losses are
+                computed (Mask2Former's setting).
             instance_supervision: Table 3(a): "phrase" (Eq. 6-7), "standard" (no phrase term) or
                 "none" (no instance loss: only merged and no-target losses).
             deep_supervision: losses on every block's prediction, not only the last.
@@ -155,12 +154,6 @@ class InstAlignCriterion(nn.Module):
             raise ValueError(
                 f"MODEL.INSTALIGN.SCORE_LOSS_NORMALIZATION={score_normalization!r}: choose one of "
                 f"{SCORE_LOSS_NORMALIZATIONS}."
-            )
-        if getattr(matcher, "at_logit_grid", False) != points.at_logit_grid:
-            raise ValueError(
-                "InstAlignCriterion: the matcher and the losses must evaluate the masks alike; "
-                f"matcher.at_logit_grid={matcher.at_logit_grid}, "
-                f"points.at_logit_grid={points.at_logit_grid}."
             )
         self.matcher = matcher
         self.weights = weights
@@ -191,11 +184,12 @@ class InstAlignCriterion(nn.Module):
     # ------------------------------------------------------------------ the three objectives
     def merged_loss(self, merged_logits: torch.Tensor, gt_merged: torch.Tensor) -> torch.Tensor:
         """L_merged of Eq. 9: ``(B, h, w)`` merged logits vs ``(B, H, W)`` union masks."""
-        logits = merged_logits.float()
-        if logits.shape[-2:] != gt_merged.shape[-2:]:
-            logits = F.interpolate(
-                logits[:, None], size=gt_merged.shape[-2:], mode="bilinear", align_corners=False
-            )
+        logits = F.interpolate(
+            merged_logits[:, None].float(),
+            size=gt_merged.shape[-2:],
+            mode="bilinear",
+            align_corners=False,
+        )
         return bce_dice_loss(logits.flatten(1), gt_merged.flatten(1).float()).mean()
 
     def instance_losses(
@@ -248,14 +242,9 @@ class InstAlignCriterion(nn.Module):
             matched_gt = torch.cat([gt_masks[b][gt] for b, (_, gt) in enumerate(matches)]).to(
                 mask_logits.device
             )
-            matched_logits = mask_logits[batch_index, pred_index]
-            if self.points.at_logit_grid:
-                mask_terms = bce_dice_loss(
-                    matched_logits.float().flatten(1),
-                    resample_to_grid(matched_gt, matched_logits.shape[-2:]).flatten(1),
-                )
-            else:
-                mask_terms = self.point_sampled_mask_loss(matched_logits, matched_gt)
+            mask_terms = self.point_sampled_mask_loss(
+                mask_logits[batch_index, pred_index], matched_gt
+            )
             losses["loss_mask"] = self.weights.mask * mask_terms.sum() / num_instances
             if use_phrase:
                 phrase_terms = phrase[batch_index, pred_index]
@@ -306,10 +295,6 @@ class InstAlignCriterion(nn.Module):
         gt_merged = torch.stack([t["merged_mask"] for t in targets])
         empty = torch.as_tensor([bool(t["empty"]) for t in targets], device=gt_merged.device)
         num_instances = self._num_instances(gt_masks, gt_merged.device)
-        if self.points.at_logit_grid:  # resampled once for all K + 1 predictions
-            grid = tuple(predictions[-1]["mask_logits"].shape[-2:])
-            gt_masks = [resample_to_grid(m, grid) for m in gt_masks]
-            gt_merged = resample_to_grid(gt_merged, grid)
 
         losses: Dict[str, torch.Tensor] = {}
         for level, prediction in enumerate(predictions):

@@ -8,10 +8,6 @@ L_match share their lambdas), so the two cannot drift apart.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Tuple
-
-import torch
-import torch.nn.functional as F
 
 
 @dataclass(frozen=True)
@@ -55,38 +51,15 @@ PAPER_LOSS_WEIGHTS = LossWeights(
 
 @dataclass(frozen=True)
 class PointSampling:
-    """Where the mask losses are evaluated.
-
-    By default Mask2Former's importance sampling for the instance masks: ``num_points`` per mask,
-    drawn from ``oversample_ratio`` times as many random candidates, of which the
-    ``importance_sample_ratio`` share with the least certain logits is kept (the rest uniform);
-    the merged mask at the ground truth's resolution. With ``at_logit_grid`` every mask loss and
-    matching cost is evaluated at the cells of the mask logits instead, against the ground truth
-    resampled to their centres: when the logits have fewer cells than ``num_points`` (the tiny
-    config's 32 x 32), that is every point the logits define, without sampling or upsampling.
-    """
+    """Where the instance mask loss is evaluated (Mask2Former's importance sampling): ``num_points``
+    per mask, drawn from ``oversample_ratio`` times as many random candidates, of which the
+    ``importance_sample_ratio`` share with the least certain logits is kept (the rest uniform)."""
 
     num_points: int = 12544
     oversample_ratio: float = 3.0
     importance_sample_ratio: float = 0.75
-    at_logit_grid: bool = False
 
     @classmethod
     def from_config(cls, cfg) -> "PointSampling":
         c = cfg.MODEL.INSTALIGN
-        return cls(
-            c.TRAIN_NUM_POINTS,
-            c.OVERSAMPLE_RATIO,
-            c.IMPORTANCE_SAMPLE_RATIO,
-            c.MASK_LOSS_AT_LOGIT_GRID,
-        )
-
-
-def resample_to_grid(masks: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
-    """``(..., H, W)`` masks -> ``(..., h, w)`` float: their bilinear value at the centres of an
-    ``h x w`` grid of cells (what point sampling at those centres would read)."""
-    if tuple(masks.shape[-2:]) == tuple(size):
-        return masks.float()
-    flat = masks.reshape(-1, 1, *masks.shape[-2:]).float()
-    resampled = F.interpolate(flat, size=size, mode="bilinear", align_corners=False)
-    return resampled.reshape(*masks.shape[:-2], *size)
+        return cls(c.TRAIN_NUM_POINTS, c.OVERSAMPLE_RATIO, c.IMPORTANCE_SAMPLE_RATIO)

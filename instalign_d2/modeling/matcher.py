@@ -18,7 +18,7 @@ from detectron2.projects.point_rend.point_features import point_sample
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
-from .loss_settings import PAPER_LOSS_WEIGHTS, LossWeights, resample_to_grid
+from .loss_settings import PAPER_LOSS_WEIGHTS, LossWeights
 
 
 def pairwise_bce_cost(pred_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -40,32 +40,22 @@ class PhraseAwareHungarianMatcher(nn.Module):
     """One-to-one assignment of predictions to ground-truth instances, per image (Eq. 5-6)."""
 
     @configurable
-    def __init__(
-        self,
-        *,
-        weights: LossWeights = PAPER_LOSS_WEIGHTS,
-        num_points: int = 12544,
-        at_logit_grid: bool = False,
-    ):
+    def __init__(self, *, weights: LossWeights = PAPER_LOSS_WEIGHTS, num_points: int = 12544):
         """
         Args:
             weights: lambda_score, lambda_mask, lambda_phrase of Eq. 6 are ``weights.score``,
                 ``.mask``, ``.phrase`` (phrase = 0 is "standard" instance supervision).
             num_points: points sampled per image for the mask costs.
-            at_logit_grid: the mask costs at every cell of the mask logits instead, the ground
-                truth given at (or resampled to) their grid (see ``PointSampling``).
         """
         super().__init__()
         self.weights = weights
         self.num_points = num_points
-        self.at_logit_grid = at_logit_grid
 
     @classmethod
     def from_config(cls, cfg):
         return {
             "weights": LossWeights.from_config(cfg),
             "num_points": cfg.MODEL.INSTALIGN.TRAIN_NUM_POINTS,
-            "at_logit_grid": cfg.MODEL.INSTALIGN.MASK_LOSS_AT_LOGIT_GRID,
         }
 
     def batched_cost_matrices(
@@ -85,12 +75,21 @@ class PhraseAwareHungarianMatcher(nn.Module):
         counts = [int(m.shape[0]) for m in gt_masks]
         if sum(counts) == 0:
             return [relevance_logits.new_zeros((num_queries, 0)) for _ in range(batch)]
+        points = torch.rand(1, self.num_points, 2, device=mask_logits.device)
+        pred_points = point_sample(
+            mask_logits.flatten(0, 1)[:, None],
+            points.expand(batch * num_queries, -1, -1),
+            align_corners=False,
+        )[
+            :, 0
+        ]  # (B*N, P)
         all_gt = torch.cat([m for m in gt_masks if m.shape[0]]).to(mask_logits.device)
-        if self.at_logit_grid:
-            pred_points = mask_logits.flatten(0, 1).flatten(1)  # (B*N, h*w)
-            gt_points = resample_to_grid(all_gt, mask_logits.shape[-2:]).flatten(1)
-        else:
-            pred_points, gt_points = self._sample_points(mask_logits.flatten(0, 1), all_gt)
+        gt_points = point_sample(
+            all_gt[:, None].float(), points.expand(all_gt.shape[0], -1, -1), align_corners=False
+        )[
+            :, 0
+        ]  # (sum M, P)
+
         # Every prediction against every ground truth of the batch; each expression keeps its block.
         mask_cost = pairwise_bce_cost(pred_points, gt_points) + pairwise_dice_cost(
             pred_points, gt_points
@@ -104,22 +103,6 @@ class PhraseAwareHungarianMatcher(nn.Module):
             costs.append(per_query[b][:, None] + self.weights.mask * block)  # Eq. 6
             offset += count
         return costs
-
-    def _sample_points(
-        self, mask_logits: torch.Tensor, gt_masks: torch.Tensor
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The same ``num_points`` uniform random points on ``(B*N, h, w)`` logits and ``(sum M,
-        H, W)`` masks -> ``(B*N, P)``, ``(sum M, P)``."""
-        points = torch.rand(1, self.num_points, 2, device=mask_logits.device)
-        pred_points = point_sample(
-            mask_logits[:, None], points.expand(mask_logits.shape[0], -1, -1), align_corners=False
-        )[:, 0]
-        gt_points = point_sample(
-            gt_masks[:, None].float(),
-            points.expand(gt_masks.shape[0], -1, -1),
-            align_corners=False,
-        )[:, 0]
-        return pred_points, gt_points
 
     @torch.no_grad()
     def forward(
@@ -163,5 +146,5 @@ class PhraseAwareHungarianMatcher(nn.Module):
         w = self.weights
         return (
             f"cost_score={w.score}, cost_mask={w.mask}, cost_phrase={w.phrase}, "
-            f"num_points={self.num_points}, at_logit_grid={self.at_logit_grid}"
+            f"num_points={self.num_points}"
         )
