@@ -2,7 +2,7 @@
 
 The paper is silent on the queries' positions inside the POT blocks; Mask2Former gives each query
 a learned positional embedding that is the same for every image. With
-``MODEL.INSTALIGN.QUERY_POSITIONS_FROM_MASKS`` each block instead adds to it an embedding of the
+``MODEL.INSTALIGN.QUERY_POSITIONS_FROM_MASKS`` each block also adds to it an embedding of the
 query's current mask — its centre and spread — so that the self-attention can compare queries by
 where their objects lie ("the leftmost small shape" is the small shape no other small shape is
 left of), in the spirit of the box queries of DAB-DETR.
