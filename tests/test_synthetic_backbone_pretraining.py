@@ -1,9 +1,10 @@
 """Backbone pre-training on the synthetic objects' attributes: pooling, learning, the file it
-writes (loadable by TimmBackbone, made once, made again for other settings), and the config
-checks and eval-only shortcut around it."""
+writes (loadable by TimmBackbone, made once, made again for other settings, kept per settings),
+and the config checks and eval-only shortcut around it."""
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -113,7 +114,7 @@ def test_pretraining_teaches_the_trunk_the_attributes(dataset_root):
     assert fake < 60
 
 
-def test_weights_are_made_once_loaded_by_the_backbone_and_made_again_for_other_settings(
+def test_weights_are_made_once_loaded_by_the_backbone_made_again_for_other_settings_and_kept(
     dataset_root, tmp_path, monkeypatch
 ):
     weights = tmp_path / "backbones" / "test_resnet.pth"
@@ -127,6 +128,7 @@ def test_weights_are_made_once_loaded_by_the_backbone_and_made_again_for_other_s
         "res5",
     }
 
+    made_first = weights.read_bytes()
     saved = torch.load(weights, weights_only=True)
     backbone = TimmBackbone(
         **TimmBackbone.from_config(cfg)
@@ -151,8 +153,30 @@ def test_weights_are_made_once_loaded_by_the_backbone_and_made_again_for_other_s
         == 4
     )
 
-    # Weights without their settings file (a run killed between the two writes) are not trusted.
+    # Back to the first settings (a run of another seed, then this one again): the weights made
+    # for them come back from the store, byte for byte, without pre-training again.
+    with monkeypatch.context() as m:
+        m.setattr(sp, "pretrain_backbone", fail)
+        sp.ensure_synthetic_pretrained_backbone(cfg, dataset_root)
+    assert weights.read_bytes() == made_first
+    assert (
+        json.loads((tmp_path / "backbones" / "test_resnet.pth.json").read_text())["settings"][
+            "iterations"
+        ]
+        == 3
+    )
+    assert len(list((tmp_path / "backbones" / "test_resnet.pth.by_settings").glob("*.pth"))) == 2
+
+    # Weights without their settings file (a run killed between the two writes) are not trusted:
+    # the store's copy replaces them, and without that copy they are made again.
     (tmp_path / "backbones" / "test_resnet.pth.json").unlink()
+    weights.write_bytes(b"half-written")
+    with monkeypatch.context() as m:
+        m.setattr(sp, "pretrain_backbone", fail)
+        sp.ensure_synthetic_pretrained_backbone(cfg, dataset_root)
+    assert weights.read_bytes() == made_first
+    (tmp_path / "backbones" / "test_resnet.pth.json").unlink()
+    shutil.rmtree(tmp_path / "backbones" / "test_resnet.pth.by_settings")
     calls = []
     with monkeypatch.context() as m:
         m.setattr(sp, "pretrain_backbone", lambda *a, **k: calls.append(1) or fail())

@@ -14,15 +14,20 @@ away; the trunk is written as a timm checkpoint that ``MODEL.TIMM.PRETRAINED_WEI
 ``train_net.py`` calls :func:`ensure_synthetic_pretrained_backbone` when
 ``MODEL.TIMM.SYNTHETIC_PRETRAIN.ITERATIONS > 0``: the file is made when absent, or when the
 settings recorded beside it (``<file>.json``) differ from the config's; otherwise it is reused.
+Every file made is also kept under ``<file>.by_settings/``, named by a hash of its settings, so
+that going back to settings made before (runs of several seeds take turns) is a copy, not
+another pre-training.
 """
 
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import logging
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence
@@ -319,6 +324,38 @@ def settings_path(weights_path: str) -> str:
     return weights_path + ".json"
 
 
+def stored_path(weights_path: str, settings: Mapping) -> str:
+    """Where the weights made with ``settings`` are kept beside ``weights_path``."""
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    stem = os.path.splitext(os.path.basename(weights_path))[0]
+    return os.path.join(weights_path + ".by_settings", f"{stem}-{digest}.pth")
+
+
+def recorded_settings(weights_path: str) -> Optional[dict]:
+    """The settings recorded beside ``weights_path``; None when the weights or the record are missing
+    (a run killed between the two writes leaves weights that are not trusted)."""
+    if not (os.path.isfile(weights_path) and os.path.isfile(settings_path(weights_path))):
+        return None
+    with open(settings_path(weights_path)) as f:
+        return json.load(f).get("settings")
+
+
+def copy_weights(source: str, destination: str) -> None:
+    """Copy the weights and then their settings record, each atomically (the record last)."""
+    os.makedirs(os.path.dirname(destination), exist_ok=True)
+    atomic_write_path(destination, lambda tmp: shutil.copyfile(source, tmp))
+    atomic_write_path(
+        settings_path(destination), lambda tmp: shutil.copyfile(settings_path(source), tmp)
+    )
+
+
+def keep_weights(weights_path: str) -> None:
+    """Copy the current weights into the store under their recorded settings, if not there yet."""
+    settings = recorded_settings(weights_path)
+    if settings is not None and recorded_settings(stored_path(weights_path, settings)) != settings:
+        copy_weights(weights_path, stored_path(weights_path, settings))
+
+
 def ensure_synthetic_pretrained_backbone(cfg, dataset_root: str) -> str:
     """Make ``MODEL.TIMM.PRETRAINED_WEIGHTS`` by pre-training on the synthetic set, unless it is current.
 
@@ -333,13 +370,25 @@ def ensure_synthetic_pretrained_backbone(cfg, dataset_root: str) -> str:
     wanted = pretraining_settings(cfg, marker["params"])
     settings = cfg.MODEL.TIMM.SYNTHETIC_PRETRAIN
     with file_lock(path):
-        if os.path.isfile(path) and os.path.isfile(settings_path(path)):
-            with open(settings_path(path)) as f:
-                if json.load(f).get("settings") == wanted:
-                    logger.info("backbone pre-training: %s is up to date", path)
-                    return path
+        current = recorded_settings(path)
+        if current == wanted:
+            logger.info("backbone pre-training: %s is up to date", path)
+            return path
+        keep_weights(path)  # made before the store existed: keep it before it is replaced
+        stored = stored_path(path, wanted)
+        if recorded_settings(stored) == wanted:
+            copy_weights(stored, path)
             logger.info(
-                "backbone pre-training: %s was made with other settings; making it again", path
+                "backbone pre-training: %s made with these settings before; copied from %s",
+                path,
+                stored,
+            )
+            return path
+        if current is not None:
+            logger.info(
+                "backbone pre-training: %s was made with other settings (kept in %s); making it for these",
+                path,
+                os.path.dirname(stored),
             )
         start = time.perf_counter()
         instances = read_instances(dataset_root)
@@ -378,6 +427,7 @@ def ensure_synthetic_pretrained_backbone(cfg, dataset_root: str) -> str:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         save_timm_trunk(backbone, path)
         atomic_write_json(settings_path(path), {"settings": wanted, "val_accuracy": accuracy})
+        keep_weights(path)
         logger.info(
             "backbone pre-training: wrote %s in %.0f s; validation accuracy (%d objects) by level: %s",
             path,
