@@ -389,3 +389,39 @@ def test_text_encoder_knows_every_word_and_maps_samples(tiny_dataset, monkeypatc
         assert out["image"].shape == (3, 48, 48)
         assert out["instances"].gt_masks.shape[0] == len(d["annotations"])
         assert out["gt_mask_merged"].any() == (not d["empty"])
+
+
+def test_all_objects_split_refers_to_every_object_of_each_train_image(tiny_dataset, monkeypatch):
+    from instalign_d2.data.build import group_by_image
+    from instalign_d2.utils.tokenizer import load_tokenizer
+
+    root, stats = tiny_dataset
+    monkeypatch.setenv("DETECTRON2_DATASETS", os.path.dirname(root))
+    added = DatasetCatalog.get("synthetic_gres_train_all_objects")
+    generated = DatasetCatalog.get("synthetic_gres_train")
+    instances = json.loads(_read(root, "instances.json"))
+    objects = {}
+    for ann in instances["annotations"]:
+        objects.setdefault(ann["image_id"], []).append(ann)
+    train_images = {
+        img["id"] for img in instances["images"] if img["file_name"].startswith("train/")
+    }
+    assert sorted(d["image_id"] for d in added) == sorted(train_images & set(objects))
+    for d in added:
+        targets = {a["id"] for a in d["annotations"]}
+        assert targets == {o["id"] for o in objects[d["image_id"]]}
+        # the independent reading of the sentence agrees: "all shapes" is every object
+        assert referents(d["sentence"]["raw"], objects[d["image_id"]], 64) == targets
+        assert d["expression_kind"] == ("single" if len(targets) == 1 else "multi")
+        assert not d["empty"] and d["expression_template"] == "all_objects"
+    # never a sentence of the generated set, with ids of its own, and grouped with the image's
+    # generated expressions (same file_name) when both splits are trained on
+    assert "all shapes" not in {d["sentence"]["raw"] for d in generated}
+    assert not {d["sentence"]["sent_id"] for d in added} & {
+        d["sentence"]["sent_id"] for d in generated
+    }
+    groups = group_by_image(generated + added)
+    assert len(groups) == len({d["file_name"] for d in generated})
+    assert all(group[-1]["sentence"]["raw"] == "all shapes" for group in groups)
+    tokenizer = load_tokenizer(os.path.join(root, "text_encoder"))
+    assert tokenizer.unk_token_id not in tokenizer("all shapes")["input_ids"]
