@@ -113,6 +113,20 @@ def analyze(model, mapper, dataset_dicts, batch_size: int = 16) -> Dict[str, Dic
     }
 
 
+def load_trained_model(config_file: str, weights: str, opts=()):
+    """``(cfg, model)``: the model of ``config_file`` (+ ``opts``) on the CPU, in eval mode, with
+    ``weights`` loaded (they hold the backbone: no pre-trained file is read)."""
+    cfg = add_instalign_config(get_cfg())
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts))
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.TIMM.PRETRAINED_WEIGHTS = ""
+    cfg.freeze()
+    model = build_model(cfg).eval()
+    DetectionCheckpointer(model).load(weights)
+    return cfg, model
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -126,18 +140,11 @@ def main(argv=None) -> int:
     parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[])
     args = parser.parse_args(argv)
 
-    cfg = add_instalign_config(get_cfg())
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    cfg.MODEL.DEVICE = "cpu"
-    cfg.MODEL.TIMM.PRETRAINED_WEIGHTS = ""  # the checkpoint holds the backbone
-    cfg.freeze()
     if not os.path.isfile(args.weights):
         print(f"analyze_instances: error: --weights {args.weights} not found", file=sys.stderr)
         return 2
+    cfg, model = load_trained_model(args.config_file, args.weights, args.opts)
     dataset = args.dataset or cfg.DATASETS.TEST[0]
-    model = build_model(cfg).eval()
-    DetectionCheckpointer(model).load(args.weights)
     result = analyze(model, GRESDatasetMapper(cfg, is_train=False), DatasetCatalog.get(dataset))
     groups = sorted(g for g in result if g != "all") + ["all"]
     print(f"instance masks against the choice of instances, {dataset}, weights: {args.weights}")
