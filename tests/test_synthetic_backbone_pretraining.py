@@ -153,6 +153,14 @@ def test_weights_are_made_once_loaded_by_the_backbone_made_again_for_other_setti
         == 4
     )
 
+    # A run for new settings that dies while pre-training leaves no record that vouches for the
+    # weights in place.
+    with monkeypatch.context() as m:
+        m.setattr(sp, "pretrain_backbone", fail)
+        with pytest.raises(AssertionError):
+            sp.ensure_synthetic_pretrained_backbone(tiny_cfg(weights, iterations=5), dataset_root)
+    assert sp.recorded_settings(str(weights)) is None
+
     # Back to the first settings (a run of another seed, then this one again): the weights made
     # for them come back from the store, byte for byte, without pre-training again.
     with monkeypatch.context() as m:

@@ -340,9 +340,18 @@ def recorded_settings(weights_path: str) -> Optional[dict]:
         return json.load(f).get("settings")
 
 
+def forget_settings(weights_path: str) -> None:
+    """Remove the settings record before its weights are replaced: a run killed between the
+    weights and the new record then leaves weights that are not trusted, never weights that
+    an old record vouches for."""
+    if os.path.exists(settings_path(weights_path)):
+        os.remove(settings_path(weights_path))
+
+
 def copy_weights(source: str, destination: str) -> None:
     """Copy the weights and then their settings record, each atomically (the record last)."""
     os.makedirs(os.path.dirname(destination), exist_ok=True)
+    forget_settings(destination)
     atomic_write_path(destination, lambda tmp: shutil.copyfile(source, tmp))
     atomic_write_path(
         settings_path(destination), lambda tmp: shutil.copyfile(settings_path(source), tmp)
@@ -375,6 +384,7 @@ def ensure_synthetic_pretrained_backbone(cfg, dataset_root: str) -> str:
             logger.info("backbone pre-training: %s is up to date", path)
             return path
         keep_weights(path)  # made before the store existed: keep it before it is replaced
+        forget_settings(path)
         stored = stored_path(path, wanted)
         if recorded_settings(stored) == wanted:
             copy_weights(stored, path)
