@@ -51,6 +51,19 @@ def grefcoco_target_ids(ref: Mapping) -> List[int]:
     return [i for i in as_id_list(ref.get("ann_id")) if i != NO_TARGET_ANN_ID]
 
 
+def grefcoco_describer(source: str):
+    """The per-ref fields of a gRefCOCO-style dict: empty, kind by target count, ``source``."""
+
+    def describe(ref: Mapping, targets: List[dict]) -> Dict[str, object]:
+        return {
+            "empty": not targets,
+            "expression_kind": kind_of_target_count(len(targets)),
+            "source": source,
+        }
+
+    return describe
+
+
 def load_grefcoco_json(
     refs_file: str,
     instances_file: str,
@@ -79,13 +92,6 @@ def load_grefcoco_json(
     require_path(instances_file, f"{dataset_name}: instances file", layout)
     require_path(image_root, f"{dataset_name}: image folder", layout)
 
-    def describe(ref: Mapping, targets: List[dict]) -> Dict[str, object]:
-        return {
-            "empty": not targets,
-            "expression_kind": kind_of_target_count(len(targets)),
-            "source": source,
-        }
-
     return load_expression_dicts(
         refs_file,
         instances_file,
@@ -94,7 +100,7 @@ def load_grefcoco_json(
         dataset_name=dataset_name,
         image_file=lambda image: os.path.join(image_root, image["file_name"]),
         target_ids=grefcoco_target_ids,
-        describe_ref=describe,
+        describe_ref=grefcoco_describer(source),
         images=ImageFolders((image_root,), layout),
     )
 

@@ -11,13 +11,13 @@ import os
 from typing import Callable, List, Optional
 
 from instalign_d2.data.datasets.catalog import register_splits
-from instalign_d2.data.datasets.grefcoco import grefcoco_target_ids, load_grefcoco_json
-from instalign_d2.data.datasets.image_presence import ImageFolders
-from instalign_d2.data.datasets.refer_common import (
-    CocoIndex,
-    build_expression_dicts,
-    kind_of_target_count,
+from instalign_d2.data.datasets.grefcoco import (
+    grefcoco_describer,
+    grefcoco_target_ids,
+    load_grefcoco_json,
 )
+from instalign_d2.data.datasets.image_presence import ImageFolders
+from instalign_d2.data.datasets.refer_common import CocoIndex, build_expression_dicts
 from instalign_d2.synthetic.params import (
     SYNTHETIC_DIRNAME,
     SYNTHETIC_LAYOUT,
@@ -90,11 +90,7 @@ def load_synthetic_all_objects(
         dataset_name=dataset_name or f"synthetic_gres_{split}{ALL_OBJECTS_SUFFIX}",
         image_file=lambda image: os.path.join(paths["image_root"], image["file_name"]),
         target_ids=grefcoco_target_ids,
-        describe_ref=lambda ref, targets: {
-            "empty": not targets,
-            "expression_kind": kind_of_target_count(len(targets)),
-            "source": "synthetic_gres",
-        },
+        describe_ref=grefcoco_describer("synthetic_gres"),
         images=ImageFolders((paths["image_root"],), SYNTHETIC_LAYOUT),
         refs_file=paths["instances_file"],
     )
@@ -103,17 +99,13 @@ def load_synthetic_all_objects(
 def register_all_synthetic_gres(root: Callable[[], str]) -> None:
     """Register ``synthetic_gres_{train,val,test}`` and ``synthetic_gres_train_all_objects`` under
     ``root()/synthetic_gres`` (read at load)."""
-    register_splits(
-        {f"synthetic_gres_{split}": split for split in SYNTHETIC_SPLITS},
-        lambda datasets_root: synthetic_paths(os.path.join(datasets_root, SYNTHETIC_DIRNAME)),
-        lambda paths, split, name: load_synthetic_gres(paths["dataset_root"], split, name),
-        evaluator_type="grefcoco",
-        root=root,
-    )
-    register_splits(
-        {f"synthetic_gres_train{ALL_OBJECTS_SUFFIX}": "train"},
-        lambda datasets_root: synthetic_paths(os.path.join(datasets_root, SYNTHETIC_DIRNAME)),
-        lambda paths, split, name: load_synthetic_all_objects(paths["dataset_root"], split, name),
-        evaluator_type="grefcoco",
-        root=root,
-    )
+    splits = {f"synthetic_gres_{split}": (split, load_synthetic_gres) for split in SYNTHETIC_SPLITS}
+    splits[f"synthetic_gres_train{ALL_OBJECTS_SUFFIX}"] = ("train", load_synthetic_all_objects)
+    for name, (split, load) in splits.items():
+        register_splits(
+            {name: split},
+            lambda datasets_root: synthetic_paths(os.path.join(datasets_root, SYNTHETIC_DIRNAME)),
+            lambda paths, split, name, load=load: load(paths["dataset_root"], split, name),
+            evaluator_type="grefcoco",
+            root=root,
+        )
