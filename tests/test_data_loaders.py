@@ -425,5 +425,5 @@ def test_every_design_name_is_registered():
         "refcocog_google_val",
     }
     expected |= {f"synthetic_gres_{s}" for s in ("train", "val", "test")}
-    expected |= {"synthetic_gres_train_all_objects"}
+    expected |= {"synthetic_gres_train_all_objects", "synthetic_gres_train_more_spatial"}
     assert expected <= names

@@ -425,3 +425,68 @@ def test_all_objects_split_refers_to_every_object_of_each_train_image(tiny_datas
     assert all(group[-1]["sentence"]["raw"] == "all shapes" for group in groups)
     tokenizer = load_tokenizer(os.path.join(root, "text_encoder"))
     assert tokenizer.unk_token_id not in tokenizer("all shapes")["input_ids"]
+
+
+def _spatial_phrases(objects, image_size):
+    """Every 'the <spatial word> <noun phrase>' an image allows, enumerated independently."""
+    out = {}
+    for obj in objects:
+        # every filter of at most two attributes, the empty one ("the leftmost shape") included
+        for keys in ((), ("size",), ("colour",), ("shape",), ("size", "colour")) + (
+            ("size", "shape"),
+            ("colour", "shape"),
+        ):
+            wanted = {k: obj[k] for k in keys}
+            group = [o for o in objects if all(o[k] == v for k, v in wanted.items())]
+            if len(group) < 2:
+                continue
+            words = [wanted[k] for k in ("size", "colour") if k in wanted]
+            words.append(wanted.get("shape", "shape"))
+            for word, (axis, sign) in SPATIAL.items():
+                ranked = sorted(group, key=lambda o: sign * o["center"][axis])
+                gap = sign * (ranked[1]["center"][axis] - ranked[0]["center"][axis])
+                if gap >= 0.25 * image_size:
+                    out[f"the {word} {' '.join(words)}"] = ranked[0]["id"]
+    return out
+
+
+def test_more_spatial_split_adds_unseen_spatial_expressions(tiny_dataset, monkeypatch):
+    from instalign_d2.data.datasets.synthetic import SPATIAL_EXTRA_PER_IMAGE
+
+    root, _ = tiny_dataset
+    monkeypatch.setenv("DETECTRON2_DATASETS", os.path.dirname(root))
+    added = DatasetCatalog.get("synthetic_gres_train_more_spatial")
+    generated = DatasetCatalog.get("synthetic_gres_train")
+    instances = json.loads(_read(root, "instances.json"))
+    objects = {}
+    for ann in instances["annotations"]:
+        objects.setdefault(ann["image_id"], []).append(ann)
+    present = {}
+    for d in generated:
+        present.setdefault(d["image_id"], set()).add(d["sentence"]["raw"])
+    per_image = {}
+    for d in added:
+        per_image.setdefault(d["image_id"], []).append(d)
+        text = d["sentence"]["raw"]
+        targets = {a["id"] for a in d["annotations"]}
+        # the independent reading of the sentence names exactly its one target
+        assert referents(text, objects[d["image_id"]], 64) == targets and len(targets) == 1
+        assert text not in present[d["image_id"]]
+        assert d["expression_template"] == "spatial" and d["expression_kind"] == "single"
+    train_images = {
+        img["id"] for img in instances["images"] if img["file_name"].startswith("train/")
+    }
+    assert set(per_image) <= train_images
+    for image_id in train_images & set(objects):
+        allowed = _spatial_phrases(objects[image_id], 64)
+        unseen = set(allowed) - present.get(image_id, set())
+        texts = [d["sentence"]["raw"] for d in per_image.get(image_id, [])]
+        assert len(texts) == len(set(texts)) == min(SPATIAL_EXTRA_PER_IMAGE, len(unseen))
+        assert set(texts) <= unseen
+    assert sum(len(v) for v in per_image.values()) > len(per_image) > 5
+    ids = [d["sentence"]["sent_id"] for d in added]
+    assert len(set(ids)) == len(ids)
+    assert not set(ids) & {d["sentence"]["sent_id"] for d in generated}
+    # the same draw on every load
+    again = DatasetCatalog.get("synthetic_gres_train_more_spatial")
+    assert [d["sentence"]["raw"] for d in again] == [d["sentence"]["raw"] for d in added]

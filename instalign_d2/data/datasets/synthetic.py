@@ -1,5 +1,7 @@
-"""Registration of the synthetic GRES splits ``synthetic_gres_{train,val,test}`` and of
-``synthetic_gres_train_all_objects`` (one "all shapes" expression per training image).
+"""Registration of the synthetic GRES splits ``synthetic_gres_{train,val,test}`` and of two
+training additions made from the instances: ``synthetic_gres_train_all_objects`` (one "all
+shapes" expression per training image) and ``synthetic_gres_train_more_spatial`` (more spatial
+expressions).
 
 The set is written in the gRefCOCO layout by :mod:`instalign_d2.synthetic` (``train_net.py`` does
 it on first use), so the gRefCOCO loader reads it; its sentences also record their template.
@@ -8,7 +10,9 @@ it on first use), so the gRefCOCO loader reads it; its sentences also record the
 from __future__ import annotations
 
 import os
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
 
 from instalign_d2.data.datasets.catalog import register_splits
 from instalign_d2.data.datasets.grefcoco import (
@@ -17,7 +21,8 @@ from instalign_d2.data.datasets.grefcoco import (
     load_grefcoco_json,
 )
 from instalign_d2.data.datasets.image_presence import ImageFolders
-from instalign_d2.data.datasets.refer_common import CocoIndex, build_expression_dicts
+from instalign_d2.data.datasets.refer_common import CocoIndex, build_expression_dicts, load_refs
+from instalign_d2.synthetic.expressions import noun_phrase, spatial_candidates
 from instalign_d2.synthetic.params import (
     SYNTHETIC_DIRNAME,
     SYNTHETIC_LAYOUT,
@@ -40,6 +45,48 @@ def load_synthetic_gres(root: str, split: str, dataset_name: Optional[str] = Non
     )
 
 
+def _objects_by_image(index: CocoIndex, split: str) -> Dict[int, List[dict]]:
+    """The annotations of each image of ``split`` that has objects, in annotation id order."""
+    prefix = split + "/"
+    objects: Dict[int, List[dict]] = {}
+    for ann in sorted(index.annotations.values(), key=lambda a: a["id"]):
+        objects.setdefault(ann["image_id"], []).append(ann)
+    return {
+        image_id: objects[image_id]
+        for image_id, image in sorted(index.images.items())
+        if image["file_name"].startswith(prefix) and image_id in objects
+    }
+
+
+def _added_expression_dicts(
+    root: str, split: str, dataset_name: str, make_refs: Callable[[CocoIndex], List[dict]]
+) -> List[dict]:
+    """Dataset dicts of refs made from the instances of a generated set (not from its refs)."""
+    paths = synthetic_paths(root)
+    index = CocoIndex.from_file(paths["instances_file"])
+    return build_expression_dicts(
+        make_refs(index),
+        index,
+        split=split,
+        dataset_name=dataset_name,
+        image_file=lambda image: os.path.join(paths["image_root"], image["file_name"]),
+        target_ids=grefcoco_target_ids,
+        describe_ref=grefcoco_describer("synthetic_gres"),
+        images=ImageFolders((paths["image_root"],), SYNTHETIC_LAYOUT),
+        refs_file=paths["instances_file"],
+    )
+
+
+def _added_ref(ref_id: int, image_id: int, split: str, targets, text: str, template: str) -> dict:
+    return {
+        "ref_id": ref_id,
+        "image_id": image_id,
+        "split": split,
+        "ann_id": sorted(a["id"] for a in targets),
+        "sentences": [{"sent_id": ref_id, "raw": text, "expression_template": template}],
+    }
+
+
 # An expression that refers to every object of its image: the instance-segmentation task of
 # Mask2Former phrased as GRES. "all" and "shapes" are words of the generator's vocabulary, and the
 # generated expressions never use them alone ("all red shapes" names a colour).
@@ -60,47 +107,86 @@ def load_synthetic_all_objects(
     that every object of the image is a target of some expression: the instance masks are then
     supervised on every object, not only on the referred ones.
     """
+
+    def refs(index: CocoIndex) -> List[dict]:
+        return [
+            _added_ref(
+                ALL_OBJECTS_ID_OFFSET + image_id,
+                image_id,
+                split,
+                objects,
+                ALL_OBJECTS_EXPRESSION,
+                ALL_OBJECTS_TEMPLATE,
+            )
+            for image_id, objects in _objects_by_image(index, split).items()
+        ]
+
+    return _added_expression_dicts(
+        root, split, dataset_name or f"synthetic_gres_{split}{ALL_OBJECTS_SUFFIX}", refs
+    )
+
+
+# More spatial expressions for training: the generator draws one template per expression, so
+# spatial ones ("the leftmost triangle") are about a tenth of the training expressions although
+# most images allow several. This split adds, per image, up to SPATIAL_EXTRA_PER_IMAGE of those the
+# image allows and the generator did not draw.
+SPATIAL_SUFFIX = "_more_spatial"
+SPATIAL_EXTRA_PER_IMAGE = 2
+SPATIAL_ID_OFFSET = 20_000_000  # ids image_id * SPATIAL_EXTRA_PER_IMAGE + j above this
+
+
+def load_synthetic_more_spatial(
+    root: str, split: str, dataset_name: Optional[str] = None
+) -> List[dict]:
+    """Up to :data:`SPATIAL_EXTRA_PER_IMAGE` spatial expressions per image of ``split``.
+
+    Each is one of the generator's spatial expressions for the image's objects (the extreme of a
+    group of two or more, well apart from the next) that is not already among the image's
+    expressions, drawn with a generator seeded by the image id (so the same on every run).
+    """
     paths = synthetic_paths(root)
-    index = CocoIndex.from_file(paths["instances_file"])
-    objects_by_image = {}
-    for ann in index.annotations.values():
-        objects_by_image.setdefault(ann["image_id"], []).append(ann["id"])
-    prefix = split + "/"
-    refs = [
-        {
-            "ref_id": ALL_OBJECTS_ID_OFFSET + image_id,
-            "image_id": image_id,
-            "split": split,
-            "ann_id": sorted(objects_by_image.get(image_id, [])),
-            "sentences": [
-                {
-                    "sent_id": ALL_OBJECTS_ID_OFFSET + image_id,
-                    "raw": ALL_OBJECTS_EXPRESSION,
-                    "expression_template": ALL_OBJECTS_TEMPLATE,
-                }
-            ],
-        }
-        for image_id, image in sorted(index.images.items())
-        if image["file_name"].startswith(prefix) and objects_by_image.get(image_id)
-    ]
-    return build_expression_dicts(
-        refs,
-        index,
-        split=split,
-        dataset_name=dataset_name or f"synthetic_gres_{split}{ALL_OBJECTS_SUFFIX}",
-        image_file=lambda image: os.path.join(paths["image_root"], image["file_name"]),
-        target_ids=grefcoco_target_ids,
-        describe_ref=grefcoco_describer("synthetic_gres"),
-        images=ImageFolders((paths["image_root"],), SYNTHETIC_LAYOUT),
-        refs_file=paths["instances_file"],
+    present: Dict[int, set] = {}
+    for ref in load_refs(paths["refs_file"]):
+        present.setdefault(ref["image_id"], set()).update(
+            s["raw"] for s in ref.get("sentences", ())
+        )
+
+    def refs(index: CocoIndex) -> List[dict]:
+        out = []
+        for image_id, objects in _objects_by_image(index, split).items():
+            size = index.images[image_id]["width"]
+            candidates = {}  # text -> target, in the generator's order
+            for filt, word, target in spatial_candidates(
+                objects, [o["center"] for o in objects], size
+            ):
+                candidates.setdefault(f"the {word} {noun_phrase(filt)}", target)
+            texts = [t for t in candidates if t not in present.get(image_id, ())]
+            rng = np.random.default_rng(image_id)
+            chosen = rng.permutation(len(texts))[:SPATIAL_EXTRA_PER_IMAGE]
+            for j, k in enumerate(sorted(chosen)):
+                out.append(
+                    _added_ref(
+                        SPATIAL_ID_OFFSET + image_id * SPATIAL_EXTRA_PER_IMAGE + j,
+                        image_id,
+                        split,
+                        [objects[candidates[texts[k]]]],
+                        texts[k],
+                        "spatial",
+                    )
+                )
+        return out
+
+    return _added_expression_dicts(
+        root, split, dataset_name or f"synthetic_gres_{split}{SPATIAL_SUFFIX}", refs
     )
 
 
 def register_all_synthetic_gres(root: Callable[[], str]) -> None:
-    """Register ``synthetic_gres_{train,val,test}`` and ``synthetic_gres_train_all_objects`` under
+    """Register ``synthetic_gres_{train,val,test}`` and the training additions under
     ``root()/synthetic_gres`` (read at load)."""
     splits = {f"synthetic_gres_{split}": (split, load_synthetic_gres) for split in SYNTHETIC_SPLITS}
     splits[f"synthetic_gres_train{ALL_OBJECTS_SUFFIX}"] = ("train", load_synthetic_all_objects)
+    splits[f"synthetic_gres_train{SPATIAL_SUFFIX}"] = ("train", load_synthetic_more_spatial)
     for name, (split, load) in splits.items():
         register_splits(
             {name: split},
