@@ -391,13 +391,11 @@ def test_text_encoder_knows_every_word_and_maps_samples(tiny_dataset, monkeypatc
         assert out["gt_mask_merged"].any() == (not d["empty"])
 
 
-def test_all_objects_split_refers_to_every_object_of_each_train_image(tiny_dataset, monkeypatch):
-    from instalign_d2.data.build import group_by_image
-    from instalign_d2.utils.tokenizer import load_tokenizer
-
-    root, stats = tiny_dataset
+def _added_and_generated(tiny_dataset, monkeypatch, added_split):
+    """(added dicts, generated train dicts, objects by image id, train image ids)."""
+    root, _ = tiny_dataset
     monkeypatch.setenv("DETECTRON2_DATASETS", os.path.dirname(root))
-    added = DatasetCatalog.get("synthetic_gres_train_all_objects")
+    added = DatasetCatalog.get(added_split)
     generated = DatasetCatalog.get("synthetic_gres_train")
     instances = json.loads(_read(root, "instances.json"))
     objects = {}
@@ -406,6 +404,17 @@ def test_all_objects_split_refers_to_every_object_of_each_train_image(tiny_datas
     train_images = {
         img["id"] for img in instances["images"] if img["file_name"].startswith("train/")
     }
+    return added, generated, objects, train_images
+
+
+def test_all_objects_split_refers_to_every_object_of_each_train_image(tiny_dataset, monkeypatch):
+    from instalign_d2.data.build import group_by_image
+    from instalign_d2.utils.tokenizer import load_tokenizer
+
+    root, _ = tiny_dataset
+    added, generated, objects, train_images = _added_and_generated(
+        tiny_dataset, monkeypatch, "synthetic_gres_train_all_objects"
+    )
     assert sorted(d["image_id"] for d in added) == sorted(train_images & set(objects))
     for d in added:
         targets = {a["id"] for a in d["annotations"]}
@@ -453,14 +462,9 @@ def _spatial_phrases(objects, image_size):
 def test_more_spatial_split_adds_unseen_spatial_expressions(tiny_dataset, monkeypatch):
     from instalign_d2.data.datasets.synthetic import SPATIAL_EXTRA_PER_IMAGE
 
-    root, _ = tiny_dataset
-    monkeypatch.setenv("DETECTRON2_DATASETS", os.path.dirname(root))
-    added = DatasetCatalog.get("synthetic_gres_train_more_spatial")
-    generated = DatasetCatalog.get("synthetic_gres_train")
-    instances = json.loads(_read(root, "instances.json"))
-    objects = {}
-    for ann in instances["annotations"]:
-        objects.setdefault(ann["image_id"], []).append(ann)
+    added, generated, objects, train_images = _added_and_generated(
+        tiny_dataset, monkeypatch, "synthetic_gres_train_more_spatial"
+    )
     present = {}
     for d in generated:
         present.setdefault(d["image_id"], set()).add(d["sentence"]["raw"])
@@ -473,9 +477,6 @@ def test_more_spatial_split_adds_unseen_spatial_expressions(tiny_dataset, monkey
         assert referents(text, objects[d["image_id"]], 64) == targets and len(targets) == 1
         assert text not in present[d["image_id"]]
         assert d["expression_template"] == "spatial" and d["expression_kind"] == "single"
-    train_images = {
-        img["id"] for img in instances["images"] if img["file_name"].startswith("train/")
-    }
     assert set(per_image) <= train_images
     for image_id in train_images & set(objects):
         allowed = _spatial_phrases(objects[image_id], 64)
