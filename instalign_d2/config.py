@@ -122,6 +122,10 @@ def add_instalign_config(cfg: CN) -> CN:
     # current mask's centre and spread (the paper is silent; False is Mask2Former's reading), so
     # that the self-attention can compare queries by where their objects lie.
     cfg.MODEL.INSTALIGN.QUERY_POSITIONS_FROM_MASKS = False
+    # Add the queries' positional embeddings to the values of their self-attention too (the paper
+    # is silent; False is Mask2Former's reading), so that a query reads where the others lie and
+    # can tell whether another object of its kind is left of it ("the leftmost ...").
+    cfg.MODEL.INSTALIGN.SELF_ATTENTION_POSITIONS_IN_VALUES = False
     cfg.MODEL.INSTALIGN.SIZE_DIVISIBILITY = (
         32  # images are zero-padded to a multiple of this (backbone stride)
     )

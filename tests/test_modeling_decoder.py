@@ -13,7 +13,10 @@ from instalign_d2.modeling.transformer_decoder import (
     ReLAStyleDecoder,
     build_transformer_decoder,
 )
-from instalign_d2.modeling.transformer_decoder.attention_layers import CrossAttentionLayer
+from instalign_d2.modeling.transformer_decoder.attention_layers import (
+    CrossAttentionLayer,
+    SelfAttentionLayer,
+)
 from instalign_d2.modeling.transformer_decoder.prediction_heads import (
     InstancePredictionHeads,
     masked_attention_mask,
@@ -219,6 +222,38 @@ def test_decoder_reads_positions_in_values_from_the_config():
     assert all(b.visual_cross_attention.positions_in_values for b in decoder.blocks)
     assert not any(
         b.visual_cross_attention.positions_in_values
+        for b in build_transformer_decoder(tiny_cfg(), 24, MASK_DIM, TEXT_DIM).blocks
+    )
+
+
+@pytest.mark.parametrize("positions_in_values", [False, True])
+def test_self_attention_values_carry_positions_only_when_asked(positions_in_values):
+    """Two queries, the second's key made dominant: query 0 reads (almost) only query 1's value,
+    which is query 1's content plus, when asked, its position."""
+    torch.manual_seed(0)
+    layer = SelfAttentionLayer(8, 1, positions_in_values=positions_in_values).eval()
+    with torch.no_grad():  # queries and keys = their inputs, so a large input makes a dominant key
+        layer.attention.in_proj_weight[:16].copy_(torch.eye(8).repeat(2, 1))
+        layer.attention.in_proj_bias.zero_()
+    queries, position = torch.randn(1, 2, 8), torch.randn(1, 2, 8)
+    queries[0, 0], position[0, 0] = 1.0, 0.0  # query 0 looks along the all-ones direction ...
+    position[0, 1] = 50.0  # ... and query 1's key points far along it
+    out = layer(queries, position)
+
+    attention = layer.attention
+    w_v, b_v = attention.in_proj_weight[16:], attention.in_proj_bias[16:]
+    value = queries[0, 1] + (position[0, 1] if positions_in_values else 0.0)
+    expected = layer.norm(queries[0, 0] + attention.out_proj(value @ w_v.T + b_v))
+    assert torch.allclose(out[0, 0], expected, atol=1e-4)
+
+
+def test_decoder_reads_self_attention_positions_in_values_from_the_config():
+    cfg = tiny_cfg()
+    cfg.MODEL.INSTALIGN.SELF_ATTENTION_POSITIONS_IN_VALUES = True
+    decoder = build_transformer_decoder(cfg, 24, MASK_DIM, TEXT_DIM)
+    assert all(b.self_attention.positions_in_values for b in decoder.blocks)
+    assert not any(
+        b.self_attention.positions_in_values
         for b in build_transformer_decoder(tiny_cfg(), 24, MASK_DIM, TEXT_DIM).blocks
     )
 

@@ -90,14 +90,24 @@ class CrossAttentionLayer(_AttentionLayer):
 
 
 class SelfAttentionLayer(_AttentionLayer):
-    """Queries attend to each other (lets them compete for objects and avoid duplicates)."""
+    """Queries attend to each other (lets them compete for objects and avoid duplicates).
+
+    With ``positions_in_values`` the queries' positional embeddings are added to the values as
+    well: what a query reads from the others then carries where they are, so it can compare
+    their positions with its own (its own position enters its content only in this way too).
+    """
+
+    def __init__(self, *args, positions_in_values: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)  # the arguments of _AttentionLayer
+        self.positions_in_values = positions_in_values
 
     def forward(
         self, queries: torch.Tensor, query_pos: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
         x = self._input(queries)
         q = k = with_position(x, query_pos)
-        update = self.attention(q, k, value=x, need_weights=False)[0]
+        value = k if self.positions_in_values else x
+        update = self.attention(q, k, value=value, need_weights=False)[0]
         return self._add_residual(queries, update)
 
 

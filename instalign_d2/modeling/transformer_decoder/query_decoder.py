@@ -44,13 +44,20 @@ class DecoderBlock(nn.Module):
         pre_norm: bool,
         text_layer: Optional[nn.Module],
         positions_in_values: bool = False,
+        self_attention_positions_in_values: bool = False,
     ):
         super().__init__()
         self.visual_cross_attention = CrossAttentionLayer(
             dim, nheads, dropout=dropout, pre_norm=pre_norm, positions_in_values=positions_in_values
         )
         self.text_interaction = text_layer
-        self.self_attention = SelfAttentionLayer(dim, nheads, dropout=dropout, pre_norm=pre_norm)
+        self.self_attention = SelfAttentionLayer(
+            dim,
+            nheads,
+            dropout=dropout,
+            pre_norm=pre_norm,
+            positions_in_values=self_attention_positions_in_values,
+        )
         self.ffn = FeedForwardLayer(dim, dim_feedforward, dropout=dropout, pre_norm=pre_norm)
 
     def forward(
@@ -96,6 +103,7 @@ class QueryDecoder(nn.Module):
         num_feature_levels: int = 3,
         positions_in_values: bool = False,
         query_positions_from_masks: bool = False,
+        self_attention_positions_in_values: bool = False,
     ):
         """
         Args:
@@ -111,6 +119,10 @@ class QueryDecoder(nn.Module):
             query_positions_from_masks: before each block, add to each query's learned positional
                 embedding an embedding of its current mask's centre and spread (the paper is
                 silent; see :mod:`.mask_positions`).
+            self_attention_positions_in_values: add the queries' positional embeddings (with
+                ``query_positions_from_masks``, where their masks lie) to the values of their
+                self-attention, so that a query reads where the others are (the paper is silent;
+                Mask2Former adds them to the queries and keys only).
         """
         super().__init__()
         if hidden_dim % 4:
@@ -153,6 +165,7 @@ class QueryDecoder(nn.Module):
                     else None
                 ),
                 positions_in_values,
+                self_attention_positions_in_values,
             )
             for _ in range(dec_layers)
         )
@@ -179,6 +192,7 @@ class QueryDecoder(nn.Module):
             "dropout": c.DROPOUT,
             "positions_in_values": c.POSITIONS_IN_VALUES,
             "query_positions_from_masks": c.QUERY_POSITIONS_FROM_MASKS,
+            "self_attention_positions_in_values": c.SELF_ATTENTION_POSITIONS_IN_VALUES,
         }
 
     def _visual_tokens(
