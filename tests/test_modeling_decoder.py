@@ -215,14 +215,25 @@ def test_cross_attention_values_carry_positions_only_when_asked(positions_in_val
     assert torch.allclose(out[0, 0], expected, atol=1e-5)
 
 
-def test_decoder_reads_positions_in_values_from_the_config():
+@pytest.mark.parametrize(
+    "key, layer",
+    [
+        ("POSITIONS_IN_VALUES", "visual_cross_attention"),
+        ("SELF_ATTENTION_POSITIONS_IN_VALUES", "self_attention"),
+    ],
+)
+def test_decoder_reads_positions_in_values_from_the_config(key, layer):
+    """Each switch turns on its own attention in every block, and only that one."""
     cfg = tiny_cfg()
-    cfg.MODEL.INSTALIGN.POSITIONS_IN_VALUES = True
+    cfg.MODEL.INSTALIGN[key] = True
+    layers = ("visual_cross_attention", "self_attention")
     decoder = build_transformer_decoder(cfg, 24, MASK_DIM, TEXT_DIM)
-    assert all(b.visual_cross_attention.positions_in_values for b in decoder.blocks)
+    for name in layers:
+        assert all(getattr(b, name).positions_in_values == (name == layer) for b in decoder.blocks)
     assert not any(
-        b.visual_cross_attention.positions_in_values
+        getattr(b, name).positions_in_values
         for b in build_transformer_decoder(tiny_cfg(), 24, MASK_DIM, TEXT_DIM).blocks
+        for name in layers
     )
 
 
@@ -245,17 +256,6 @@ def test_self_attention_values_carry_positions_only_when_asked(positions_in_valu
     value = queries[0, 1] + (position[0, 1] if positions_in_values else 0.0)
     expected = layer.norm(queries[0, 0] + attention.out_proj(value @ w_v.T + b_v))
     assert torch.allclose(out[0, 0], expected, atol=1e-4)
-
-
-def test_decoder_reads_self_attention_positions_in_values_from_the_config():
-    cfg = tiny_cfg()
-    cfg.MODEL.INSTALIGN.SELF_ATTENTION_POSITIONS_IN_VALUES = True
-    decoder = build_transformer_decoder(cfg, 24, MASK_DIM, TEXT_DIM)
-    assert all(b.self_attention.positions_in_values for b in decoder.blocks)
-    assert not any(
-        b.self_attention.positions_in_values
-        for b in build_transformer_decoder(tiny_cfg(), 24, MASK_DIM, TEXT_DIM).blocks
-    )
 
 
 def test_prediction_heads_shapes():

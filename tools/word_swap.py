@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import copy
 import os
 import re
 import sys
@@ -112,13 +111,15 @@ def measure(
         if found is None:
             continue
         word, swapped_text = found
-        swapped = copy.deepcopy(record)
-        swapped["sentence"] = (
-            dict(sentence, raw=swapped_text, sent=swapped_text)
-            if isinstance(sentence, dict)
-            else swapped_text
+        swapped = dict(
+            record,  # the mapper leaves its input as it is: a shallow copy is enough
+            sentence=(
+                dict(sentence, raw=swapped_text, sent=swapped_text)
+                if isinstance(sentence, dict)
+                else swapped_text
+            ),
         )
-        batch = [mapper(copy.deepcopy(record)), mapper(swapped)]
+        batch = [mapper(record), mapper(swapped)]
         outputs, visual, _ = model.compute_outputs(batch)  # one image: one visual pass
         final = outputs["predictions"][-1]
         size = visual.image_sizes[0]

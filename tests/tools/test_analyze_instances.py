@@ -4,11 +4,7 @@ import json
 
 import pytest
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import DatasetCatalog
-from detectron2.modeling import build_model
-
-import train_net
 
 
 def boxes(size, *spans):
@@ -42,20 +38,11 @@ def test_best_query_and_oracle_on_drawn_masks(load_tool):
     assert not tool.oracle_union(queries[2:], truth).any()
 
 
-def test_run_on_a_tiny_model(load_tool, repo_root, tmp_path, tiny_training_opts, capsys):
+def test_run_on_a_tiny_model(load_tool, tmp_path, tiny_checkpoint, capsys):
     tool = load_tool("analyze_instances")
-    opts = tiny_training_opts + ["MODEL.TIMM.SYNTHETIC_PRETRAIN.ITERATIONS", "0"]
-    opts += ["MODEL.TIMM.PRETRAINED_WEIGHTS", ""]
-    cfg = load_tool("profile_train_step").build_cfg(
-        f"{repo_root}/configs/synthetic/instalign_tiny.yaml", opts
-    )
-    train_net.prepare_data(cfg)
-    weights = str(tmp_path / "model.pth")
-    DetectionCheckpointer(build_model(cfg), save_dir=str(tmp_path)).save("model")
     out = tmp_path / "analysis.json"
-    config = tmp_path / "config.yaml"
-    config.write_text(cfg.dump())
-    assert tool.main(["--config-file", str(config), "--weights", weights, "--json", str(out)]) == 0
+    config, weights = tiny_checkpoint.config, tiny_checkpoint.weights
+    assert tool.main(["--config-file", config, "--weights", weights, "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     targets = [d for d in DatasetCatalog.get("synthetic_gres_val") if not d["empty"]]
     assert result["all"]["expressions"] == len(targets)
@@ -65,4 +52,4 @@ def test_run_on_a_tiny_model(load_tool, repo_root, tmp_path, tiny_training_opts,
     for g in groups | {"all"}:
         assert all(0.0 <= result[g][m] <= 100.0 for m in tool.MEASURES)
     assert "best query IoU %" in capsys.readouterr().out
-    assert tool.main(["--config-file", str(config), "--weights", str(tmp_path / "no.pth")]) == 2
+    assert tool.main(["--config-file", config, "--weights", str(tmp_path / "no.pth")]) == 2

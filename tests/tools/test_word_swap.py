@@ -5,11 +5,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import DatasetCatalog
-from detectron2.modeling import build_model
-
-import train_net
 
 
 def test_swaps_go_both_ways_and_bad_pairs_are_named(load_tool):
@@ -43,23 +39,13 @@ def test_the_first_whole_word_is_swapped(load_tool):
     assert tool.first_difference(torch.tensor([0, 5]), torch.tensor([0, 5])) == -1
 
 
-def test_run_on_a_tiny_model(load_tool, repo_root, tmp_path, tiny_training_opts, capsys):
+def test_run_on_a_tiny_model(load_tool, tmp_path, tiny_checkpoint, capsys):
     tool = load_tool("word_swap")
-    opts = tiny_training_opts + ["MODEL.TIMM.SYNTHETIC_PRETRAIN.ITERATIONS", "0"]
-    opts += ["MODEL.TIMM.PRETRAINED_WEIGHTS", ""]
-    cfg = load_tool("profile_train_step").build_cfg(
-        f"{repo_root}/configs/synthetic/instalign_tiny.yaml", opts
-    )
-    train_net.prepare_data(cfg)
-    torch.manual_seed(0)
-    model = build_model(cfg).eval()
-    weights = str(tmp_path / "model.pth")
-    DetectionCheckpointer(model, save_dir=str(tmp_path)).save("model")
-    config = tmp_path / "config.yaml"
-    config.write_text(cfg.dump())
+    cfg, model = tiny_checkpoint.cfg, tiny_checkpoint.model
     out = tmp_path / "swap.json"
     # Every generated expression starts with "the" (or "all"/"both"): swap it for "all".
-    argv = ["--config-file", str(config), "--weights", weights, "--swap", "the=all"]
+    argv = ["--config-file", tiny_checkpoint.config, "--weights", tiny_checkpoint.weights]
+    argv += ["--swap", "the=all"]
     assert tool.main(argv + ["--json", str(out)]) == 0
     result = json.loads(out.read_text())
     targets = [d for d in DatasetCatalog.get("synthetic_gres_val") if not d["empty"]]

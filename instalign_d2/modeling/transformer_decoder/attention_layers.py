@@ -43,10 +43,22 @@ class _ResidualLayer(nn.Module):
 
 
 class _AttentionLayer(_ResidualLayer):
-    """A multi-head attention sub-layer (the parameters of cross- and self-attention alike)."""
+    """A multi-head attention sub-layer (the parameters of cross- and self-attention alike).
 
-    def __init__(self, dim: int, nheads: int, dropout: float = 0.0, pre_norm: bool = False):
+    ``positions_in_values``: add the keys' positional embeddings to the values as well (each
+    subclass says what that means for it).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        nheads: int,
+        dropout: float = 0.0,
+        pre_norm: bool = False,
+        positions_in_values: bool = False,
+    ):
         super().__init__()
+        self.positions_in_values = positions_in_values
         self.attention = nn.MultiheadAttention(dim, nheads, dropout=dropout, batch_first=True)
         self.norm = nn.LayerNorm(dim)
         self.dropout = nn.Dropout(dropout)
@@ -62,10 +74,6 @@ class CrossAttentionLayer(_AttentionLayer):
     the memory's positions are added to the values too, not only to the keys: the update then
     carries the attention-weighted position of what the query read.
     """
-
-    def __init__(self, *args, positions_in_values: bool = False, **kwargs):
-        super().__init__(*args, **kwargs)  # the arguments of _AttentionLayer
-        self.positions_in_values = positions_in_values
 
     def forward(
         self,
@@ -96,10 +104,6 @@ class SelfAttentionLayer(_AttentionLayer):
     well: what a query reads from the others then carries where they are, so it can compare
     their positions with its own (its own position enters its content only in this way too).
     """
-
-    def __init__(self, *args, positions_in_values: bool = False, **kwargs):
-        super().__init__(*args, **kwargs)  # the arguments of _AttentionLayer
-        self.positions_in_values = positions_in_values
 
     def forward(
         self, queries: torch.Tensor, query_pos: Optional[torch.Tensor] = None
