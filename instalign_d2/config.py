@@ -126,6 +126,10 @@ def add_instalign_config(cfg: CN) -> CN:
     # is silent; False is Mask2Former's reading), so that a query reads where the others lie and
     # can tell whether another object of its kind is left of it ("the leftmost ...").
     cfg.MODEL.INSTALIGN.SELF_ATTENTION_POSITIONS_IN_VALUES = False
+    # Add to the self-attention logits a learned bias per head from where each query's current
+    # mask lies relative to the other's (the paper is silent; False is Mask2Former's reading), so
+    # that a head can read the queries left of it and learn whether it is the leftmost of its kind.
+    cfg.MODEL.INSTALIGN.SELF_ATTENTION_GEOMETRY_BIAS = False
     cfg.MODEL.INSTALIGN.SIZE_DIVISIBILITY = (
         32  # images are zero-padded to a multiple of this (backbone stride)
     )

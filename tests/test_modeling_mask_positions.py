@@ -1,12 +1,17 @@
-"""Query positional embeddings from the queries' masks (MODEL.INSTALIGN.QUERY_POSITIONS_FROM_MASKS)."""
+"""Positions of the queries taken from their masks: their positional embeddings
+(MODEL.INSTALIGN.QUERY_POSITIONS_FROM_MASKS) and the self-attention's geometry bias
+(MODEL.INSTALIGN.SELF_ATTENTION_GEOMETRY_BIAS)."""
 
 import pytest
 import torch
 from test_modeling_decoder import MASK_DIM, TEXT_DIM, inputs, tiny_cfg
 
 from instalign_d2.modeling.transformer_decoder import build_transformer_decoder
+from instalign_d2.modeling.transformer_decoder.attention_layers import SelfAttentionLayer
 from instalign_d2.modeling.transformer_decoder.mask_positions import (
+    OFFSET_SCALE,
     MaskPositionEmbedding,
+    RelativeGeometryBias,
     mask_geometry,
 )
 
@@ -85,3 +90,80 @@ def test_the_decoder_uses_the_masks_positions_only_when_asked():
     loss = with_masks(features, mask_features, text, pad)["predictions"][-1]["mask_logits"].sum()
     loss.backward()
     assert with_masks.mask_position_embed.mlp.layers[0].weight.grad.abs().sum() > 0
+
+
+def _left_and_right_boxes():
+    """Two queries in one image: query 0's mask on the left, query 1's on the right."""
+    logits = torch.full((1, 2, 8, 8), -BIG)
+    logits[0, 0, 2:5, 0:2] = BIG
+    logits[0, 1, 2:5, 6:8] = BIG
+    return logits
+
+
+def test_geometry_bias_starts_at_zero_in_the_attention_mask_layout():
+    bias = RelativeGeometryBias(nheads=3)
+    out = bias(torch.randn(2, 5, 8, 8))
+    assert out.shape == (2 * 3, 5, 5)  # (B * nheads, reading query, read query)
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+def test_geometry_bias_tells_which_query_lies_left_of_which():
+    bias = RelativeGeometryBias(nheads=2, hidden_dim=4)
+    first, last = bias.mlp.layers
+    with torch.no_grad():
+        # Hidden unit 0 fires when the read query lies left of the reading one (x_j < x_i);
+        # head 0 reads it, head 1 reads nothing.
+        first.weight.zero_(), first.bias.zero_(), last.weight.zero_(), last.bias.zero_()
+        first.weight[0, 0] = -1.0
+        last.weight[0, 0] = 1.0
+    out = bias(_left_and_right_boxes()).view(1, 2, 2, 2)  # (B, head, i, j)
+    offset = (0.875 - 0.125) * OFFSET_SCALE  # the two centres are 0.75 of the side apart
+    assert out[0, 0, 1, 0].item() == pytest.approx(offset, abs=1e-4)  # right query reads left one
+    assert out[0, 0, 0, 1].item() == pytest.approx(0.0, abs=1e-6)  # not the other way round
+    assert torch.allclose(out.diagonal(dim1=-2, dim2=-1), torch.zeros(1, 2, 2))
+    assert torch.equal(out[0, 1], torch.zeros(2, 2))
+
+
+def test_self_attention_adds_the_bias_to_each_heads_logits():
+    """A bias that lets every query of batch element 1 read only query 2: each of its updates is
+    out_proj(W_v x_2), while batch element 0 (no bias) reads all queries."""
+    torch.manual_seed(0)
+    nheads, n = 2, 4
+    layer = SelfAttentionLayer(8, nheads).eval()
+    queries = torch.randn(2, n, 8)
+    bias = torch.zeros(2, nheads, n, n)
+    bias[1] = -1e4
+    bias[1, :, :, 2] = 0.0
+    out = layer(queries, None, bias.flatten(0, 1))
+
+    attention = layer.attention
+    update = attention.out_proj(
+        queries[1, 2] @ attention.in_proj_weight[16:].T + attention.in_proj_bias[16:]
+    )
+    assert torch.allclose(out[1], layer.norm(queries[1] + update), atol=1e-5)
+    assert torch.allclose(out[0], layer(queries, None, None)[0], atol=1e-6)
+
+
+def test_the_decoder_uses_the_geometry_bias_only_when_asked():
+    features, mask_features, text, pad = inputs()
+    cfg = tiny_cfg()
+    cfg.MODEL.INSTALIGN.SELF_ATTENTION_GEOMETRY_BIAS = True
+    torch.manual_seed(0)
+    with_bias = build_transformer_decoder(cfg, 24, MASK_DIM, TEXT_DIM).eval()
+    torch.manual_seed(0)
+    plain = build_transformer_decoder(tiny_cfg(), 24, MASK_DIM, TEXT_DIM).eval()
+    assert plain.geometry_bias is None and with_bias.geometry_bias is not None
+
+    # Zero-initialised: the same decoder as the plain one until the bias learns something.
+    plain.load_state_dict(with_bias.state_dict(), strict=False)
+    out_plain = plain(features, mask_features, text, pad)["predictions"]
+    out_zero = with_bias(features, mask_features, text, pad)["predictions"]
+    assert torch.allclose(out_zero[-1]["mask_logits"], out_plain[-1]["mask_logits"], atol=1e-5)
+
+    with_bias.train()
+    torch.nn.init.normal_(with_bias.geometry_bias.mlp.layers[-1].weight)
+    out_with = with_bias(features, mask_features, text, pad)["predictions"]
+    assert torch.allclose(out_with[0]["mask_logits"], out_plain[0]["mask_logits"])
+    assert not torch.allclose(out_with[1]["queries"], out_plain[1]["queries"], atol=1e-4)
+    out_with[-1]["mask_logits"].sum().backward()
+    assert with_bias.geometry_bias.mlp.layers[0].weight.grad.abs().sum() > 0

@@ -106,12 +106,16 @@ class SelfAttentionLayer(_AttentionLayer):
     """
 
     def forward(
-        self, queries: torch.Tensor, query_pos: Optional[torch.Tensor] = None
+        self,
+        queries: torch.Tensor,
+        query_pos: Optional[torch.Tensor] = None,
+        attn_bias: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
+        """``attn_bias``: ``(B * nheads, N, N)`` float, added to the attention logits."""
         x = self._input(queries)
         q = k = with_position(x, query_pos)
         value = k if self.positions_in_values else x
-        update = self.attention(q, k, value=value, need_weights=False)[0]
+        update = self.attention(q, k, value=value, attn_mask=attn_bias, need_weights=False)[0]
         return self._add_residual(queries, update)
 
 

@@ -1,11 +1,15 @@
-"""Positional embeddings of the object queries taken from where their masks are.
+"""Where the object queries' masks lie, as positions for the decoder's attentions.
 
 The paper is silent on the queries' positions inside the POT blocks; Mask2Former gives each query
 a learned positional embedding that is the same for every image. With
 ``MODEL.INSTALIGN.QUERY_POSITIONS_FROM_MASKS`` each block also adds to it an embedding of the
 query's current mask — its centre and spread — so that the self-attention can compare queries by
 where their objects lie ("the leftmost small shape" is the small shape no other small shape is
-left of), in the spirit of the box queries of DAB-DETR.
+left of), in the spirit of the box queries of DAB-DETR. With
+``MODEL.INSTALIGN.SELF_ATTENTION_GEOMETRY_BIAS`` the self-attention instead gets, for every pair
+of queries, a learned bias per head from where one mask lies relative to the other (the geometric
+weights of Relation Networks, Hu et al. 2018): a head can then read exactly the queries whose
+objects lie to its left, and the query learn whether one of them is of its kind.
 """
 
 from __future__ import annotations
@@ -59,3 +63,35 @@ class MaskPositionEmbedding(nn.Module):
         geometry = mask_geometry(mask_logits) * 2 * torch.pi  # one period over the image
         encoded = sine_encoding(geometry, self.feats_per_number, self.temperature).flatten(-2)
         return self.mlp(encoded.to(mask_logits.dtype))
+
+
+# Relative offsets are multiplied by this before the MLP, so that the objects of one image (a
+# quarter of the side apart, or more) differ by about one unit at its input.
+OFFSET_SCALE = 4.0
+
+
+class RelativeGeometryBias(nn.Module):
+    """Mask geometry of every ordered pair of queries -> an additive self-attention logit per head.
+
+    For queries ``i`` (reading) and ``j`` (read), the MLP sees the offset of ``j``'s centre from
+    ``i``'s, ``(x_j - x_i, y_j - y_i)``, and the log-ratios of their spreads. Its last layer starts
+    at zero, so the bias starts at zero and the decoder starts as Mask2Former's.
+    """
+
+    def __init__(self, nheads: int, hidden_dim: int = 32):
+        super().__init__()
+        self.nheads = nheads
+        self.mlp = MLP(4, hidden_dim, nheads, 2)
+        nn.init.zeros_(self.mlp.layers[-1].weight)
+        nn.init.zeros_(self.mlp.layers[-1].bias)
+
+    def forward(self, mask_logits: torch.Tensor) -> torch.Tensor:
+        """``(B, N, H, W)`` mask logits -> ``(B * nheads, N, N)`` float attention bias, row ``i``
+        for the reading query (the layout of ``nn.MultiheadAttention``'s ``attn_mask``)."""
+        geometry = mask_geometry(mask_logits)
+        centre, spread = geometry[..., :2], geometry[..., 2:].clamp_min(1e-3).log()
+        offset = (centre[:, None, :, :] - centre[:, :, None, :]) * OFFSET_SCALE  # [b, i, j]
+        size_ratio = spread[:, None, :, :] - spread[:, :, None, :]
+        pairs = torch.cat((offset, size_ratio), dim=-1).to(mask_logits.dtype)  # (B, N, N, 4)
+        bias = self.mlp(pairs).permute(0, 3, 1, 2)  # (B, nheads, N, N)
+        return bias.flatten(0, 1)

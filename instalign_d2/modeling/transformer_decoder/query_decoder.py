@@ -27,7 +27,7 @@ from torch import nn
 from ..position_encoding import PositionEmbeddingSine
 from .attention_layers import CrossAttentionLayer, FeedForwardLayer, SelfAttentionLayer
 from .build import TRANSFORMER_DECODER_REGISTRY
-from .mask_positions import MaskPositionEmbedding
+from .mask_positions import MaskPositionEmbedding, RelativeGeometryBias
 from .prediction_heads import InstancePredictionHeads, masked_attention_mask
 from .text_attention import ObjectTextCrossAttention, QueriesReadText
 
@@ -69,13 +69,14 @@ class DecoderBlock(nn.Module):
         visual_pos: torch.Tensor,
         attn_mask: Optional[torch.Tensor],
         query_pos: torch.Tensor,
+        self_attention_bias: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         queries = self.visual_cross_attention(
             queries, visual, attn_mask=attn_mask, memory_pos=visual_pos, query_pos=query_pos
         )
         if self.text_interaction is not None:
             queries, text = self.text_interaction(queries, text, text_pad_mask, query_pos)
-        queries = self.self_attention(queries, query_pos)
+        queries = self.self_attention(queries, query_pos, self_attention_bias)
         return self.ffn(queries), text
 
 
@@ -104,6 +105,7 @@ class QueryDecoder(nn.Module):
         positions_in_values: bool = False,
         query_positions_from_masks: bool = False,
         self_attention_positions_in_values: bool = False,
+        self_attention_geometry_bias: bool = False,
     ):
         """
         Args:
@@ -123,6 +125,10 @@ class QueryDecoder(nn.Module):
                 ``query_positions_from_masks``, where their masks lie) to the values of their
                 self-attention, so that a query reads where the others are (the paper is silent;
                 Mask2Former adds them to the queries and keys only).
+            self_attention_geometry_bias: before each block, a learned bias per head and per
+                pair of queries, from where one's current mask lies relative to the other's,
+                added to the self-attention logits (the paper is silent; see
+                :mod:`.mask_positions`).
         """
         super().__init__()
         if hidden_dim % 4:
@@ -173,6 +179,7 @@ class QueryDecoder(nn.Module):
         self.mask_position_embed = (
             MaskPositionEmbedding(hidden_dim) if query_positions_from_masks else None
         )
+        self.geometry_bias = RelativeGeometryBias(nheads) if self_attention_geometry_bias else None
 
     @classmethod
     def from_config(cls, cfg, in_channels: int, mask_dim: int, text_dim: int):
@@ -193,6 +200,7 @@ class QueryDecoder(nn.Module):
             "positions_in_values": c.POSITIONS_IN_VALUES,
             "query_positions_from_masks": c.QUERY_POSITIONS_FROM_MASKS,
             "self_attention_positions_in_values": c.SELF_ATTENTION_POSITIONS_IN_VALUES,
+            "self_attention_geometry_bias": c.SELF_ATTENTION_GEOMETRY_BIAS,
         }
 
     def _visual_tokens(
@@ -254,11 +262,11 @@ class QueryDecoder(nn.Module):
                 if self.mask_attention
                 else None
             )
+            masks = predictions[-1]["mask_logits"]
             block_query_pos = query_pos
             if self.mask_position_embed is not None:
-                block_query_pos = query_pos + self.mask_position_embed(
-                    predictions[-1]["mask_logits"]
-                )
+                block_query_pos = query_pos + self.mask_position_embed(masks)
+            geometry_bias = self.geometry_bias(masks) if self.geometry_bias is not None else None
             queries, text = block(
                 queries,
                 text,
@@ -267,6 +275,7 @@ class QueryDecoder(nn.Module):
                 positions[level],
                 attn_mask,
                 block_query_pos,
+                geometry_bias,
             )
             predictions.append(self._predict(queries, text, mask_features))
         return {"predictions": predictions, "text_pad_mask": text_pad_mask}
