@@ -60,19 +60,25 @@ def test_the_embedding_tells_left_from_right_and_has_the_query_shape():
         MaskPositionEmbedding(12)
 
 
+def _decoders_with_and_without(switch):
+    """The tiny decoder with ``MODEL.INSTALIGN.<switch>`` on, and the plain one with the same
+    weights everywhere else (its own weights loaded from the first)."""
+    cfg = tiny_cfg()
+    cfg.MODEL.INSTALIGN[switch] = True
+    torch.manual_seed(0)
+    with_switch = build_transformer_decoder(cfg, 24, MASK_DIM, TEXT_DIM).eval()
+    plain = build_transformer_decoder(tiny_cfg(), 24, MASK_DIM, TEXT_DIM).eval()
+    plain.load_state_dict(with_switch.state_dict(), strict=False)
+    return with_switch, plain
+
+
 def test_the_decoder_uses_the_masks_positions_only_when_asked():
     features, mask_features, text, pad = inputs()
-    cfg = tiny_cfg()
-    cfg.MODEL.INSTALIGN.QUERY_POSITIONS_FROM_MASKS = True
-    torch.manual_seed(0)
-    with_masks = build_transformer_decoder(cfg, 24, MASK_DIM, TEXT_DIM).eval()
-    torch.manual_seed(0)
-    plain = build_transformer_decoder(tiny_cfg(), 24, MASK_DIM, TEXT_DIM).eval()
+    with_masks, plain = _decoders_with_and_without("QUERY_POSITIONS_FROM_MASKS")
     assert plain.mask_position_embed is None and with_masks.mask_position_embed is not None
 
-    # Same weights everywhere else: the outputs differ only through the mask positions, and
-    # they differ from the first block on (the initial prediction is the same).
-    plain.load_state_dict(with_masks.state_dict(), strict=False)
+    # The outputs differ only through the mask positions, and they differ from the first block
+    # on (the initial prediction is the same).
     out_with = with_masks(features, mask_features, text, pad)["predictions"]
     out_plain = plain(features, mask_features, text, pad)["predictions"]
     assert torch.allclose(out_with[0]["mask_logits"], out_plain[0]["mask_logits"])
@@ -146,16 +152,10 @@ def test_self_attention_adds_the_bias_to_each_heads_logits():
 
 def test_the_decoder_uses_the_geometry_bias_only_when_asked():
     features, mask_features, text, pad = inputs()
-    cfg = tiny_cfg()
-    cfg.MODEL.INSTALIGN.SELF_ATTENTION_GEOMETRY_BIAS = True
-    torch.manual_seed(0)
-    with_bias = build_transformer_decoder(cfg, 24, MASK_DIM, TEXT_DIM).eval()
-    torch.manual_seed(0)
-    plain = build_transformer_decoder(tiny_cfg(), 24, MASK_DIM, TEXT_DIM).eval()
+    with_bias, plain = _decoders_with_and_without("SELF_ATTENTION_GEOMETRY_BIAS")
     assert plain.geometry_bias is None and with_bias.geometry_bias is not None
 
     # Zero-initialised: the same decoder as the plain one until the bias learns something.
-    plain.load_state_dict(with_bias.state_dict(), strict=False)
     out_plain = plain(features, mask_features, text, pad)["predictions"]
     out_zero = with_bias(features, mask_features, text, pad)["predictions"]
     assert torch.allclose(out_zero[-1]["mask_logits"], out_plain[-1]["mask_logits"], atol=1e-5)

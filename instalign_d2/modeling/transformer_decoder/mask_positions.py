@@ -80,7 +80,6 @@ class RelativeGeometryBias(nn.Module):
 
     def __init__(self, nheads: int, hidden_dim: int = 32):
         super().__init__()
-        self.nheads = nheads
         self.mlp = MLP(4, hidden_dim, nheads, 2)
         nn.init.zeros_(self.mlp.layers[-1].weight)
         nn.init.zeros_(self.mlp.layers[-1].bias)
