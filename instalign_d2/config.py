@@ -130,6 +130,9 @@ def add_instalign_config(cfg: CN) -> CN:
     # mask lies relative to the other's (the paper is silent; False is Mask2Former's reading), so
     # that a head can read the queries left of it and learn whether it is the leftmost of its kind.
     cfg.MODEL.INSTALIGN.SELF_ATTENTION_GEOMETRY_BIAS = False
+    # The geometry bias also reads a code of the expression (its mean word feature), so that a
+    # spatial word can choose the side a head reads (needs SELF_ATTENTION_GEOMETRY_BIAS).
+    cfg.MODEL.INSTALIGN.SELF_ATTENTION_GEOMETRY_BIAS_READS_TEXT = False
     cfg.MODEL.INSTALIGN.SIZE_DIVISIBILITY = (
         32  # images are zero-padded to a multiple of this (backbone stride)
     )

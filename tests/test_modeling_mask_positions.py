@@ -167,3 +167,40 @@ def test_the_decoder_uses_the_geometry_bias_only_when_asked():
     assert not torch.allclose(out_with[1]["queries"], out_plain[1]["queries"], atol=1e-4)
     out_with[-1]["mask_logits"].sum().backward()
     assert with_bias.geometry_bias.mlp.layers[0].weight.grad.abs().sum() > 0
+
+
+def test_the_geometry_bias_reads_the_expression_only_when_built_to():
+    masks = _left_and_right_boxes().expand(2, -1, -1, -1)  # two expressions, one image
+    text = torch.randn(2, 5, 16)
+    pad = torch.zeros(2, 5, dtype=torch.bool)
+    pad[1, 3:] = True
+    torch.manual_seed(0)
+    for bias in (RelativeGeometryBias(2, text_dim=16), RelativeGeometryBias(2)):
+        torch.nn.init.normal_(bias.mlp.layers[-1].weight)
+        out = bias(masks, text, pad).view(2, 2, 2, 2)
+        reads_text = bias.text_code is not None
+        assert torch.allclose(out[0], out[1]) != reads_text  # same masks, other words
+    # Padding does not count: the second expression's padded words change nothing.
+    text_changed_in_padding = text.clone()
+    text_changed_in_padding[1, 3:] += 5.0
+    reading = RelativeGeometryBias(2, text_dim=16)
+    torch.nn.init.normal_(reading.mlp.layers[-1].weight)
+    assert torch.allclose(reading(masks, text, pad), reading(masks, text_changed_in_padding, pad))
+    with pytest.raises(ValueError, match="without it"):
+        reading(masks)
+
+
+def test_the_text_reading_bias_needs_the_bias():
+    cfg = tiny_cfg()
+    cfg.MODEL.INSTALIGN.SELF_ATTENTION_GEOMETRY_BIAS_READS_TEXT = True
+    with pytest.raises(ValueError, match="SELF_ATTENTION_GEOMETRY_BIAS True"):
+        build_transformer_decoder(cfg, 24, MASK_DIM, TEXT_DIM)
+    cfg.MODEL.INSTALIGN.SELF_ATTENTION_GEOMETRY_BIAS = True
+    decoder = build_transformer_decoder(cfg, 24, MASK_DIM, TEXT_DIM)
+    assert decoder.geometry_bias.text_code.in_features == cfg.MODEL.INSTALIGN.HIDDEN_DIM
+    features, mask_features, text, pad = inputs()
+    torch.nn.init.normal_(decoder.geometry_bias.mlp.layers[-1].weight)
+    decoder(features, mask_features, text, pad)["predictions"][-1][
+        "relevance_logits"
+    ].sum().backward()
+    assert decoder.geometry_bias.text_code.weight.grad.abs().sum() > 0

@@ -106,6 +106,7 @@ class QueryDecoder(nn.Module):
         query_positions_from_masks: bool = False,
         self_attention_positions_in_values: bool = False,
         self_attention_geometry_bias: bool = False,
+        geometry_bias_reads_text: bool = False,
     ):
         """
         Args:
@@ -129,6 +130,8 @@ class QueryDecoder(nn.Module):
                 pair of queries, from where one's current mask lies relative to the other's,
                 added to the self-attention logits (the paper is silent; see
                 :mod:`.mask_positions`).
+            geometry_bias_reads_text: the geometry bias also reads a code of the expression
+                (requires ``self_attention_geometry_bias``).
         """
         super().__init__()
         if hidden_dim % 4:
@@ -179,7 +182,16 @@ class QueryDecoder(nn.Module):
         self.mask_position_embed = (
             MaskPositionEmbedding(hidden_dim) if query_positions_from_masks else None
         )
-        self.geometry_bias = RelativeGeometryBias(nheads) if self_attention_geometry_bias else None
+        if geometry_bias_reads_text and not self_attention_geometry_bias:
+            raise ValueError(
+                "MODEL.INSTALIGN.SELF_ATTENTION_GEOMETRY_BIAS_READS_TEXT needs "
+                "MODEL.INSTALIGN.SELF_ATTENTION_GEOMETRY_BIAS True: the text conditions that bias."
+            )
+        self.geometry_bias = (
+            RelativeGeometryBias(nheads, text_dim=hidden_dim if geometry_bias_reads_text else 0)
+            if self_attention_geometry_bias
+            else None
+        )
 
     @classmethod
     def from_config(cls, cfg, in_channels: int, mask_dim: int, text_dim: int):
@@ -201,6 +213,7 @@ class QueryDecoder(nn.Module):
             "query_positions_from_masks": c.QUERY_POSITIONS_FROM_MASKS,
             "self_attention_positions_in_values": c.SELF_ATTENTION_POSITIONS_IN_VALUES,
             "self_attention_geometry_bias": c.SELF_ATTENTION_GEOMETRY_BIAS,
+            "geometry_bias_reads_text": c.SELF_ATTENTION_GEOMETRY_BIAS_READS_TEXT,
         }
 
     def _visual_tokens(
@@ -266,7 +279,11 @@ class QueryDecoder(nn.Module):
             block_query_pos = query_pos
             if self.mask_position_embed is not None:
                 block_query_pos = query_pos + self.mask_position_embed(masks)
-            geometry_bias = self.geometry_bias(masks) if self.geometry_bias is not None else None
+            geometry_bias = (
+                self.geometry_bias(masks, text, text_pad_mask)
+                if self.geometry_bias is not None
+                else None
+            )
             queries, text = block(
                 queries,
                 text,
