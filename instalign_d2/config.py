@@ -133,6 +133,11 @@ def add_instalign_config(cfg: CN) -> CN:
     # The geometry bias also reads a code of the expression (its mean word feature), so that a
     # spatial word can choose the side a head reads (needs SELF_ATTENTION_GEOMETRY_BIAS).
     cfg.MODEL.INSTALIGN.SELF_ATTENTION_GEOMETRY_BIAS_READS_TEXT = False
+    # Add to every relevance logit a term from where the query's mask lies among the candidates
+    # (a z-score of its centre) times two coefficients the expression sets (the paper is silent;
+    # False is a score read from each query alone): "leftmost" can favour the candidate furthest
+    # left. In the spirit of MAttNet's location module.
+    cfg.MODEL.INSTALIGN.RELATIVE_LOCATION_SCORE = False
     cfg.MODEL.INSTALIGN.SIZE_DIVISIBILITY = (
         32  # images are zero-padded to a multiple of this (backbone stride)
     )

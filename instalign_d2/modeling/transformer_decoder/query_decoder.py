@@ -29,6 +29,7 @@ from .attention_layers import CrossAttentionLayer, FeedForwardLayer, SelfAttenti
 from .build import TRANSFORMER_DECODER_REGISTRY
 from .mask_positions import MaskPositionEmbedding, RelativeGeometryBias
 from .prediction_heads import InstancePredictionHeads, masked_attention_mask
+from .relative_location import RelativeLocationScore
 from .text_attention import ObjectTextCrossAttention, QueriesReadText
 
 
@@ -107,6 +108,7 @@ class QueryDecoder(nn.Module):
         self_attention_positions_in_values: bool = False,
         self_attention_geometry_bias: bool = False,
         geometry_bias_reads_text: bool = False,
+        relative_location_score: bool = False,
     ):
         """
         Args:
@@ -132,6 +134,9 @@ class QueryDecoder(nn.Module):
                 :mod:`.mask_positions`).
             geometry_bias_reads_text: the geometry bias also reads a code of the expression
                 (requires ``self_attention_geometry_bias``).
+            relative_location_score: add to every relevance logit a term from where the query's
+                mask lies among the candidates, weighted by coefficients the expression sets (the
+                paper is silent; see :mod:`.relative_location`).
         """
         super().__init__()
         if hidden_dim % 4:
@@ -192,6 +197,9 @@ class QueryDecoder(nn.Module):
             if self_attention_geometry_bias
             else None
         )
+        self.relative_location = (
+            RelativeLocationScore(hidden_dim) if relative_location_score else None
+        )
 
     @classmethod
     def from_config(cls, cfg, in_channels: int, mask_dim: int, text_dim: int):
@@ -214,6 +222,7 @@ class QueryDecoder(nn.Module):
             "self_attention_positions_in_values": c.SELF_ATTENTION_POSITIONS_IN_VALUES,
             "self_attention_geometry_bias": c.SELF_ATTENTION_GEOMETRY_BIAS,
             "geometry_bias_reads_text": c.SELF_ATTENTION_GEOMETRY_BIAS_READS_TEXT,
+            "relative_location_score": c.RELATIVE_LOCATION_SCORE,
         }
 
     def _visual_tokens(
@@ -233,9 +242,17 @@ class QueryDecoder(nn.Module):
         return tokens, positions, sizes
 
     def _predict(
-        self, queries: torch.Tensor, text: torch.Tensor, mask_features: torch.Tensor
+        self,
+        queries: torch.Tensor,
+        text: torch.Tensor,
+        text_pad_mask: torch.Tensor,
+        mask_features: torch.Tensor,
     ) -> Dict[str, torch.Tensor]:
         relevance_logits, mask_logits = self.heads(queries, mask_features)
+        if self.relative_location is not None:
+            relevance_logits = self.relative_location(
+                relevance_logits, mask_logits, text, text_pad_mask
+            )
         return {
             "relevance_logits": relevance_logits,
             "mask_logits": mask_logits,
@@ -267,7 +284,7 @@ class QueryDecoder(nn.Module):
         queries = self.query_feat.weight.unsqueeze(0).expand(batch, -1, -1)
         query_pos = self.query_embed.weight.unsqueeze(0).expand(batch, -1, -1)
 
-        predictions = [self._predict(queries, text, mask_features)]
+        predictions = [self._predict(queries, text, text_pad_mask, mask_features)]
         for k, block in enumerate(self.blocks):
             level = k % self.num_feature_levels
             attn_mask = (
@@ -294,7 +311,7 @@ class QueryDecoder(nn.Module):
                 block_query_pos,
                 geometry_bias,
             )
-            predictions.append(self._predict(queries, text, mask_features))
+            predictions.append(self._predict(queries, text, text_pad_mask, mask_features))
         return {"predictions": predictions, "text_pad_mask": text_pad_mask}
 
 

@@ -1,0 +1,121 @@
+"""The relevance term from where each instance lies among the candidates
+(MODEL.INSTALIGN.RELATIVE_LOCATION_SCORE)."""
+
+import pytest
+import torch
+from test_modeling_decoder import MASK_DIM, TEXT_DIM, inputs, tiny_cfg
+
+from instalign_d2.modeling.transformer_decoder import build_transformer_decoder
+from instalign_d2.modeling.transformer_decoder.relative_location import (
+    MAX_Z,
+    MIN_SPREAD,
+    RelativeLocationScore,
+    candidate_z_scores,
+)
+
+BIG = 30.0  # a logit whose sigmoid is 1 to float precision
+
+
+def _boxes(columns, size=8):
+    """One image's masks: query ``i`` covers rows 2..4 and the columns ``columns[i]``."""
+    logits = torch.full((1, len(columns), size, size), -BIG)
+    for i, cols in enumerate(columns):
+        logits[0, i, 2:5, cols] = BIG
+    return logits
+
+
+def test_z_scores_place_each_centre_among_the_weighted_candidates():
+    centres = torch.tensor([[[0.4, 0.5], [0.6, 0.5], [0.05, 0.9]]])
+    # Two candidates of equal weight, a third that is no candidate: the first two are one
+    # standard deviation either side of their mean; the third does not move the mean or the
+    # spread, and its own z-score is cut at MAX_Z.
+    z = candidate_z_scores(centres, torch.tensor([[1.0, 1.0, 0.0]]))
+    assert torch.allclose(z[0, :2, 0], torch.tensor([-1.0, 1.0]))
+    assert z[0, 2, 0].item() == pytest.approx(-MAX_Z)
+    # y: both candidates at 0.5, spread 0 -> MIN_SPREAD; the third lies 0.4 below them.
+    assert torch.allclose(z[0, :2, 1], torch.zeros(2))
+    assert z[0, 2, 1].item() == pytest.approx(min(0.4 / MIN_SPREAD, MAX_Z))
+    # A single candidate sits at the mean: z = 0 whatever its place.
+    assert torch.allclose(
+        candidate_z_scores(centres, torch.tensor([[0.0, 1.0, 0.0]]))[0, 1], torch.zeros(2)
+    )
+
+
+def test_the_term_starts_at_zero():
+    term = RelativeLocationScore(16)
+    logits = torch.tensor([[2.0, 1.0, -3.0]])
+    text = torch.randn(1, 4, 16)
+    out = term(
+        logits,
+        _boxes([slice(0, 2), slice(6, 8), slice(3, 5)]),
+        text,
+        torch.zeros(1, 4, dtype=torch.bool),
+    )
+    assert torch.equal(out, logits)
+
+
+def test_a_negative_x_coefficient_favours_the_leftmost_candidate():
+    term = RelativeLocationScore(16)
+    with torch.no_grad():
+        term.coefficients.bias.copy_(torch.tensor([-3.0, 0.0]))  # "leftmost": x counts against
+    masks = _boxes([slice(0, 2), slice(6, 8), slice(3, 5)])  # left, right, middle
+    logits = torch.tensor([[2.0, 2.0, -6.0]])  # two candidates; the middle query is ruled out
+    text = torch.randn(1, 4, 16)
+    out = term(logits, masks, text, torch.zeros(1, 4, dtype=torch.bool))
+    p = torch.sigmoid(logits)[0]
+    # The candidates lie one standard deviation either side of their (almost equally weighted)
+    # mean: the left one gains p * 3, the right one loses as much.
+    assert out[0, 0].item() == pytest.approx(2.0 + 3.0 * p[0].item(), abs=0.02)
+    assert out[0, 1].item() == pytest.approx(2.0 - 3.0 * p[1].item(), abs=0.02)
+    assert out[0, 0] > out[0, 1]
+    # A query the score has ruled out moves by at most p * 3 * MAX_Z, which keeps it ruled out.
+    assert abs(out[0, 2].item() + 6.0) <= 3.0 * MAX_Z * p[2].item() + 1e-6
+    assert out[0, 2] < 0
+
+
+def test_the_coefficients_read_the_words_not_the_padding_and_learn_from_the_scores():
+    torch.manual_seed(0)
+    term = RelativeLocationScore(16)
+    torch.nn.init.normal_(term.coefficients.weight)
+    masks = _boxes([slice(0, 2), slice(6, 8)]).requires_grad_(True)
+    logits = torch.tensor([[1.0, 1.0]], requires_grad=True)
+    text = torch.randn(1, 5, 16, requires_grad=True)
+    pad = torch.tensor([[False, False, False, True, True]])
+    out = term(logits, masks, text, pad)
+    padded_changed = text.detach().clone()
+    padded_changed[0, 3:] += 5.0
+    assert torch.allclose(out, term(logits, masks, padded_changed, pad))
+    other_words = text.detach().clone()
+    other_words[0, :3] = torch.randn(3, 16)
+    assert not torch.allclose(out, term(logits, masks, other_words, pad))
+
+    (out[0, 0] - out[0, 1]).backward()
+    assert term.coefficients.weight.grad.abs().sum() > 0
+    assert text.grad[0, :3].abs().sum() > 0 and text.grad[0, 3:].abs().sum() == 0
+    assert masks.grad is None  # the geometry is read, never moved
+    assert torch.allclose(logits.grad, torch.tensor([[1.0, -1.0]]))  # the weights are read too
+
+
+def test_the_decoder_adds_the_term_only_when_asked_and_only_to_the_scores():
+    features, mask_features, text, pad = inputs()
+    cfg = tiny_cfg()
+    cfg.MODEL.INSTALIGN.RELATIVE_LOCATION_SCORE = True
+    torch.manual_seed(0)
+    with_term = build_transformer_decoder(cfg, 24, MASK_DIM, TEXT_DIM).eval()
+    plain = build_transformer_decoder(tiny_cfg(), 24, MASK_DIM, TEXT_DIM).eval()
+    plain.load_state_dict(with_term.state_dict(), strict=False)
+    assert plain.relative_location is None and with_term.relative_location is not None
+
+    out_plain = plain(features, mask_features, text, pad)["predictions"]
+    out_zero = with_term(features, mask_features, text, pad)["predictions"]
+    for a, b in zip(out_zero, out_plain):
+        assert torch.allclose(a["relevance_logits"], b["relevance_logits"], atol=1e-6)
+
+    torch.nn.init.normal_(with_term.relative_location.coefficients.weight)
+    out_with = with_term(features, mask_features, text, pad)["predictions"]
+    assert len(out_with) == len(out_plain)
+    for a, b in zip(out_with, out_plain):
+        # The masks and queries are the plain decoder's; every prediction's scores move.
+        assert torch.allclose(a["mask_logits"], b["mask_logits"], atol=1e-5)
+        assert torch.allclose(a["queries"], b["queries"], atol=1e-5)
+        assert not torch.allclose(a["relevance_logits"], b["relevance_logits"], atol=1e-4)
