@@ -1,10 +1,14 @@
 """The relevance term from where each instance lies among the candidates
 (MODEL.INSTALIGN.RELATIVE_LOCATION_SCORE)."""
 
+import os
+
 import pytest
 import torch
+from detectron2.config import get_cfg
 from test_modeling_decoder import MASK_DIM, TEXT_DIM, inputs, tiny_cfg
 
+from instalign_d2.config import add_instalign_config
 from instalign_d2.modeling.transformer_decoder import build_transformer_decoder
 from instalign_d2.modeling.transformer_decoder.relative_location import (
     MAX_Z,
@@ -119,3 +123,15 @@ def test_the_decoder_adds_the_term_only_when_asked_and_only_to_the_scores():
         assert torch.allclose(a["mask_logits"], b["mask_logits"], atol=1e-5)
         assert torch.allclose(a["queries"], b["queries"], atol=1e-5)
         assert not torch.allclose(a["relevance_logits"], b["relevance_logits"], atol=1e-4)
+
+
+def test_the_tiny_config_has_the_term_and_its_text_blind_twin_does_not():
+    configs = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "synthetic")
+    built = {}
+    for name in ("instalign_tiny.yaml", "instalign_tiny_text_blind.yaml"):
+        cfg = add_instalign_config(get_cfg())
+        cfg.merge_from_file(os.path.join(configs, name))
+        built[name] = build_transformer_decoder(cfg, 24, MASK_DIM, TEXT_DIM)
+    assert built["instalign_tiny.yaml"].relative_location is not None
+    # The twin's scores must not hear the expression through the term's coefficients.
+    assert built["instalign_tiny_text_blind.yaml"].relative_location is None
