@@ -175,7 +175,9 @@ def test_adamw_is_fused_and_takes_the_same_steps_as_the_per_tensor_loop():
         plain.step()
     for (name, p), q in zip(model.named_parameters(), reference.parameters()):
         assert torch.allclose(p, q, atol=1e-6), name
-        if p.grad is not None and p.grad.abs().sum() > 0:
+        # A bias right before a normalisation has a gradient of zero up to rounding (the norm
+        # removes it); whether that noise moves it by an ulp depends on the CPU's kernels.
+        if p.grad is not None and p.grad.abs().max() > 1e-9:
             assert not torch.equal(p, initial[name]), f"{name} did not move"
 
 
