@@ -175,6 +175,19 @@ def test_cpp_matches_reference_in_float64(sizes):
         )
 
 
+def off_pixel_centre_lines(locations, shapes, margin=1e-3):
+    """``locations (B, Q, heads, levels, points, 2)`` with every coordinate closer than ``margin``
+    pixels to its level's pixel-centre lines moved ``2 * margin`` pixels off."""
+    moved = locations.clone()
+    for level, (height, width) in enumerate(shapes):
+        for axis, size in ((0, width), (1, height)):
+            coordinate = moved[..., level, :, axis]
+            pixels = coordinate * size - 0.5
+            near = (pixels - pixels.round()).abs() < margin
+            coordinate[near] += 2 * margin / size
+    return moved
+
+
 def assert_close_relative(actual, expected, tolerance, name):
     """|actual - expected| <= tolerance * max|expected|: relative to the tensor's scale, so that
     entries that cancel to near zero do not demand impossible digits."""
@@ -190,6 +203,9 @@ def assert_close_relative(actual, expected, tolerance, name):
 @given(sizes=small_sizes)
 def test_cpp_float32_matches_float64_reference(sizes):
     inputs64 = make_inputs(**sizes)
+    # A location on a pixel-centre line is a kink of bilinear sampling: its gradient jumps there,
+    # and float32 rounding may land on the other side. Keep the points off those lines.
+    inputs64[3] = off_pixel_centre_lines(inputs64[3], sizes["shapes"])
     inputs32 = [t.float() if t.is_floating_point() else t for t in inputs64]
     out32, grads32 = output_and_grads("cpu", *inputs32)
     out64, grads64 = output_and_grads("pytorch", *inputs64)
