@@ -22,11 +22,11 @@ CUDA_HOME ?= $(shell for d in /usr/local/cuda "$$(dirname "$$(dirname "$$(readli
   if [ -x "$$d/bin/nvcc" ] && ls "$$d"/lib*/libcudart.so* >/dev/null 2>&1; then echo "$$d"; break; fi; done)
 export CUDA_HOME
 
-.PHONY: setup train test test-slow test-all lint format demo demo-setup gpu-check cuda-build-check benchmarks clean help
+.PHONY: setup train test test-slow test-all test-demo lint format demo demo-setup gpu-check cuda-build-check benchmarks clean help
 
 help:
 	@echo "make train   # train InstAlign on the embedded synthetic dataset (CPU is fine)"
-	@echo "make test    # fast test suite;  make test-slow / test-all for the rest"
+	@echo "make test    # fast test suite;  make test-slow / test-all for the rest, make test-demo for the demo page"
 	@echo "make demo    # the demo page in the browser (after make train; ARGS=\"--port 8000 --opts MODEL.WEIGHTS x.pth\")"
 	@echo "make lint    # black --check and ruff, as CI;  make format rewrites the files"
 	@echo "make benchmarks  # the README's speed and memory tables"
@@ -97,6 +97,10 @@ $(STAMPS)/demo: constraints.txt $(STAMPS)/package
 	@touch $@
 
 demo-setup: $(STAMPS)/demo
+
+# The demo page's fast tests: `make test` skips them where Flask is not installed.
+test-demo: $(STAMPS)/demo
+	$(PY) -m pytest -q -m "not slow" tests/test_demo_app.py $(ARGS)
 
 demo: $(STAMPS)/demo
 	$(PY) demo/app.py --config-file $(TRAIN_CONFIG) $(ARGS)

@@ -26,7 +26,7 @@ from PIL import Image
 
 from instalign_d2 import add_instalign_config
 from instalign_d2.engine import AtomicCheckpointer, ConfigError, check_config_file
-from instalign_d2.utils.tokenizer import tokenize
+from instalign_d2.utils.tokenizer import ThreadSafeTokenizer, tokenize
 from instalign_d2.utils.visualizer import align_words, aligned_words, draw_answer
 
 logger = logging.getLogger(__name__)
@@ -139,7 +139,10 @@ class GRESPredictor:
         self.image_size = cfg.INPUT.IMAGE_SIZE
         self.input_format = cfg.INPUT.FORMAT
         self.max_tokens = cfg.MODEL.TEXT_ENCODER.MAX_TOKENS
-        self.tokenizer = self.model.text_encoder.tokenizer
+        # Requests of the demo page tokenise from several threads; the model and the predictor
+        # share one tokenizer whose calls take turns.
+        self.tokenizer = ThreadSafeTokenizer(self.model.text_encoder.tokenizer)
+        self.model.text_encoder.tokenizer = self.tokenizer
         self.cache_size = cache_size
         self._features: "OrderedDict[str, object]" = OrderedDict()
         # One model call at a time: torch already spreads one call over the cores, and the

@@ -1,5 +1,8 @@
 """TextEncoder: a tiny RoBERTa written offline into tmp_path (no download anywhere)."""
 
+import threading
+import time
+
 import pytest
 import torch
 from detectron2.config import get_cfg
@@ -7,7 +10,12 @@ from detectron2.config import get_cfg
 from instalign_d2.config import add_instalign_config
 from instalign_d2.modeling.language import TextEncoder, build_text_encoder
 from instalign_d2.synthetic.text_encoder import write_local_text_encoder
-from instalign_d2.utils.tokenizer import TextEncoderNotFoundError
+from instalign_d2.utils.tokenizer import (
+    TextEncoderNotFoundError,
+    ThreadSafeTokenizer,
+    load_tokenizer,
+    tokenize,
+)
 
 CORPUS = [
     "the red cube on the left",
@@ -160,3 +168,59 @@ def test_bad_inputs_are_refused(encoder_dir):
         encoder(torch.zeros(2, 5, dtype=torch.long), torch.ones(2, 4, dtype=torch.long))
     with pytest.raises(TypeError, match="list of sentences"):
         encoder.tokenize("one string")
+
+
+def tokenize_from_threads(tokenizer, threads: int = 4, calls: int = 150):
+    """Every thread alternates the two ways the demo tokenises (a padded, truncated batch and one
+    plain sentence); returns what went wrong, against the answers of one thread alone."""
+    # The first is padded, the second truncated at 16 tokens (10 and 30 with this tokenizer).
+    batch = [CORPUS[0], "the small yellow cylinder behind the red cube and two green spheres"]
+    expected_batch = tokenize(tokenizer, batch, 16)["input_ids"].tolist()
+    expected_plain = tokenizer(batch[1])["input_ids"]
+    problems = []
+    start = threading.Barrier(threads)
+
+    def work(index):
+        start.wait()
+        try:
+            for call in range(calls):
+                if (index + call) % 2:
+                    got = tokenize(tokenizer, batch, 16)["input_ids"].tolist()
+                    if got != expected_batch:
+                        problems.append(f"batch {got}")
+                elif tokenizer(batch[1])["input_ids"] != expected_plain:
+                    problems.append("plain sentence truncated")
+        except Exception as exc:  # "Already borrowed", or a ragged batch that is no tensor
+            problems.append(repr(exc))
+
+    workers = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    return problems
+
+
+def test_thread_safe_tokenizer_gives_each_thread_its_own_settings(encoder_dir):
+    tokenizer = ThreadSafeTokenizer(load_tokenizer(encoder_dir))
+    assert tokenize_from_threads(tokenizer) == []
+    assert tokenizer.pad_token_id == load_tokenizer(encoder_dir).pad_token_id  # the rest delegated
+
+
+def test_thread_safe_tokenizer_lets_one_call_in_at_a_time():
+    inside, most = [0], [0]
+
+    def slow_tokenizer(text):
+        inside[0] += 1
+        most[0] = max(most[0], inside[0])
+        time.sleep(0.005)
+        inside[0] -= 1
+        return {"input_ids": [len(text)]}
+
+    tokenizer = ThreadSafeTokenizer(slow_tokenizer)
+    workers = [threading.Thread(target=tokenizer, args=("x" * i,)) for i in range(6)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert most[0] == 1 and tokenizer("abc") == {"input_ids": [3]}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from functools import lru_cache
 from typing import Dict, List, Optional, Sequence
 
@@ -80,6 +81,28 @@ def tokenize(tokenizer, sentences: Sequence[str], max_tokens: int) -> Dict[str, 
         "input_ids": encoded["input_ids"].long(),
         "attention_mask": encoded["attention_mask"].long(),
     }
+
+
+class ThreadSafeTokenizer:
+    """A tokenizer that several threads may call at once (e.g. the requests of the demo page).
+
+    A fast (Rust) tokenizer keeps its truncation and padding settings as state that every call
+    sets before encoding: two threads that tokenise at once with different settings get each
+    other's (unpadded ids where padding was asked, a batch that cannot become a tensor) or
+    "Already borrowed". Calls through this wrapper take turns; everything else is the wrapped
+    tokenizer's.
+    """
+
+    def __init__(self, tokenizer):
+        self._tokenizer = tokenizer
+        self._lock = threading.Lock()
+
+    def __call__(self, *args, **kwargs):
+        with self._lock:
+            return self._tokenizer(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
 
 
 def is_text_encoder_dir(directory: Optional[str]) -> bool:
