@@ -138,6 +138,10 @@ def add_instalign_config(cfg: CN) -> CN:
     # False is a score read from each query alone): "leftmost" can favour the candidate furthest
     # left. In the spirit of MAttNet's location module.
     cfg.MODEL.INSTALIGN.RELATIVE_LOCATION_SCORE = False
+    # Add to every relevance logit a bilinear match of the query with the expression's mean word
+    # feature (the paper is silent; False is a score read from each query alone), so that a query
+    # of a square and the word "square" can agree by a dot product.
+    cfg.MODEL.INSTALIGN.TEXT_MATCH_SCORE = False
     cfg.MODEL.INSTALIGN.SIZE_DIVISIBILITY = (
         32  # images are zero-padded to a multiple of this (backbone stride)
     )

@@ -31,6 +31,7 @@ from .mask_positions import MaskPositionEmbedding, RelativeGeometryBias
 from .prediction_heads import InstancePredictionHeads, masked_attention_mask
 from .relative_location import RelativeLocationScore
 from .text_attention import ObjectTextCrossAttention, QueriesReadText
+from .text_match import TextMatchScore
 
 
 class DecoderBlock(nn.Module):
@@ -109,6 +110,7 @@ class QueryDecoder(nn.Module):
         self_attention_geometry_bias: bool = False,
         geometry_bias_reads_text: bool = False,
         relative_location_score: bool = False,
+        text_match_score: bool = False,
     ):
         """
         Args:
@@ -137,6 +139,8 @@ class QueryDecoder(nn.Module):
             relative_location_score: add to every relevance logit a term from where the query's
                 mask lies among the candidates, weighted by coefficients the expression sets (the
                 paper is silent; see :mod:`.relative_location`).
+            text_match_score: add to every relevance logit a bilinear match of the query with the
+                expression's mean word feature (the paper is silent; see :mod:`.text_match`).
         """
         super().__init__()
         if hidden_dim % 4:
@@ -200,6 +204,7 @@ class QueryDecoder(nn.Module):
         self.relative_location = (
             RelativeLocationScore(hidden_dim) if relative_location_score else None
         )
+        self.text_match = TextMatchScore(hidden_dim, hidden_dim) if text_match_score else None
 
     @classmethod
     def from_config(cls, cfg, in_channels: int, mask_dim: int, text_dim: int):
@@ -223,6 +228,7 @@ class QueryDecoder(nn.Module):
             "self_attention_geometry_bias": c.SELF_ATTENTION_GEOMETRY_BIAS,
             "geometry_bias_reads_text": c.SELF_ATTENTION_GEOMETRY_BIAS_READS_TEXT,
             "relative_location_score": c.RELATIVE_LOCATION_SCORE,
+            "text_match_score": c.TEXT_MATCH_SCORE,
         }
 
     def _visual_tokens(
@@ -249,6 +255,8 @@ class QueryDecoder(nn.Module):
         mask_features: torch.Tensor,
     ) -> Dict[str, torch.Tensor]:
         relevance_logits, mask_logits = self.heads(queries, mask_features)
+        if self.text_match is not None:  # first: the location term weighs candidates by the score
+            relevance_logits = self.text_match(relevance_logits, queries, text, text_pad_mask)
         if self.relative_location is not None:
             relevance_logits = self.relative_location(
                 relevance_logits, mask_logits, text, text_pad_mask
