@@ -52,6 +52,39 @@ def inputs(batch=2, seed=0):
     return features, mask_features, text, pad
 
 
+def decoders_with_and_without(switch: str):
+    """The tiny decoder with ``MODEL.INSTALIGN.<switch>`` on, and the plain one with the same
+    weights everywhere else (its own weights loaded from the first)."""
+    cfg = tiny_cfg()
+    cfg.MODEL.INSTALIGN[switch] = True
+    torch.manual_seed(0)
+    with_switch = build_transformer_decoder(cfg, 24, MASK_DIM, TEXT_DIM).eval()
+    plain = build_transformer_decoder(tiny_cfg(), 24, MASK_DIM, TEXT_DIM).eval()
+    plain.load_state_dict(with_switch.state_dict(), strict=False)
+    return with_switch, plain
+
+
+def check_relevance_term_switch(switch: str, attribute: str, wake):
+    """A decoder with ``MODEL.INSTALIGN.<switch>`` on equals the plain one while its relevance term
+    (``decoder.<attribute>``) is at its start, zero; once ``wake(term)`` sets its weights, the
+    relevance logits of every prediction move and nothing else does."""
+    features, mask_features, text, pad = inputs()
+    with_term, plain = decoders_with_and_without(switch)
+    assert getattr(plain, attribute) is None and getattr(with_term, attribute) is not None
+
+    out_plain = plain(features, mask_features, text, pad)["predictions"]
+    for a, b in zip(with_term(features, mask_features, text, pad)["predictions"], out_plain):
+        assert torch.allclose(a["relevance_logits"], b["relevance_logits"], atol=1e-6)
+
+    wake(getattr(with_term, attribute))
+    out_with = with_term(features, mask_features, text, pad)["predictions"]
+    assert len(out_with) == len(out_plain)
+    for a, b in zip(out_with, out_plain):
+        assert torch.allclose(a["mask_logits"], b["mask_logits"], atol=1e-5)
+        assert torch.allclose(a["queries"], b["queries"], atol=1e-5)
+        assert not torch.allclose(a["relevance_logits"], b["relevance_logits"], atol=1e-4)
+
+
 @pytest.fixture(scope="module", params=["POT", "M2F", "RELA"])
 def decoder(request):
     torch.manual_seed(0)

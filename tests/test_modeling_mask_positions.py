@@ -4,7 +4,7 @@
 
 import pytest
 import torch
-from test_modeling_decoder import MASK_DIM, TEXT_DIM, inputs, tiny_cfg
+from test_modeling_decoder import MASK_DIM, TEXT_DIM, decoders_with_and_without, inputs, tiny_cfg
 
 from instalign_d2.modeling.transformer_decoder import build_transformer_decoder
 from instalign_d2.modeling.transformer_decoder.attention_layers import SelfAttentionLayer
@@ -60,21 +60,9 @@ def test_the_embedding_tells_left_from_right_and_has_the_query_shape():
         MaskPositionEmbedding(12)
 
 
-def _decoders_with_and_without(switch):
-    """The tiny decoder with ``MODEL.INSTALIGN.<switch>`` on, and the plain one with the same
-    weights everywhere else (its own weights loaded from the first)."""
-    cfg = tiny_cfg()
-    cfg.MODEL.INSTALIGN[switch] = True
-    torch.manual_seed(0)
-    with_switch = build_transformer_decoder(cfg, 24, MASK_DIM, TEXT_DIM).eval()
-    plain = build_transformer_decoder(tiny_cfg(), 24, MASK_DIM, TEXT_DIM).eval()
-    plain.load_state_dict(with_switch.state_dict(), strict=False)
-    return with_switch, plain
-
-
 def test_the_decoder_uses_the_masks_positions_only_when_asked():
     features, mask_features, text, pad = inputs()
-    with_masks, plain = _decoders_with_and_without("QUERY_POSITIONS_FROM_MASKS")
+    with_masks, plain = decoders_with_and_without("QUERY_POSITIONS_FROM_MASKS")
     assert plain.mask_position_embed is None and with_masks.mask_position_embed is not None
 
     # The outputs differ only through the mask positions, and they differ from the first block
@@ -152,7 +140,7 @@ def test_self_attention_adds_the_bias_to_each_heads_logits():
 
 def test_the_decoder_uses_the_geometry_bias_only_when_asked():
     features, mask_features, text, pad = inputs()
-    with_bias, plain = _decoders_with_and_without("SELF_ATTENTION_GEOMETRY_BIAS")
+    with_bias, plain = decoders_with_and_without("SELF_ATTENTION_GEOMETRY_BIAS")
     assert plain.geometry_bias is None and with_bias.geometry_bias is not None
 
     # Zero-initialised: the same decoder as the plain one until the bias learns something.

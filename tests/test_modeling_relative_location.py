@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 from detectron2.config import get_cfg
-from test_modeling_decoder import MASK_DIM, TEXT_DIM, inputs, tiny_cfg
+from test_modeling_decoder import MASK_DIM, TEXT_DIM, check_relevance_term_switch
 
 from instalign_d2.config import add_instalign_config
 from instalign_d2.modeling.transformer_decoder import build_transformer_decoder
@@ -101,28 +101,11 @@ def test_the_coefficients_read_the_words_not_the_padding_and_learn_from_the_scor
 
 
 def test_the_decoder_adds_the_term_only_when_asked_and_only_to_the_scores():
-    features, mask_features, text, pad = inputs()
-    cfg = tiny_cfg()
-    cfg.MODEL.INSTALIGN.RELATIVE_LOCATION_SCORE = True
-    torch.manual_seed(0)
-    with_term = build_transformer_decoder(cfg, 24, MASK_DIM, TEXT_DIM).eval()
-    plain = build_transformer_decoder(tiny_cfg(), 24, MASK_DIM, TEXT_DIM).eval()
-    plain.load_state_dict(with_term.state_dict(), strict=False)
-    assert plain.relative_location is None and with_term.relative_location is not None
-
-    out_plain = plain(features, mask_features, text, pad)["predictions"]
-    out_zero = with_term(features, mask_features, text, pad)["predictions"]
-    for a, b in zip(out_zero, out_plain):
-        assert torch.allclose(a["relevance_logits"], b["relevance_logits"], atol=1e-6)
-
-    torch.nn.init.normal_(with_term.relative_location.coefficients.weight)
-    out_with = with_term(features, mask_features, text, pad)["predictions"]
-    assert len(out_with) == len(out_plain)
-    for a, b in zip(out_with, out_plain):
-        # The masks and queries are the plain decoder's; every prediction's scores move.
-        assert torch.allclose(a["mask_logits"], b["mask_logits"], atol=1e-5)
-        assert torch.allclose(a["queries"], b["queries"], atol=1e-5)
-        assert not torch.allclose(a["relevance_logits"], b["relevance_logits"], atol=1e-4)
+    check_relevance_term_switch(
+        "RELATIVE_LOCATION_SCORE",
+        "relative_location",
+        lambda term: torch.nn.init.normal_(term.coefficients.weight),
+    )
 
 
 def test_the_tiny_config_has_the_term_and_its_text_blind_twin_does_not():

@@ -4,9 +4,8 @@ import math
 
 import pytest
 import torch
-from test_modeling_decoder import MASK_DIM, TEXT_DIM, inputs, tiny_cfg
+from test_modeling_decoder import check_relevance_term_switch
 
-from instalign_d2.modeling.transformer_decoder import build_transformer_decoder
 from instalign_d2.modeling.transformer_decoder.text_match import TextMatchScore
 
 
@@ -88,26 +87,6 @@ def test_the_match_learns_what_a_score_read_from_the_mixed_query_cannot():
 
 
 def test_the_decoder_adds_the_term_only_when_asked_and_only_to_the_scores():
-    features, mask_features, text, pad = inputs()
-    cfg = tiny_cfg()
-    cfg.MODEL.INSTALIGN.TEXT_MATCH_SCORE = True
-    torch.manual_seed(0)
-    with_term = build_transformer_decoder(cfg, 24, MASK_DIM, TEXT_DIM).eval()
-    plain = build_transformer_decoder(tiny_cfg(), 24, MASK_DIM, TEXT_DIM).eval()
-    plain.load_state_dict(with_term.state_dict(), strict=False)
-    assert plain.text_match is None and with_term.text_match is not None
-
-    for a, b in zip(
-        with_term(features, mask_features, text, pad)["predictions"],
-        plain(features, mask_features, text, pad)["predictions"],
-    ):
-        assert torch.allclose(a["relevance_logits"], b["relevance_logits"], atol=1e-6)
-
-    torch.nn.init.normal_(with_term.text_match.text_proj.weight)
-    out_with = with_term(features, mask_features, text, pad)["predictions"]
-    out_plain = plain(features, mask_features, text, pad)["predictions"]
-    assert len(out_with) == len(out_plain)
-    for a, b in zip(out_with, out_plain):
-        assert torch.allclose(a["mask_logits"], b["mask_logits"], atol=1e-5)
-        assert torch.allclose(a["queries"], b["queries"], atol=1e-5)
-        assert not torch.allclose(a["relevance_logits"], b["relevance_logits"], atol=1e-4)
+    check_relevance_term_switch(
+        "TEXT_MATCH_SCORE", "text_match", lambda term: torch.nn.init.normal_(term.text_proj.weight)
+    )
