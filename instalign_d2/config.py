@@ -142,6 +142,10 @@ def add_instalign_config(cfg: CN) -> CN:
     # feature (the paper is silent; False is a score read from each query alone), so that a query
     # of a square and the word "square" can agree by a dot product.
     cfg.MODEL.INSTALIGN.TEXT_MATCH_SCORE = False
+    # Before each POT block, add to each query a linear map of the finest visual level (V3) pooled
+    # over its current mask (the paper is silent; False is Mask2Former's masked attention alone),
+    # so that a query holds its object's shape as well as its colour.
+    cfg.MODEL.INSTALIGN.MASK_POOLED_QUERIES = False
     cfg.MODEL.INSTALIGN.SIZE_DIVISIBILITY = (
         32  # images are zero-padded to a multiple of this (backbone stride)
     )

@@ -27,6 +27,7 @@ from torch import nn
 from ..position_encoding import PositionEmbeddingSine
 from .attention_layers import CrossAttentionLayer, FeedForwardLayer, SelfAttentionLayer
 from .build import TRANSFORMER_DECODER_REGISTRY
+from .mask_pooling import MaskPooledQueryUpdate
 from .mask_positions import MaskPositionEmbedding, RelativeGeometryBias
 from .prediction_heads import InstancePredictionHeads, masked_attention_mask
 from .relative_location import RelativeLocationScore
@@ -111,6 +112,7 @@ class QueryDecoder(nn.Module):
         geometry_bias_reads_text: bool = False,
         relative_location_score: bool = False,
         text_match_score: bool = False,
+        mask_pooled_queries: bool = False,
     ):
         """
         Args:
@@ -141,6 +143,8 @@ class QueryDecoder(nn.Module):
                 paper is silent; see :mod:`.relative_location`).
             text_match_score: add to every relevance logit a bilinear match of the query with the
                 expression's mean word feature (the paper is silent; see :mod:`.text_match`).
+            mask_pooled_queries: before each block, add to each query a linear map of V3 pooled
+                over its current mask (the paper is silent; see :mod:`.mask_pooling`).
         """
         super().__init__()
         if hidden_dim % 4:
@@ -205,6 +209,11 @@ class QueryDecoder(nn.Module):
             RelativeLocationScore(hidden_dim) if relative_location_score else None
         )
         self.text_match = TextMatchScore(hidden_dim, hidden_dim) if text_match_score else None
+        self.mask_pooling = (
+            MaskPooledQueryUpdate(in_channels, hidden_dim, dec_layers)
+            if mask_pooled_queries
+            else None
+        )
 
     @classmethod
     def from_config(cls, cfg, in_channels: int, mask_dim: int, text_dim: int):
@@ -229,6 +238,7 @@ class QueryDecoder(nn.Module):
             "geometry_bias_reads_text": c.SELF_ATTENTION_GEOMETRY_BIAS_READS_TEXT,
             "relative_location_score": c.RELATIVE_LOCATION_SCORE,
             "text_match_score": c.TEXT_MATCH_SCORE,
+            "mask_pooled_queries": c.MASK_POOLED_QUERIES,
         }
 
     def _visual_tokens(
@@ -301,6 +311,8 @@ class QueryDecoder(nn.Module):
                 else None
             )
             masks = predictions[-1]["mask_logits"]
+            if self.mask_pooling is not None:  # the finest level, V3, holds the shapes best
+                queries = self.mask_pooling(k, queries, multi_scale_features[-1], masks)
             block_query_pos = query_pos
             if self.mask_position_embed is not None:
                 block_query_pos = query_pos + self.mask_position_embed(masks)
