@@ -14,6 +14,12 @@ chance is 1 / number of values. Comparing a trained model with ``--weights none`
 config initialises it: random weights, except a backbone that MODEL.TIMM.PRETRAINED_WEIGHTS names;
 add ``--opts MODEL.TIMM.PRETRAINED_WEIGHTS ""`` for a fully random one) shows what training taught
 the visual path. Prints a table; ``--json`` also writes the numbers.
+
+``--queries`` adds a row for what the decoder's queries hold of their objects: each of up to
+``--expressions-per-image`` expressions with a target is run through the whole model, and every
+query of its last block whose mask covers an object (IoU > 0.5 at the mask's resolution) is a
+sample of that object, its feature the query itself. A low accuracy there under a high one in the
+maps means the queries do not take up what the maps hold.
 """
 
 from __future__ import annotations
@@ -118,6 +124,57 @@ def object_features(
     return {k: np.stack(v) for k, v in features.items()}, labels
 
 
+QUERY_MATCH_IOU = 0.5  # a query stands for an object when its mask covers it this well
+
+
+def query_features(
+    model, mapper, split: str, num_images: int, annotations_by_image, per_image: int
+) -> Tuple[np.ndarray, Dict[str, List]]:
+    """The last block's queries that cover an object, for up to ``per_image`` expressions with a
+    target in each of the first ``num_images`` images of ``split``, and their objects' attributes.
+    """
+    features: List[np.ndarray] = []
+    labels: Dict[str, List] = collections.defaultdict(list)
+    asked: Dict[int, int] = collections.Counter()
+    for record in DatasetCatalog.get(split):
+        image_id = record["image_id"]
+        if record.get("empty") or asked[image_id] == per_image:
+            continue
+        if image_id not in asked and len(asked) == num_images:
+            continue
+        asked[image_id] += 1
+        sample = mapper(record)
+        with torch.no_grad():
+            visual = model.encode_images([sample])
+            input_ids, attention_mask = model.text_inputs([sample])
+            outputs = model.decode_expressions(
+                visual, torch.zeros(1, dtype=torch.long), input_ids, attention_mask
+            )
+        last = outputs["predictions"][-1]
+        queries, masks = last["queries"][0], last["mask_logits"][0].sigmoid() > 0.5
+        height, width = sample["image"].shape[-2:]
+        # The mask logits cover the padded input at stride 4: pad each object's mask alike.
+        padded_height, padded_width = 4 * masks.shape[-2], 4 * masks.shape[-1]
+        objects = []
+        for annotation in annotations_by_image[image_id]:
+            mask = torch.from_numpy(mask_util.decode(annotation["segmentation"])).float()
+            mask = F.interpolate(mask[None, None], size=(height, width), mode="nearest")
+            mask = F.pad(mask, (0, padded_width - width, 0, padded_height - height))
+            mask = F.interpolate(mask, size=masks.shape[-2:], mode="area")[0, 0] > 0.5
+            objects.append((mask, annotation))
+        for query, query_mask in zip(queries, masks):
+            ious = [
+                (mask & query_mask).sum().item() / max(1, (mask | query_mask).sum().item())
+                for mask, _ in objects
+            ]
+            best = int(np.argmax(ious)) if ious else -1
+            if best >= 0 and ious[best] > QUERY_MATCH_IOU:
+                features.append(query.numpy())
+                for attribute in ATTRIBUTES:
+                    labels[attribute].append(objects[best][1][attribute])
+    return np.stack(features), labels
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -131,6 +188,12 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--train-images", type=int, default=400)
     parser.add_argument("--val-images", type=int, default=200)
+    parser.add_argument(
+        "--queries",
+        action="store_true",
+        help="also probe the last block's queries of expressions with a target (the whole model runs)",
+    )
+    parser.add_argument("--expressions-per-image", type=int, default=2)
     parser.add_argument("--json", help="also write the accuracies to this file")
     parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[])
     args = parser.parse_args(argv)
@@ -178,6 +241,23 @@ def main(argv=None) -> int:
         }
         for name in train_x
     }
+    if args.queries:
+        splits = [
+            query_features(model, mapper, split, count, by_image, args.expressions_per_image)
+            for split, count in (
+                ("synthetic_gres_train", args.train_images),
+                ("synthetic_gres_val", args.val_images),
+            )
+        ]
+        (query_train, query_train_labels), (query_val, query_val_labels) = splits
+        accuracy["queries (last block)"] = {
+            a: 100
+            * fit_linear_probe(query_train, query_train_labels[a], query_val, query_val_labels[a])
+            for a in ATTRIBUTES
+        }
+        print(
+            f"queries: {len(query_train)} training / {len(query_val)} validation queries that cover an object"
+        )
     chance = {a: 100 / len(set(train_labels[a])) for a in ATTRIBUTES}
     rows = [[name] + [f"{accuracy[name][a]:.1f}" for a in ATTRIBUTES] for name in sorted(accuracy)]
     rows.append(["(chance)"] + [f"{chance[a]:.1f}" for a in ATTRIBUTES])

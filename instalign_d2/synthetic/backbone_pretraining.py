@@ -43,6 +43,7 @@ from detectron2.data import transforms as T
 from iopath.common.file_io import file_lock
 
 from instalign_d2.modeling.backbone.timm_backbone import TimmBackbone
+from instalign_d2.modeling.transformer_decoder.mask_pooling import average_over_masks
 from instalign_d2.synthetic.params import IMAGES_DIR, INSTANCES_FILE, read_instances, read_marker
 from instalign_d2.synthetic.scene import ATTRIBUTE_VALUES
 from instalign_d2.utils.atomic_io import atomic_write_json, atomic_write_path
@@ -54,14 +55,9 @@ ATTRIBUTES = tuple(ATTRIBUTE_VALUES)  # shape, colour, size
 
 
 def pool_over_masks(feature_map: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """``(C, h, w)`` features averaged over each of ``(n, H, W)`` masks resized to ``(h, w)`` by area.
-
-    Area resizing keeps the share of each feature cell that the object covers, so an object
-    smaller than a cell still gets that cell's features (weighted), not nothing. Returns ``(n, C)``.
-    """
-    weights = F.interpolate(masks[:, None].float(), size=feature_map.shape[-2:], mode="area")[:, 0]
-    total = weights.sum((1, 2)).clamp(min=1e-6)
-    return torch.einsum("chw,nhw->nc", feature_map, weights) / total[:, None]
+    """``(C, h, w)`` features averaged over each of ``(n, H, W)`` masks resized to ``(h, w)`` by
+    area -> ``(n, C)`` (see :func:`average_over_masks`)."""
+    return average_over_masks(feature_map[None], masks[None])[0]
 
 
 @dataclass

@@ -21,15 +21,22 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def pool_over_masks(features: torch.Tensor, mask_logits: torch.Tensor) -> torch.Tensor:
-    """``(B, C, h, w)`` features and ``(B, N, H, W)`` mask logits -> ``(B, N, C)``: the features
-    averaged over each mask, its probabilities (resized to ``h x w`` by area, detached) as weights.
-    """
-    weights = mask_logits.detach().float().sigmoid()
+def average_over_masks(features: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``(B, C, h, w)`` features averaged over each of ``(B, N, H, W)`` non-negative mask weights
+    -> ``(B, N, C)``. Weights of another size are resized to ``h x w`` by area, which keeps the
+    share of each feature cell a mask covers: an object smaller than a cell still gets that
+    cell's features (weighted), not nothing."""
+    weights = weights.float()
     if weights.shape[-2:] != features.shape[-2:]:
         weights = F.interpolate(weights, size=features.shape[-2:], mode="area")
     pooled = torch.einsum("bnhw,bchw->bnc", weights, features.float())
     return (pooled / weights.sum((-2, -1))[..., None].clamp_min(1e-6)).to(features.dtype)
+
+
+def pool_over_masks(features: torch.Tensor, mask_logits: torch.Tensor) -> torch.Tensor:
+    """``(B, C, h, w)`` features and ``(B, N, H, W)`` mask logits -> ``(B, N, C)``: the features
+    averaged over each mask, its probabilities (detached) as weights."""
+    return average_over_masks(features, mask_logits.detach().sigmoid())
 
 
 class MaskPooledQueryUpdate(nn.Module):
