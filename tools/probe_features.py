@@ -127,6 +127,19 @@ def object_features(
 QUERY_MATCH_IOU = 0.5  # a query stands for an object when its mask covers it this well
 
 
+def object_masks_at(annotations, image_size: Tuple[int, int], grid: Tuple[int, int]):
+    """``(M, *grid)`` bool: each object's mask resized to the model's input ``image_size``, padded
+    as the input is (the mask logits cover the padded input at stride 4) and resized to ``grid``."""
+    height, width = image_size
+    padded_height, padded_width = 4 * grid[0], 4 * grid[1]
+    masks = torch.stack(
+        [torch.from_numpy(mask_util.decode(a["segmentation"])).float() for a in annotations]
+    )[:, None]
+    masks = F.interpolate(masks, size=(height, width), mode="nearest")
+    masks = F.pad(masks, (0, padded_width - width, 0, padded_height - height))
+    return F.interpolate(masks, size=grid, mode="area")[:, 0] > 0.5
+
+
 def query_features(
     model, mapper, split: str, num_images: int, annotations_by_image, per_image: int
 ) -> Tuple[np.ndarray, Dict[str, List]]:
@@ -136,6 +149,7 @@ def query_features(
     features: List[np.ndarray] = []
     labels: Dict[str, List] = collections.defaultdict(list)
     asked: Dict[int, int] = collections.Counter()
+    encoded = (None, None, None)  # image id, visual features, object masks of the last image
     for record in DatasetCatalog.get(split):
         image_id = record["image_id"]
         if record.get("empty") or asked[image_id] == per_image:
@@ -145,33 +159,30 @@ def query_features(
         asked[image_id] += 1
         sample = mapper(record)
         with torch.no_grad():
-            visual = model.encode_images([sample])
+            if encoded[0] != image_id:  # an image's expressions share its visual pass
+                encoded = (image_id, model.encode_images([sample]), None)
             input_ids, attention_mask = model.text_inputs([sample])
             outputs = model.decode_expressions(
-                visual, torch.zeros(1, dtype=torch.long), input_ids, attention_mask
+                encoded[1], torch.zeros(1, dtype=torch.long), input_ids, attention_mask
             )
         last = outputs["predictions"][-1]
         queries, masks = last["queries"][0], last["mask_logits"][0].sigmoid() > 0.5
-        height, width = sample["image"].shape[-2:]
-        # The mask logits cover the padded input at stride 4: pad each object's mask alike.
-        padded_height, padded_width = 4 * masks.shape[-2], 4 * masks.shape[-1]
-        objects = []
-        for annotation in annotations_by_image[image_id]:
-            mask = torch.from_numpy(mask_util.decode(annotation["segmentation"])).float()
-            mask = F.interpolate(mask[None, None], size=(height, width), mode="nearest")
-            mask = F.pad(mask, (0, padded_width - width, 0, padded_height - height))
-            mask = F.interpolate(mask, size=masks.shape[-2:], mode="area")[0, 0] > 0.5
-            objects.append((mask, annotation))
-        for query, query_mask in zip(queries, masks):
-            ious = [
-                (mask & query_mask).sum().item() / max(1, (mask | query_mask).sum().item())
-                for mask, _ in objects
-            ]
-            best = int(np.argmax(ious)) if ious else -1
-            if best >= 0 and ious[best] > QUERY_MATCH_IOU:
+        annotations = annotations_by_image[image_id]
+        if not annotations:
+            continue
+        if encoded[2] is None:
+            grid = tuple(masks.shape[-2:])
+            encoded = (*encoded[:2], object_masks_at(annotations, sample["image"].shape[-2:], grid))
+        objects = encoded[2]
+        intersection = torch.einsum("nhw,mhw->nm", masks.float(), objects.float())
+        union = masks.sum((1, 2))[:, None] + objects.sum((1, 2))[None] - intersection
+        iou = intersection / union.clamp_min(1)  # (queries, objects)
+        best_iou, best = iou.max(dim=1)
+        for query, covered, index in zip(queries, best_iou > QUERY_MATCH_IOU, best.tolist()):
+            if covered:
                 features.append(query.numpy())
                 for attribute in ATTRIBUTES:
-                    labels[attribute].append(objects[best][1][attribute])
+                    labels[attribute].append(annotations[index][attribute])
     return np.stack(features), labels
 
 

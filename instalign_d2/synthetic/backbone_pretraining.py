@@ -42,8 +42,8 @@ from detectron2.data import detection_utils
 from detectron2.data import transforms as T
 from iopath.common.file_io import file_lock
 
+from instalign_d2.layers.mask_average import average_over_masks
 from instalign_d2.modeling.backbone.timm_backbone import TimmBackbone
-from instalign_d2.modeling.transformer_decoder.mask_pooling import average_over_masks
 from instalign_d2.synthetic.params import IMAGES_DIR, INSTANCES_FILE, read_instances, read_marker
 from instalign_d2.synthetic.scene import ATTRIBUTE_VALUES
 from instalign_d2.utils.atomic_io import atomic_write_json, atomic_write_path

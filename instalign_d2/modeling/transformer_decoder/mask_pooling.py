@@ -4,8 +4,9 @@ The paper is silent on what a query holds of its object beyond what Mask2Former'
 cross-attention reads. On the synthetic set that reading keeps colour and size and loses the
 shape: linear probes (``tools/probe_features.py --queries``) read an object's shape from the pixel
 decoder's stride-8 map pooled over the object at 93 %, and from the trained tiny model's last
-query of that object at 53 % (colour 85 %, size 89 %). A shape the query does not hold cannot be matched with a shape word, and the expressions
-that name an absent shape are the no-target expressions the model misses most.
+query of that object at 53 % (colour 85 %, size 89 %). A shape the query does not hold cannot be
+matched with a shape word, and the expressions that name an absent shape are the no-target
+expressions the model misses most.
 
 With ``MODEL.INSTALIGN.MASK_POOLED_QUERIES`` every query gets, before each POT block, a linear map
 of the finest visual level (V3, stride 8) averaged over its current mask (the mask's probabilities
@@ -17,20 +18,9 @@ starts as the plain one.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-
-def average_over_masks(features: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """``(B, C, h, w)`` features averaged over each of ``(B, N, H, W)`` non-negative mask weights
-    -> ``(B, N, C)``. Weights of another size are resized to ``h x w`` by area, which keeps the
-    share of each feature cell a mask covers: an object smaller than a cell still gets that
-    cell's features (weighted), not nothing."""
-    weights = weights.float()
-    if weights.shape[-2:] != features.shape[-2:]:
-        weights = F.interpolate(weights, size=features.shape[-2:], mode="area")
-    pooled = torch.einsum("bnhw,bchw->bnc", weights, features.float())
-    return (pooled / weights.sum((-2, -1))[..., None].clamp_min(1e-6)).to(features.dtype)
+from instalign_d2.layers.mask_average import average_over_masks
 
 
 def pool_over_masks(features: torch.Tensor, mask_logits: torch.Tensor) -> torch.Tensor:
