@@ -146,6 +146,11 @@ def add_instalign_config(cfg: CN) -> CN:
     # over its current mask (the paper is silent; False is Mask2Former's masked attention alone),
     # so that a query holds its object's shape as well as its colour.
     cfg.MODEL.INSTALIGN.MASK_POOLED_QUERIES = False
+    # Not in the paper: with a positive value, a linear head names each query's category over this
+    # many classes (more than the largest category_id), and a cross-entropy on the queries matched
+    # to a target, weighted by CATEGORY_WEIGHT, asks them to keep what their object is. 0: off.
+    cfg.MODEL.INSTALIGN.CATEGORY_CLASSES = 0
+    cfg.MODEL.INSTALIGN.CATEGORY_WEIGHT = 2.0  # Mask2Former's weight of its class loss
     cfg.MODEL.INSTALIGN.SIZE_DIVISIBILITY = (
         32  # images are zero-padded to a multiple of this (backbone stride)
     )

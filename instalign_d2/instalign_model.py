@@ -281,7 +281,8 @@ class InstAlign(nn.Module):
         self, batched_inputs: Sequence[Dict], padded_size: Tuple[int, int]
     ) -> List[Dict[str, torch.Tensor]]:
         """Ground truth per expression, zero-padded like the images: ``masks (M, Hp, Wp)`` bool,
-        ``merged_mask (Hp, Wp)`` bool (their union) and ``empty`` (no target)."""
+        ``merged_mask (Hp, Wp)`` bool (their union), ``empty`` (no target) and ``classes (M,)``
+        (their category ids; None when the instances have no ``gt_classes``)."""
         targets = []
         for x in batched_inputs:
             if "instances" not in x:
@@ -312,6 +313,11 @@ class InstAlign(nn.Module):
                     "masks": _pad_to(gt_masks, padded_size),
                     "merged_mask": _pad_to(merged, padded_size),
                     "empty": empty,
+                    "classes": (
+                        x["instances"].gt_classes.to(self.device)
+                        if x["instances"].has("gt_classes")
+                        else None
+                    ),
                 }
             )
         return targets

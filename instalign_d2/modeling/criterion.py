@@ -19,6 +19,11 @@ Other reductions: the merged-mask loss is the per-image mean BCE over pixels plu
 averaged over the batch, at the ground truth's resolution (the merged logits are upsampled
 bilinearly); the no-target loss is the BCE averaged over the batch.
 
+Not in the paper, off unless the decoder has a category head (``MODEL.INSTALIGN.CATEGORY_CLASSES``):
+``loss_category``, the cross-entropy of the category logits of every matched query against its
+target's ``category_id``, summed and divided by the same normaliser, times ``category_weight``
+(outside lambda_inst, like the other objectives of Eq. 13).
+
 Deep supervision (the paper is silent; Mask2Former's): L_merged and L_inst on every one of the
 K + 1 predictions (``merged_loss_on_last_only`` keeps L_merged on the last one only), L_nt on the
 last one, which is the only one the no-target head reads.
@@ -26,7 +31,7 @@ last one, which is the only one the no-target head reads.
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -130,6 +135,7 @@ class InstAlignCriterion(nn.Module):
         deep_supervision: bool = True,
         merged_loss_on_last_only: bool = False,
         score_normalization: str = "num_instances",
+        category_weight: float = 2.0,
     ):
         """
         Args:
@@ -144,6 +150,8 @@ class InstAlignCriterion(nn.Module):
                 (L_inst still on all).
             score_normalization: "num_instances" (Eq. 7 as written) or "mean_over_queries"; see
                 the module docstring.
+            category_weight: weight of ``loss_category`` when the predictions carry
+                ``category_logits`` (not in the paper; see the module docstring).
         """
         super().__init__()
         if instance_supervision not in INSTANCE_SUPERVISION_MODES:
@@ -162,6 +170,7 @@ class InstAlignCriterion(nn.Module):
         self.deep_supervision = deep_supervision
         self.merged_loss_on_last_only = merged_loss_on_last_only
         self.score_normalization = score_normalization
+        self.category_weight = float(category_weight)
 
     @classmethod
     def from_config(cls, cfg):
@@ -174,6 +183,7 @@ class InstAlignCriterion(nn.Module):
             "deep_supervision": c.DEEP_SUPERVISION,
             "merged_loss_on_last_only": c.MERGED_LOSS_ON_LAST_ONLY,
             "score_normalization": c.SCORE_LOSS_NORMALIZATION,
+            "category_weight": c.CATEGORY_WEIGHT,
         }
 
     @property
@@ -198,8 +208,10 @@ class InstAlignCriterion(nn.Module):
         gt_masks: Sequence[torch.Tensor],
         text_pad_mask: torch.Tensor,
         num_instances: float,
+        gt_classes: Optional[Sequence[torch.Tensor]] = None,
     ) -> Dict[str, torch.Tensor]:
-        """L_inst of Eq. 7 for one block's prediction, split into its score / mask / phrase terms."""
+        """L_inst of Eq. 7 for one block's prediction, split into its score / mask / phrase terms
+        (and ``loss_category`` when the prediction has ``category_logits``)."""
         relevance_logits = prediction["relevance_logits"].float()
         mask_logits = prediction["mask_logits"]
         use_phrase = self.instance_supervision == "phrase"
@@ -249,7 +261,43 @@ class InstAlignCriterion(nn.Module):
             if use_phrase:
                 phrase_terms = phrase[batch_index, pred_index]
                 losses["loss_phrase"] = self.weights.phrase * phrase_terms.sum() / num_instances
-        return {k: self.weights.instance * v for k, v in losses.items()}
+        losses = {k: self.weights.instance * v for k, v in losses.items()}
+        if "category_logits" in prediction:
+            losses["loss_category"] = self.category_loss(
+                prediction["category_logits"], matches, gt_classes, num_instances
+            )
+        return losses
+
+    def category_loss(
+        self,
+        category_logits: torch.Tensor,
+        matches: Sequence[Tuple[torch.Tensor, torch.Tensor]],
+        gt_classes: Optional[Sequence[torch.Tensor]],
+        num_instances: float,
+    ) -> torch.Tensor:
+        """Weighted cross-entropy of the matched queries' ``(B, N, K)`` category logits against
+        their targets' categories, summed and divided by the number of instances."""
+        if gt_classes is None:
+            raise ValueError(
+                "InstAlign: the decoder names categories (MODEL.INSTALIGN.CATEGORY_CLASSES > 0) but "
+                "the targets carry no 'classes'; the GRES mapper gives them as instances.gt_classes."
+            )
+        logits, labels = [], []
+        for b, (pred, gt) in enumerate(matches):
+            logits.append(category_logits[b, pred.to(category_logits.device)])
+            labels.append(gt_classes[b][gt].to(category_logits.device))
+        logits, labels = torch.cat(logits).float(), torch.cat(labels).long()
+        num_classes = category_logits.shape[-1]
+        if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
+            raise ValueError(
+                f"InstAlign: category_id {labels.max().item()} (or {labels.min().item()}) is outside "
+                f"0..{num_classes - 1}: set MODEL.INSTALIGN.CATEGORY_CLASSES above the dataset's "
+                "largest category_id."
+            )
+        if labels.numel() == 0:  # no target in the batch; keeps the graph connected for DDP
+            return category_logits.sum() * 0.0
+        terms = F.cross_entropy(logits, labels, reduction="none")
+        return self.category_weight * terms.sum() / num_instances
 
     def point_sampled_mask_loss(
         self, mask_logits: torch.Tensor, gt_masks: torch.Tensor
@@ -284,14 +332,19 @@ class InstAlignCriterion(nn.Module):
                 predictions, each with ``relevance_logits (B, N)``, ``mask_logits (B, N, h, w)``,
                 ``queries (B, N, C)``, ``text (B, L, C)``, ``merged_logits (B, h, w)``),
                 ``text_pad_mask (B, L)`` and ``no_target_logits (B,)``.
-            targets: per expression ``masks`` (M, H, W) bool, ``merged_mask`` (H, W) bool, ``empty`` bool.
+            targets: per expression ``masks`` (M, H, W) bool, ``merged_mask`` (H, W) bool, ``empty`` bool
+                and, for the category loss, ``classes`` (M,) int64.
         Returns:
-            dict of weighted losses whose sum is L_total (Eq. 13).
+            dict of weighted losses whose sum is L_total (Eq. 13), plus ``loss_category`` when the
+            predictions carry category logits.
         """
         predictions = (
             outputs["predictions"] if self.deep_supervision else outputs["predictions"][-1:]
         )
         gt_masks = [t["masks"] for t in targets]
+        gt_classes = [t.get("classes") for t in targets]
+        if any(c is None for c in gt_classes):
+            gt_classes = None
         gt_merged = torch.stack([t["merged_mask"] for t in targets])
         empty = torch.as_tensor([bool(t["empty"]) for t in targets], device=gt_merged.device)
         num_instances = self._num_instances(gt_masks, gt_merged.device)
@@ -306,7 +359,7 @@ class InstAlignCriterion(nn.Module):
                 )
             if self.instance_supervision != "none":
                 level_losses = self.instance_losses(
-                    prediction, gt_masks, outputs["text_pad_mask"], num_instances
+                    prediction, gt_masks, outputs["text_pad_mask"], num_instances, gt_classes
                 )
                 losses.update({k + suffix: v for k, v in level_losses.items()})
         losses["loss_no_target"] = self.weights.no_target * self.no_target_loss(
@@ -327,5 +380,5 @@ class InstAlignCriterion(nn.Module):
             f"instance_supervision={self.instance_supervision}, {self.weights}, {self.points}, "
             f"deep_supervision={self.deep_supervision}, "
             f"merged_loss_on_last_only={self.merged_loss_on_last_only}, "
-            f"score_normalization={self.score_normalization}"
+            f"score_normalization={self.score_normalization}, category_weight={self.category_weight}"
         )

@@ -27,6 +27,7 @@ from torch import nn
 from ..position_encoding import PositionEmbeddingSine
 from .attention_layers import CrossAttentionLayer, FeedForwardLayer, SelfAttentionLayer
 from .build import TRANSFORMER_DECODER_REGISTRY
+from .category_head import QueryCategoryHead
 from .mask_pooling import MaskPooledQueryUpdate
 from .mask_positions import MaskPositionEmbedding, RelativeGeometryBias
 from .prediction_heads import InstancePredictionHeads, masked_attention_mask
@@ -113,6 +114,7 @@ class QueryDecoder(nn.Module):
         relative_location_score: bool = False,
         text_match_score: bool = False,
         mask_pooled_queries: bool = False,
+        category_classes: int = 0,
     ):
         """
         Args:
@@ -145,6 +147,9 @@ class QueryDecoder(nn.Module):
                 expression's mean word feature (the paper is silent; see :mod:`.text_match`).
             mask_pooled_queries: before each block, add to each query a linear map of V3 pooled
                 over its current mask (the paper is silent; see :mod:`.mask_pooling`).
+            category_classes: with a positive value, every prediction also gives each query's
+                category logits over this many classes, for an auxiliary loss on the matched
+                queries (not in the paper; see :mod:`.category_head`); 0 gives none.
         """
         super().__init__()
         if hidden_dim % 4:
@@ -214,6 +219,9 @@ class QueryDecoder(nn.Module):
             if mask_pooled_queries
             else None
         )
+        self.category_head = (
+            QueryCategoryHead(hidden_dim, category_classes) if category_classes else None
+        )
 
     @classmethod
     def from_config(cls, cfg, in_channels: int, mask_dim: int, text_dim: int):
@@ -239,6 +247,7 @@ class QueryDecoder(nn.Module):
             "relative_location_score": c.RELATIVE_LOCATION_SCORE,
             "text_match_score": c.TEXT_MATCH_SCORE,
             "mask_pooled_queries": c.MASK_POOLED_QUERIES,
+            "category_classes": c.CATEGORY_CLASSES,
         }
 
     def _visual_tokens(
@@ -271,12 +280,15 @@ class QueryDecoder(nn.Module):
             relevance_logits = self.relative_location(
                 relevance_logits, mask_logits, text, text_pad_mask
             )
-        return {
+        prediction = {
             "relevance_logits": relevance_logits,
             "mask_logits": mask_logits,
             "queries": queries,
             "text": text,
         }
+        if self.category_head is not None:  # read by the auxiliary loss alone
+            prediction["category_logits"] = self.category_head(queries)
+        return prediction
 
     def forward(
         self,
