@@ -1,8 +1,11 @@
 """The auxiliary category head and its loss on the matched queries (MODEL.INSTALIGN.CATEGORY_CLASSES)."""
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
+from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from test_model_instalign import training_batch
 from test_modeling_decoder import LAYERS, MASK_DIM, QUERIES, inputs
@@ -10,8 +13,10 @@ from test_modeling_decoder import tiny_cfg as tiny_decoder_cfg
 from test_modeling_losses import _criterion, _single_prediction_outputs
 
 import instalign_d2.instalign_model  # noqa: F401  (registers InstAlign)
+from instalign_d2.config import add_instalign_config
 from instalign_d2.modeling.transformer_decoder import build_transformer_decoder
 from instalign_d2.modeling.transformer_decoder.category_head import QueryCategoryHead
+from instalign_d2.synthetic.generator import CATEGORY_IDS
 
 SIZE = 16
 
@@ -140,3 +145,12 @@ def test_the_model_trains_the_head_through_the_matched_queries(tiny_cfg, model_i
         before = model(batch[:1])[0]["ref_seg"]
         torch.nn.init.normal_(head.classifier.weight)
         assert torch.equal(model(batch[:1])[0]["ref_seg"], before)
+
+
+def test_the_tiny_config_names_every_synthetic_shape(repo_root):
+    """The tiny config's head has a class for every category id the generator writes (one per
+    shape), and no more than it needs."""
+    cfg = add_instalign_config(get_cfg())
+    cfg.merge_from_file(os.path.join(repo_root, "configs", "synthetic", "instalign_tiny.yaml"))
+    assert cfg.MODEL.INSTALIGN.CATEGORY_CLASSES == max(CATEGORY_IDS.values()) + 1
+    assert sorted(CATEGORY_IDS.values()) == list(range(1, len(CATEGORY_IDS) + 1))
