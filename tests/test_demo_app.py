@@ -526,8 +526,8 @@ def full_page_screenshot(driver, path):
 
 
 def submit_and_wait(driver, expressions, image_path=None):
+    from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions as EC
     from selenium.webdriver.support.ui import WebDriverWait
 
     if image_path is not None:
@@ -537,9 +537,16 @@ def submit_and_wait(driver, expressions, image_path=None):
     box = driver.find_element(By.ID, "expressions")
     box.clear()
     box.send_keys("\n".join(expressions))
-    old = driver.find_element(By.TAG_NAME, "html")
+    # The answer is a new page. A mark on the old page's window tells them apart; polling an old
+    # element instead races the navigation (Chrome may answer "node does not belong to the
+    # document" rather than "stale"), so errors while the page changes only mean "not yet".
+    driver.execute_script("window.instalignOldPage = true")
     driver.find_element(By.ID, "submit").click()
-    WebDriverWait(driver, 300).until(EC.staleness_of(old))  # the answer is a new page
+    WebDriverWait(driver, 300, ignored_exceptions=(WebDriverException,)).until(
+        lambda d: d.execute_script(
+            "return !window.instalignOldPage && document.readyState === 'complete'"
+        )
+    )
     WebDriverWait(driver, 60).until(
         lambda d: d.execute_script(
             "return [...document.images].every(i => i.complete && i.naturalWidth > 0)"
