@@ -25,6 +25,7 @@ import os
 import sys
 import time
 import weakref
+from typing import Optional
 
 import torch
 from detectron2.config import get_cfg
@@ -182,12 +183,13 @@ def console_progress(*logger_names: str):
             lg.setLevel(level)
 
 
-def prepare_data(cfg) -> None:
+def prepare_data(cfg) -> Optional[str]:
     """Generate the embedded synthetic dataset (and its text encoder) when the config uses it, and
-    the synthetically pre-trained backbone when the config asks for one."""
+    the synthetically pre-trained backbone when the config asks for one. Returns the path of that
+    backbone's weights, to be loaded instead of ``MODEL.TIMM.PRETRAINED_WEIGHTS`` (None without)."""
     names = list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
     if not any(name.startswith("synthetic_gres") for name in names):
-        return
+        return None
     with console_progress(synthetic_generator.__name__, backbone_pretraining.__name__):
         try:
             root = synthetic_generator.ensure_synthetic_gres(
@@ -199,7 +201,11 @@ def prepare_data(cfg) -> None:
             cfg.MODEL.BACKBONE.NAME == "TimmBackbone"
             and cfg.MODEL.TIMM.SYNTHETIC_PRETRAIN.ITERATIONS > 0
         ):
-            backbone_pretraining.ensure_synthetic_pretrained_backbone(cfg, root)
+            try:
+                return backbone_pretraining.ensure_synthetic_pretrained_backbone(cfg, root)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+    return None
 
 
 def setup(args):
@@ -260,7 +266,12 @@ def invoke_main(argv=None) -> int:
         # anything is written to OUTPUT_DIR.
         cfg = build_config(args)
         check_config(cfg, eval_only=args.eval_only, resume=args.resume)
-        prepare_data(cfg)
+        pretrained = prepare_data(cfg)
+        if pretrained is not None:
+            # The copy made for exactly these settings: another run (another seed) may rewrite
+            # the file the config names before this one's model loads it. OUTPUT_DIR/config.yaml
+            # then records which trunk the run started from.
+            args.opts = list(args.opts) + ["MODEL.TIMM.PRETRAINED_WEIGHTS", pretrained]
         with console_progress("instalign_d2.data"):  # the loaders' counts and warnings on stdout
             check_datasets(cfg, eval_only=args.eval_only)
     except ConfigError as exc:

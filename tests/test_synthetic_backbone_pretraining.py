@@ -4,6 +4,7 @@ and the config checks and eval-only shortcut around it."""
 
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -119,7 +120,10 @@ def test_weights_are_made_once_loaded_by_the_backbone_made_again_for_other_setti
 ):
     weights = tmp_path / "backbones" / "test_resnet.pth"
     cfg = tiny_cfg(weights, iterations=3)
-    assert sp.ensure_synthetic_pretrained_backbone(cfg, dataset_root) == str(weights)
+    loaded_first = sp.ensure_synthetic_pretrained_backbone(cfg, dataset_root)
+    # The run loads the copy named by its settings, which no other run rewrites.
+    assert os.path.dirname(loaded_first) == str(weights) + ".by_settings"
+    assert open(loaded_first, "rb").read() == weights.read_bytes()
     recorded = json.loads((tmp_path / "backbones" / "test_resnet.pth.json").read_text())
     assert recorded["settings"]["iterations"] == 3 and set(recorded["val_accuracy"]) == {
         "res2",
@@ -144,8 +148,30 @@ def test_weights_are_made_once_loaded_by_the_backbone_made_again_for_other_setti
         sp.ensure_synthetic_pretrained_backbone(cfg, dataset_root)
 
     before = weights.stat().st_mtime_ns
-    sp.ensure_synthetic_pretrained_backbone(tiny_cfg(weights, iterations=4), dataset_root)
+    loaded_second = sp.ensure_synthetic_pretrained_backbone(
+        tiny_cfg(weights, iterations=4), dataset_root
+    )
     assert weights.stat().st_mtime_ns != before
+    # A run of other settings (another seed started beside the first) rewrote the main file; the
+    # copy the first run loads still holds the first trunk.
+    assert loaded_second != loaded_first and weights.read_bytes() != made_first
+    assert open(loaded_first, "rb").read() == made_first
+    # A recorded config that names the stored copy reuses it as it is, and only for its settings.
+    with monkeypatch.context() as m:
+        m.setattr(sp, "pretrain_backbone", fail)
+        assert (
+            sp.ensure_synthetic_pretrained_backbone(
+                tiny_cfg(loaded_first, iterations=3), dataset_root
+            )
+            == loaded_first
+        )
+        with pytest.raises(
+            ValueError, match=re.escape(f"name the main file beside its store ({weights})")
+        ):
+            sp.ensure_synthetic_pretrained_backbone(
+                tiny_cfg(loaded_first, iterations=4), dataset_root
+            )
+    assert not os.path.exists(loaded_first + ".by_settings")
     assert (
         json.loads((tmp_path / "backbones" / "test_resnet.pth.json").read_text())["settings"][
             "iterations"

@@ -11,6 +11,7 @@ import time
 
 import pytest
 import torch
+import yaml
 
 import train_net
 
@@ -216,6 +217,12 @@ def test_short_training_then_eval_only_and_grouped_equals_ungrouped(
     assert {"model_0000001.pth", "model_0000003.pth", "model_final.pth", "config.yaml"} <= set(
         os.listdir(output)
     )
+    # The run's config names the copy of the pre-trained trunk that it loaded (made for its
+    # settings, never rewritten by a run of another seed), so that the run can be repeated.
+    trunk = yaml.safe_load((output / "config.yaml").read_text())["MODEL"]["TIMM"][
+        "PRETRAINED_WEIGHTS"
+    ]
+    assert ".pth.by_settings" in trunk and os.path.isfile(trunk)
     rows = _metrics_rows(output)
     assert [r["iteration"] for r in rows if "total_loss" in r][-1] == 3
     final = rows[-1]  # the evaluation after training is logged too

@@ -327,6 +327,11 @@ def stored_path(weights_path: str, settings: Mapping) -> str:
     return os.path.join(weights_path + ".by_settings", f"{stem}-{digest}.pth")
 
 
+def is_stored(weights_path: str) -> bool:
+    """Whether ``weights_path`` is a copy in a store that :func:`stored_path` names."""
+    return os.path.basename(os.path.dirname(weights_path)).endswith(".by_settings")
+
+
 def recorded_settings(weights_path: str) -> Optional[dict]:
     """The settings recorded beside ``weights_path``; None when the weights or the record are missing
     (a run killed between the two writes leaves weights that are not trusted)."""
@@ -366,19 +371,33 @@ def ensure_synthetic_pretrained_backbone(cfg, dataset_root: str) -> str:
 
     Safe to call from several processes: a file lock beside the weights lets one train while the
     others wait. The settings file is written after the weights, so a run killed in between makes
-    the weights again next time instead of trusting them. Returns the path of the weights.
+    the weights again next time instead of trusting them.
+
+    Returns the path to load: the copy in the store, named by the settings. The file at
+    ``PRETRAINED_WEIGHTS`` is rewritten whenever a run with other settings (another seed) comes
+    along, which may be between this call and the moment the model loads it; the stored copy never
+    changes.
     """
     path = os.path.abspath(expand_path(cfg.MODEL.TIMM.PRETRAINED_WEIGHTS))
     marker = read_marker(dataset_root)
     if marker is None:
         raise FileNotFoundError(f"synthetic pre-training: no generated dataset in {dataset_root}")
     wanted = pretraining_settings(cfg, marker["params"])
+    if is_stored(path):  # a run's recorded config names the stored copy that it loaded
+        if recorded_settings(path) != wanted:
+            raise ValueError(
+                f"MODEL.TIMM.PRETRAINED_WEIGHTS={path} is a stored backbone made with other "
+                "pre-training settings (seed, iterations, dataset); name the main file beside its "
+                f"store ({path.rsplit('.by_settings', 1)[0]}) to make or reuse one for these"
+            )
+        return path
     settings = cfg.MODEL.TIMM.SYNTHETIC_PRETRAIN
     with file_lock(path):
         current = recorded_settings(path)
         if current == wanted:
+            keep_weights(path)
             logger.info("backbone pre-training: %s is up to date", path)
-            return path
+            return stored_path(path, wanted)
         keep_weights(path)  # made before the store existed: keep it before it is replaced
         forget_settings(path)
         stored = stored_path(path, wanted)
@@ -389,7 +408,7 @@ def ensure_synthetic_pretrained_backbone(cfg, dataset_root: str) -> str:
                 path,
                 stored,
             )
-            return path
+            return stored
         if current is not None:
             logger.info(
                 "backbone pre-training: %s was made with other settings (kept in %s); making it for these",
@@ -444,4 +463,4 @@ def ensure_synthetic_pretrained_backbone(cfg, dataset_root: str) -> str:
                 for level, acc in accuracy.items()
             ),
         )
-    return path
+    return stored
