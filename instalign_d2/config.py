@@ -196,6 +196,9 @@ def add_instalign_config(cfg: CN) -> CN:
     cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1  # lr multiplier of the visual backbone
     cfg.SOLVER.TEXT_ENCODER_MULTIPLIER = 0.1  # lr multiplier of the text encoder
     cfg.SOLVER.PIXEL_DECODER_MULTIPLIER = 1.0  # lr multiplier of the pixel decoder
+    # More multipliers, by parameter-name prefix: [["transformer_decoder.relative_location.", 10.0]]
+    # (the longest matching prefix wins, these over the three above).
+    cfg.SOLVER.LR_MULTIPLIERS = []
     cfg.SOLVER.WEIGHT_DECAY_EMBED = 0.0  # no decay on embeddings (queries, token embeddings)
     cfg.SOLVER.BASE_LR_END = 1e-6  # linear decay from BASE_LR to this at MAX_ITER (paper §4.1)
     cfg.SOLVER.LR_SCHEDULER_NAME = "WarmupLinearDecayLR"

@@ -96,6 +96,32 @@ def test_every_trainable_parameter_in_exactly_one_group_with_intended_lr_and_dec
         assert got[name][1] == decay, name
 
 
+def test_lr_multipliers_by_prefix_longest_wins_over_the_part_multipliers():
+    cfg = make_cfg(LR_MULTIPLIERS=[["head.", 10.0], ["backbone.1.", 3.0]])
+    got = settings_by_name(build_optimizer(cfg, TinyGRESNet()))
+    assert got["head.weight"] == (pytest.approx(1e-3), 0.05)  # decay rules unchanged
+    assert got["head.bias"] == (pytest.approx(1e-3), 0.0)
+    assert got["backbone.1.weight"][0] == pytest.approx(3e-4)  # not backbone's 0.1
+    assert got["backbone.0.weight"][0] == pytest.approx(1e-5)
+    assert got["prelu.weight"][0] == pytest.approx(1e-4)
+
+
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        (["haed.", 10.0], "no trainable parameter's name starts with 'haed.'"),
+        (["frozen.", 10.0], "no trainable parameter's name starts with 'frozen.'"),
+        (["head.", 10.0, 1.0], "each entry is [name prefix, multiplier]"),
+        ([10.0, "head."], "each entry is [name prefix, multiplier]"),
+    ],
+)
+def test_lr_multipliers_that_match_nothing_or_are_malformed_stop_the_build(entry, message):
+    with pytest.raises(ValueError) as error:
+        build_optimizer(make_cfg(LR_MULTIPLIERS=[entry]), TinyGRESNet())
+    assert message in str(error.value)
+    assert "SOLVER.LR_MULTIPLIERS" in str(error.value)
+
+
 def test_norm_and_embed_decay_follow_their_keys():
     model = TinyGRESNet()
     got = settings_by_name(

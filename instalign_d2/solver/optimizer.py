@@ -6,7 +6,8 @@ Parameter groups (one per distinct (lr, weight decay), every trainable parameter
   ``SOLVER.TEXT_ENCODER_MULTIPLIER`` for the pretrained transformer of the text encoder
   (``text_encoder.transformer.*``): pretrained parts learn slower; the text encoder's new
   projection layer learns at the full rate; ``SOLVER.PIXEL_DECODER_MULTIPLIER`` for
-  ``pixel_decoder.*`` (1 in the paper's configs);
+  ``pixel_decoder.*`` (1 in the paper's configs); ``SOLVER.LR_MULTIPLIERS`` for any other name
+  prefix (the longest matching prefix wins);
 - weight decay: ``WEIGHT_DECAY_NORM`` for normalisation layers, 0 for biases and scalar
   parameters (e.g. AIA's PReLU slope, which decay would push towards a plain ReLU),
   ``WEIGHT_DECAY_EMBED`` for embeddings (``nn.Embedding`` tables, learned queries / level
@@ -143,6 +144,34 @@ def _fused_adamw_supported(groups: List[Dict]) -> bool:
     )
 
 
+def _lr_multipliers(solver, model: nn.Module) -> Dict[str, float]:
+    """Name prefix -> lr multiplier: the three parts' multipliers, then ``SOLVER.LR_MULTIPLIERS``.
+
+    A prefix that names no trainable parameter is a typo that would silently train at the base
+    rate, so it stops the build with the prefixes that exist one level down."""
+    multipliers = {
+        "backbone.": solver.BACKBONE_MULTIPLIER,
+        "text_encoder.transformer.": solver.TEXT_ENCODER_MULTIPLIER,
+        "pixel_decoder.": solver.PIXEL_DECODER_MULTIPLIER,
+    }
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    for entry in solver.LR_MULTIPLIERS:
+        if len(entry) != 2 or not isinstance(entry[0], str):
+            raise ValueError(
+                f"SOLVER.LR_MULTIPLIERS entry {entry!r}: each entry is [name prefix, multiplier], "
+                'e.g. [["transformer_decoder.relative_location.", 10.0]].'
+            )
+        prefix, factor = entry[0], float(entry[1])
+        if not any(n.startswith(prefix) for n in names):
+            tops = sorted({".".join(n.split(".")[:2]) + "." for n in names})
+            raise ValueError(
+                f"SOLVER.LR_MULTIPLIERS: no trainable parameter's name starts with {prefix!r}; "
+                f"names start with e.g. {', '.join(tops[:12])}."
+            )
+        multipliers[prefix] = factor
+    return multipliers
+
+
 def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
     """The optimizer of ``cfg.SOLVER`` (ADAMW or SGD) over :func:`build_param_groups`."""
     solver = cfg.SOLVER
@@ -152,11 +181,7 @@ def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
         weight_decay=solver.WEIGHT_DECAY,
         weight_decay_norm=solver.WEIGHT_DECAY_NORM,
         weight_decay_embed=solver.WEIGHT_DECAY_EMBED,
-        lr_multipliers={
-            "backbone.": solver.BACKBONE_MULTIPLIER,
-            "text_encoder.transformer.": solver.TEXT_ENCODER_MULTIPLIER,
-            "pixel_decoder.": solver.PIXEL_DECODER_MULTIPLIER,
-        },
+        lr_multipliers=_lr_multipliers(solver, model),
     )
     name = solver.OPTIMIZER.upper()
     if name == "ADAMW":
