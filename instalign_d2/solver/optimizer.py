@@ -156,7 +156,12 @@ def _lr_multipliers(solver, model: nn.Module) -> Dict[str, float]:
     }
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     for entry in solver.LR_MULTIPLIERS:
-        if len(entry) != 2 or not isinstance(entry[0], str):
+        if (
+            len(entry) != 2
+            or not isinstance(entry[0], str)
+            or isinstance(entry[1], bool)
+            or not isinstance(entry[1], (int, float))
+        ):
             raise ValueError(
                 f"SOLVER.LR_MULTIPLIERS entry {entry!r}: each entry is [name prefix, multiplier], "
                 'e.g. [["transformer_decoder.relative_location.", 10.0]].'
