@@ -114,6 +114,7 @@ def test_lr_multipliers_by_prefix_longest_wins_over_the_part_multipliers():
         (["head.", 10.0, 1.0], "each entry is [name prefix, multiplier]"),
         ([10.0, "head."], "each entry is [name prefix, multiplier]"),
         (["head.", "ten"], "each entry is [name prefix, multiplier]"),
+        (10.0, "each entry is [name prefix, multiplier]"),
     ],
 )
 def test_lr_multipliers_that_match_nothing_or_are_malformed_stop_the_build(entry, message):

@@ -148,7 +148,7 @@ def _lr_multipliers(solver, model: nn.Module) -> Dict[str, float]:
     """Name prefix -> lr multiplier: the three parts' multipliers, then ``SOLVER.LR_MULTIPLIERS``.
 
     A prefix that names no trainable parameter is a typo that would silently train at the base
-    rate, so it stops the build with the prefixes that exist one level down."""
+    rate, so it stops the build, listing the names' first two components."""
     multipliers = {
         "backbone.": solver.BACKBONE_MULTIPLIER,
         "text_encoder.transformer.": solver.TEXT_ENCODER_MULTIPLIER,
@@ -157,7 +157,8 @@ def _lr_multipliers(solver, model: nn.Module) -> Dict[str, float]:
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     for entry in solver.LR_MULTIPLIERS:
         if (
-            len(entry) != 2
+            not isinstance(entry, (list, tuple))
+            or len(entry) != 2
             or not isinstance(entry[0], str)
             or isinstance(entry[1], bool)
             or not isinstance(entry[1], (int, float))
