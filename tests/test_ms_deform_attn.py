@@ -25,6 +25,18 @@ needs_cpp = pytest.mark.skipif(
 )
 
 
+@pytest.fixture(scope="module", autouse=True)
+def errors_of_the_extension_reach_python(load_tool):
+    """Tests below call into _C with inputs its checks refuse.  An extension built against
+    another C++ runtime than this Python's kills the process there instead of raising; a child
+    process finds that out first, so the run stops with the reason and the fix."""
+    if not HAS_CPP:
+        return
+    row = load_tool("gpu_check").check_errors_reach_python()
+    if row.status != "ok":
+        pytest.exit(f"instalign_d2._C: {row.detail}", returncode=1)
+
+
 # --------------------------------------------------------------------------- helpers
 def level_starts(shapes):
     sizes = [h * w for h, w in shapes]

@@ -14,7 +14,9 @@ any check failed.  Statuses: ok, FAIL, warn (worth a look, not a failure), info,
 
 Parts:
   build       instalign_d2._C's kernels, the GPU and its architecture, and whether this build
-              carries kernels the GPU can run (else how to rebuild with TORCH_CUDA_ARCH_LIST).
+              carries kernels the GPU can run (else how to rebuild with TORCH_CUDA_ARCH_LIST);
+              whether an error raised inside _C reaches Python (a C++ runtime mismatch between
+              the compiler and the loaded libstdc++ kills the process instead).
   op          the CUDA kernel against the C++ CPU kernel and the float64 grid_sample reference
               (computed from the same rounded inputs): forward and the three gradients, in
               float64/32/16 and bfloat16, at the paper's shapes and at edge cases; outside samples
@@ -328,6 +330,48 @@ def _kernel_version(extension, device: int) -> Tuple[Optional[Tuple[int, int]], 
         return None, str(error).splitlines()[0]
 
 
+# A call into _C whose input check fails: it must come back as a RuntimeError.  Run in a child
+# process, because where it does not, the process dies.
+ERROR_PROBE = """
+import torch
+from instalign_d2 import _C
+value = torch.zeros(1, 10, 1, 2, dtype=torch.float64)
+try:
+    _C.ms_deform_attn_forward(value, torch.tensor([[4, 4]]), torch.tensor([0]),
+        torch.zeros(1, 1, 1, 1, 1, 2, dtype=torch.float64),
+        torch.zeros(1, 1, 1, 1, 1, dtype=torch.float64), 64)
+    print("nothing raised")
+except RuntimeError as error:
+    print("raised:", str(error).splitlines()[0])
+"""
+
+
+def error_probe_verdict(returncode: int, stdout: str, stderr: str) -> Tuple[str, str]:
+    """(status, detail) of ERROR_PROBE's run: the level check's message, or why not."""
+    said = [line for line in stdout.splitlines() if line.startswith("raised:")]
+    if returncode == 0 and said and "does not fit" in said[0]:
+        return "ok", "a failed input check inside _C raises RuntimeError with its message"
+    if returncode < 0:
+        compiler = os.environ.get("CXX")
+        where = f" (CXX is {compiler} here)" if compiler else ""
+        return "FAIL", (
+            f"a failed input check inside _C kills the process (signal {-returncode}) instead of "
+            "raising: the extension carries or expects another C++ runtime (libstdc++) than the "
+            f"one this Python loads, as when the compiler links it statically{where}; rebuild "
+            "with the system compiler: CC=gcc CXX=g++ pip install --no-build-isolation --no-deps -e ."
+        )
+    last = (stderr.strip().splitlines() or stdout.strip().splitlines() or [""])[-1]
+    return "FAIL", f"exit status {returncode}: {last[:200]}"
+
+
+def check_errors_reach_python() -> Row:
+    done = subprocess.run(
+        [sys.executable, "-c", ERROR_PROBE], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    status, detail = error_probe_verdict(done.returncode, done.stdout, done.stderr)
+    return Row("build", "errors of _C reach Python", status, detail)
+
+
 def check_build(args) -> List[Row]:
     from instalign_d2.layers.ms_deform_attn import msda_extension_info
 
@@ -356,6 +400,8 @@ def check_build(args) -> List[Row]:
     extension = None
     if build != "missing":
         from instalign_d2 import _C as extension
+
+        rows.append(check_errors_reach_python())
     for index in range(torch.cuda.device_count()):
         props = torch.cuda.get_device_properties(index)
         capability = (props.major, props.minor)
@@ -568,6 +614,28 @@ def outside_non_finite_inputs():
     return value, [(4, 4), (2, 3)], locations, weights, torch.ones(1, 5, 3, dtype=torch.float64)
 
 
+def outside_non_finite_verdict(
+    cuda: Sequence[torch.Tensor], cpu: Sequence[torch.Tensor]
+) -> Tuple[str, str]:
+    """(status, detail) of the outside-sample check: the location and weight gradients of the
+    four outside samples exactly 0, and every tensor within 1e-12 of the CPU kernel's, NaN
+    nowhere.  Not bit for bit: the CUDA kernels add the same products in another order (a
+    warp's shuffle reduction, fused multiply-adds), so an inside sample differs in the last bits."""
+    names = ("output", "value gradient", "location gradient", "weight gradient")
+    zero = bool((cuda[2][:, :4].cpu() == 0).all() and (cuda[3][:, :4].cpu() == 0).all())
+    differences = []
+    for name, a, b in zip(names, cuda, cpu):
+        a = a.cpu()
+        if not bool(torch.isfinite(a).all()):
+            differences.append(f"{name} has non-finite values")
+        elif not torch.allclose(a, b, rtol=0, atol=1e-12):
+            differences.append(f"{name} differs by {float((a - b).abs().max()):.1e}")
+    if zero and not differences:
+        return "ok", "location and weight gradients 0, every tensor within 1e-12 of the CPU kernel"
+    problems = ([] if zero else ["outside samples' gradients not 0"]) + differences
+    return "FAIL", "; ".join(problems)
+
+
 def check_outside_non_finite(device: str = "cuda") -> Row:
     value, shapes, locations, weights, grad_output = outside_non_finite_inputs()
     cpu = output_and_grads("cpu", value, shapes, locations, weights, grad_output)
@@ -579,19 +647,8 @@ def check_outside_non_finite(device: str = "cuda") -> Row:
         weights.to(device),
         grad_output.to(device),
     )
-    equal = all(torch.equal(a.cpu(), b) for a, b in zip(cuda, cpu))
-    zero = bool((cuda[2][:, :4].cpu() == 0).all() and (cuda[3][:, :4].cpu() == 0).all())
-    status = "ok" if equal and zero else "FAIL"
-    return Row(
-        "op",
-        "outside samples with inf/NaN weights",
-        status,
-        (
-            "location and weight gradients 0 and identical to the CPU kernel"
-            if status == "ok"
-            else f"CUDA differs from the CPU kernel (equal={equal}, zero gradients={zero})"
-        ),
-    )
+    status, detail = outside_non_finite_verdict(cuda, cpu)
+    return Row("op", "outside samples with inf/NaN weights", status, detail)
 
 
 def check_deterministic_alert(device: str = "cuda") -> Row:

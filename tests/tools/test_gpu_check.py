@@ -268,6 +268,54 @@ def test_a_wrong_gradient_is_caught(gpu_check, monkeypatch):
     assert row.status == "FAIL" and "f32 1.0e-03 > 1e-04!" in row.detail
 
 
+@needs_cpp
+def test_error_probe_raises_here(gpu_check):
+    row = gpu_check.check_errors_reach_python()
+    assert row.status == "ok", row.detail
+
+
+def test_error_probe_verdict(gpu_check, monkeypatch):
+    said = "raised: ms_deform_attn: level 0 of spatial_shapes (4, 4) ... does not fit in value's S=10\n"
+    assert gpu_check.error_probe_verdict(0, said, "")[0] == "ok"
+    monkeypatch.setenv("CXX", "/opt/gcc/bin/g++")
+    status, detail = gpu_check.error_probe_verdict(
+        -11, "", "Fatal Python error: Segmentation fault"
+    )
+    assert status == "FAIL"
+    assert "signal 11" in detail and "(CXX is /opt/gcc/bin/g++ here)" in detail
+    assert detail.endswith("CC=gcc CXX=g++ pip install --no-build-isolation --no-deps -e .")
+    monkeypatch.delenv("CXX")
+    assert "CXX is" not in gpu_check.error_probe_verdict(-6, "", "")[1]
+    status, detail = gpu_check.error_probe_verdict(0, "nothing raised\n", "")
+    assert (status, detail) == ("FAIL", "exit status 0: nothing raised")
+    status, detail = gpu_check.error_probe_verdict(1, "", "Traceback\nImportError: no _C")
+    assert (status, detail) == ("FAIL", "exit status 1: ImportError: no _C")
+
+
+@needs_cpp
+def test_outside_sample_verdict_allows_rounding_and_catches_the_rest(gpu_check):
+    """The CUDA kernels add in another order than the CPU kernel: a last-bit difference of the
+    inside sample passes; a real difference, a NaN or a non-zero outside gradient fails."""
+    value, shapes, locations, weights, grad_output = gpu_check.outside_non_finite_inputs()
+    cpu = gpu_check.output_and_grads("cpu", value, shapes, locations, weights, grad_output)
+    assert gpu_check.outside_non_finite_verdict(cpu, cpu)[0] == "ok"
+
+    def changed(index, change):
+        candidate = [t.clone() for t in cpu]
+        change(candidate[index])
+        return gpu_check.outside_non_finite_verdict(candidate, cpu)
+
+    rounded = changed(0, lambda t: t.mul_(1 + 1e-15))
+    assert rounded[0] == "ok", rounded
+    status, detail = changed(0, lambda t: t.add_(1e-9))
+    assert status == "FAIL" and "output differs by 1.0e-09" in detail
+    status, detail = changed(1, lambda t: t.view(-1)[0].fill_(math.nan))
+    assert status == "FAIL" and "value gradient has non-finite values" in detail
+    status, detail = changed(2, lambda t: t[:, 0].fill_(1e-20))
+    assert status == "FAIL" and "outside samples' gradients not 0" in detail
+    assert "location gradient" not in detail  # within 1e-12 of the CPU's
+
+
 # ----------------------------------------------------------------------------- on a GPU
 @pytest.mark.cuda
 def test_build_part_passes_on_this_gpu(gpu_check):
