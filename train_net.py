@@ -45,6 +45,7 @@ import instalign_d2  # noqa: F401  (registers the architecture, its parts and th
 from instalign_d2 import add_instalign_config
 from instalign_d2.data import checked as checked_datasets
 from instalign_d2.data.build import build_gres_test_loader, build_gres_train_loader
+from instalign_d2.data.dataset_mapper import GRESDatasetMapper
 from instalign_d2.data.datasets.errors import DatasetLayoutError, error_line
 from instalign_d2.engine import (
     AtomicCheckpointer,
@@ -55,6 +56,7 @@ from instalign_d2.engine import (
     finish_distributed,
 )
 from instalign_d2.engine.checks import check_datasets
+from instalign_d2.engine.image_size_schedule import ImageSizeSchedule, ImageSizeScheduleHook
 from instalign_d2.engine.summary import run_summary
 from instalign_d2.solver import apply_epoch_schedule, build_lr_scheduler, build_optimizer
 from instalign_d2.solver.optimizer import describe_param_groups
@@ -85,7 +87,9 @@ class Trainer(DefaultTrainer):
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
-        data_loader = self.build_train_loader(cfg)
+        # The train mapper is kept: a coarse-to-fine schedule sets its input size during training.
+        self.train_mapper = GRESDatasetMapper(cfg, is_train=True)
+        data_loader = self.build_train_loader(cfg, mapper=self.train_mapper)
         model = create_ddp_model(
             model,
             broadcast_buffers=False,
@@ -112,8 +116,15 @@ class Trainer(DefaultTrainer):
         return build_lr_scheduler(cfg, optimizer)
 
     @classmethod
-    def build_train_loader(cls, cfg):
-        return build_gres_train_loader(cfg)
+    def build_train_loader(cls, cfg, mapper=None):
+        return build_gres_train_loader(cfg, mapper=mapper)
+
+    def build_hooks(self):
+        hooks = super().build_hooks()
+        schedule = ImageSizeSchedule.from_config(self.cfg)
+        if schedule is not None:  # before the other hooks: the size must be set before the step
+            hooks.insert(0, ImageSizeScheduleHook(self.train_mapper, schedule))
+        return hooks
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):

@@ -15,6 +15,11 @@ def add_instalign_config(cfg: CN) -> CN:
     cfg.INPUT.IMAGE_SIZE = (
         480  # images are resized to IMAGE_SIZE x IMAGE_SIZE (paper §4.1, as ReLA)
     )
+    # Coarse-to-fine training (not in the paper): the first EARLY_TRAIN_FRACTION of SOLVER.MAX_ITER
+    # train on EARLY_TRAIN_SIZE x EARLY_TRAIN_SIZE inputs, the rest (and evaluation) on IMAGE_SIZE;
+    # cheaper early steps buy more of them. 0 = off. Needs DATALOADER.NUM_WORKERS 0.
+    cfg.INPUT.EARLY_TRAIN_SIZE = 0
+    cfg.INPUT.EARLY_TRAIN_FRACTION = 0.0
     cfg.INPUT.FORMAT = "RGB"  # timm backbones and RoBERTa-era models read RGB
     cfg.INPUT.DATASET_MAPPER_NAME = "gres"  # the GRES mapper (instalign_d2.data.dataset_mapper)
     cfg.INPUT.AUGMENT = CN()

@@ -314,3 +314,18 @@ def test_augmented_expressions_get_their_own_input_tensor(text_encoder, sample_i
     second = mapper(_dict(sample_image[0], ANNOTATIONS))
     assert second["image"] is not first["image"]
     assert not torch.equal(second["image"], first["image"])  # a different random crop
+
+
+def test_a_new_image_size_is_used_from_the_next_sample_of_the_same_image(
+    text_encoder, sample_image
+):
+    """A coarse-to-fine schedule changes ``image_size`` between samples; the input tensor kept for
+    the image's next expression must not be the one of the old size."""
+    mapper = _mapper(text_encoder, True)
+    coarse = mapper(_dict(sample_image[0], ANNOTATIONS))
+    mapper.image_size = S // 2
+    fine = mapper(_dict(sample_image[0], ANNOTATIONS))
+    assert tuple(coarse["image"].shape[1:]) == (S, S)
+    assert tuple(fine["image"].shape[1:]) == (S // 2, S // 2)
+    assert fine["instances"].gt_masks.shape[1:] == (S // 2, S // 2)
+    assert tuple(fine["gt_mask_merged"].shape[-2:]) == (S // 2, S // 2)

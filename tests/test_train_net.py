@@ -111,6 +111,17 @@ def test_a_dataset_made_with_other_parameters_stops_the_run_and_stays(
             "MODEL.TIMM.PRETRAINED_WEIGHTS=/no/swin.pth: no such file",
         ),
         (["SOLVER.AMP.ENABLED", "True"], "SOLVER.AMP.ENABLED=True needs a CUDA GPU"),
+        (
+            [
+                "INPUT.EARLY_TRAIN_SIZE",
+                "32",
+                "INPUT.EARLY_TRAIN_FRACTION",
+                "0.5",
+                "DATALOADER.NUM_WORKERS",
+                "2",
+            ],
+            "set DATALOADER.NUM_WORKERS 0",
+        ),
     ],
 )
 def test_bad_config_values_stop_with_one_line_and_write_nothing(
@@ -195,6 +206,11 @@ def test_short_training_then_eval_only_and_grouped_equals_ungrouped(
             "4",
             "SOLVER.CHECKPOINT_PERIOD",
             "2",
+            # coarse-to-fine: 32 x 32 inputs for the first half, then INPUT.IMAGE_SIZE (64)
+            "INPUT.EARLY_TRAIN_SIZE",
+            "32",
+            "INPUT.EARLY_TRAIN_FRACTION",
+            "0.5",
             "OUTPUT_DIR",
             str(output),
         ],
@@ -223,6 +239,9 @@ def test_short_training_then_eval_only_and_grouped_equals_ungrouped(
         "PRETRAINED_WEIGHTS"
     ]
     assert ".pth.by_settings" in trunk and os.path.isfile(trunk)
+    log = (output / "log.txt").read_text()
+    assert "Training inputs from iteration 0 on: 32x32" in log
+    assert "Training inputs from iteration 2 on: 64x64" in log
     rows = _metrics_rows(output)
     assert [r["iteration"] for r in rows if "total_loss" in r][-1] == 3
     final = rows[-1]  # the evaluation after training is logged too
@@ -374,7 +393,8 @@ def test_trainer_constructor_still_mirrors_detectron2s():
         }
 
     theirs = assigned_attributes(DefaultTrainer.__init__)
-    ours = assigned_attributes(train_net.Trainer.__init__)
+    # ours alone: the train mapper, whose input size a coarse-to-fine schedule changes
+    ours = assigned_attributes(train_net.Trainer.__init__) - {"train_mapper"}
     assert {"_trainer", "checkpointer", "scheduler", "start_iter", "max_iter", "cfg"} <= theirs
     assert theirs == ours, f"detectron2's DefaultTrainer.__init__ changed: {theirs ^ ours}"
 

@@ -99,7 +99,8 @@ class GRESDatasetMapper:
         self._last_image: Tuple[Optional[str], Optional[np.ndarray]] = (None, None)
         # Without augmentation the model input of an image is the same for each of its expressions:
         # they share one tensor, so the model need not compare pixels to see one image.
-        self._last_input: Tuple[Optional[str], Optional[torch.Tensor]] = (None, None)
+        # Keyed by file name and size: a schedule may change ``image_size`` between two samples.
+        self._last_input: Tuple[Optional[Tuple[str, int]], Optional[torch.Tensor]] = (None, None)
         mode = "train" if self.is_train else "test"
         logger.info(
             f"[GRESDatasetMapper] {mode}: {self.image_size}x{self.image_size}, augmentations {self.augmentations}"
@@ -200,13 +201,14 @@ class GRESDatasetMapper:
         )
         deterministic = not transforms.transforms and not reason
         transforms = transforms + resize
-        if deterministic and self._last_input[0] == dataset_dict["file_name"]:
+        input_key = (dataset_dict["file_name"], size)
+        if deterministic and self._last_input[0] == input_key:
             image_tensor = self._last_input[1]
         else:
             image = resize.apply_image(image)
             image_tensor = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
             if deterministic:
-                self._last_input = (dataset_dict["file_name"], image_tensor)
+                self._last_input = (input_key, image_tensor)
         gt_masks = transform_masks(masks, transforms)  # bool (M, S, S), nearest
 
         record = {key: dataset_dict[key] for key in PASSTHROUGH_KEYS if key in dataset_dict}

@@ -13,9 +13,10 @@ from instalign_d2.data.datasets.errors import DatasetLayoutError
 from instalign_d2.utils.paths import datasets_root, expand_path
 from instalign_d2.utils.tokenizer import TextEncoderNotFoundError, resolve_text_encoder
 
+from .errors import ConfigError
+from .image_size_schedule import ImageSizeSchedule
 
-class ConfigError(ValueError):
-    """A config value that cannot work; the message names the key, the value and the fix."""
+__all__ = ["ConfigError", "check_config", "check_config_file", "check_datasets"]
 
 
 def check_config_file(path: str) -> None:
@@ -96,6 +97,9 @@ def check_config(cfg, *, eval_only: bool = False, resume: bool = False) -> None:
             resolve_text_encoder(text.NAME)
         except TextEncoderNotFoundError as exc:
             raise ConfigError(str(exc)) from None
+
+    if not eval_only:
+        ImageSizeSchedule.from_config(cfg)
 
     if cfg.SOLVER.AMP.ENABLED and not cfg.MODEL.DEVICE.startswith("cuda"):
         raise ConfigError(
