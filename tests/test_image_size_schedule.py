@@ -49,7 +49,7 @@ def test_a_schedule_that_cannot_work_is_named(kwargs, expected):
         ImageSizeSchedule.from_config(_cfg(**kwargs))
 
 
-def test_the_hook_sets_the_size_of_each_step_also_after_a_resume(caplog):
+def test_the_hook_sets_the_size_of_each_step_also_after_a_resume():
     mapper = SimpleNamespace(image_size=128)
     hook = ImageSizeScheduleHook(mapper, ImageSizeSchedule(96, 128, 3))
     hook.trainer = SimpleNamespace(iter=0)
