@@ -44,6 +44,7 @@ from detectron2.projects.point_rend.point_features import (
 from detectron2.utils import comm
 from torch import nn
 
+from ..layers.sigmoid_bce import sigmoid_bce_with_logits
 from .loss_settings import PAPER_LOSS_WEIGHTS, LossWeights, PointSampling
 from .matcher import PhraseAwareHungarianMatcher
 
@@ -104,7 +105,7 @@ def bce_dice_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     ``logits``, ``targets``: ``(K, P)`` -> ``(K,)``. An empty target gives ``1 - 1/(|p| + 1)``, which
     pushes the prediction to empty.
     """
-    bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none").mean(dim=1)
+    bce = sigmoid_bce_with_logits(logits, targets).mean(dim=1)
     probs = logits.sigmoid()
     dice = 1.0 - (2.0 * (probs * targets).sum(1) + 1.0) / (probs.sum(1) + targets.sum(1) + 1.0)
     return bce + dice

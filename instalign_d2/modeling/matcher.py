@@ -18,14 +18,16 @@ from detectron2.projects.point_rend.point_features import point_sample
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
+from ..layers.sigmoid_bce import softplus
 from .loss_settings import PAPER_LOSS_WEIGHTS, LossWeights
 
 
 def pairwise_bce_cost(pred_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean per-point sigmoid BCE between every prediction ``(N, P)`` and every target ``(M, P)`` -> ``(N, M)``."""
-    loss_if_one = F.softplus(-pred_logits)  # -log(sigmoid(x))
-    loss_if_zero = F.softplus(pred_logits)  # -log(1 - sigmoid(x))
-    return (loss_if_one @ targets.T + loss_if_zero @ (1.0 - targets).T) / pred_logits.shape[1]
+    # BCE(x, t) = t softplus(-x) + (1 - t) softplus(x) = softplus(-x) + (1 - t) x: one softplus
+    # (the slow part on the CPU) and one product for all pairs.
+    loss_if_one = softplus(-pred_logits).sum(-1, keepdim=True)  # sum of -log(sigmoid(x))
+    return (loss_if_one + pred_logits @ (1.0 - targets).T) / pred_logits.shape[1]
 
 
 def pairwise_dice_cost(pred_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
