@@ -329,3 +329,82 @@ def test_a_new_image_size_is_used_from_the_next_sample_of_the_same_image(
     assert tuple(fine["image"].shape[1:]) == (S // 2, S // 2)
     assert fine["instances"].gt_masks.shape[1:] == (S // 2, S // 2)
     assert tuple(fine["gt_mask_merged"].shape[-2:]) == (S // 2, S // 2)
+
+
+def _images(tmp_path, pixels, count):
+    paths = []
+    for k in range(count):
+        path = tmp_path / f"image{k}.png"
+        Image.fromarray(np.roll(pixels, 7 * k, axis=1)).save(path)
+        paths.append(str(path))
+    return paths
+
+
+def _count_reads(monkeypatch):
+    import instalign_d2.data.dataset_mapper as mapper_module
+
+    reads = []
+
+    def counting_read(file_name, image_format):
+        reads.append(file_name)
+        return read_image_uint8(file_name, image_format)
+
+    monkeypatch.setattr(mapper_module, "read_image_uint8", counting_read)
+    return reads
+
+
+@pytest.mark.parametrize("is_train", [True, False])
+def test_input_cache_keeps_resized_images_for_the_next_epoch(
+    text_encoder, sample_image, tmp_path, monkeypatch, is_train
+):
+    paths = _images(tmp_path, sample_image[1], 3)
+    reads = _count_reads(monkeypatch)
+    uncached = _mapper(text_encoder, is_train)
+    cached = _mapper(text_encoder, is_train, cache_mb=1)
+    first_epoch = [cached(_dict(p, ANNOTATIONS)) for p in paths]
+    second_epoch = [cached(_dict(p, ANNOTATIONS[1:], raw="the red circle")) for p in paths]
+    assert reads == paths  # each image decoded once (the uncached mapper has read nothing yet)
+    for before, after, path in zip(first_epoch, second_epoch, paths):
+        assert after["image"] is before["image"]
+        reference = uncached(_dict(path, ANNOTATIONS[1:], raw="the red circle"))
+        torch.testing.assert_close(after["image"], reference["image"], rtol=0, atol=0)
+        # the masks and tokens are still the expression's own
+        assert torch.equal(after["instances"].gt_masks, reference["instances"].gt_masks)
+        assert torch.equal(after["input_ids"], reference["input_ids"])
+    # without a budget only the last image is kept
+    reads.clear()
+    [uncached(_dict(p, ANNOTATIONS)) for p in paths + paths[-1:]]
+    assert reads == paths
+
+
+def test_input_cache_drops_the_least_recently_used_image_beyond_its_budget(
+    text_encoder, sample_image, tmp_path, monkeypatch
+):
+    paths = _images(tmp_path, sample_image[1], 3)
+    reads = _count_reads(monkeypatch)
+    two_images = 2 * 3 * S * S / 2**20  # megabytes of two uint8 inputs
+    mapper = _mapper(text_encoder, True, cache_mb=two_images)
+    for p in (paths[0], paths[1], paths[0], paths[2]):  # image 1 is the least recently used
+        mapper(_dict(p, ANNOTATIONS))
+    assert reads == [paths[0], paths[1], paths[2]]
+    reads.clear()
+    for p in (paths[0], paths[2], paths[1]):
+        mapper(_dict(p, ANNOTATIONS))
+    assert reads == [paths[1]]
+
+
+def test_input_cache_is_not_used_with_augmentation_and_rejects_a_negative_budget(
+    text_encoder, sample_image, monkeypatch
+):
+    cfg = _cfg(text_encoder)
+    cfg.INPUT.AUGMENT.ENABLED = True
+    cfg.INPUT.CACHE_MB = 64
+    mapper = GRESDatasetMapper(cfg, True)
+    reads = _count_reads(monkeypatch)
+    np.random.seed(0)
+    mapper(_dict(sample_image[0], ANNOTATIONS))
+    mapper._last_image = (None, None)  # forget the decoded image: only the input cache is left
+    mapper(_dict(sample_image[0], ANNOTATIONS))
+    assert len(reads) == 2 and not mapper._inputs
+    with pytest.raises(ValueError, match="INPUT.CACHE_MB"):
+        _mapper(text_encoder, cache_mb=-1)

@@ -15,6 +15,7 @@ marked ``image_missing`` is skipped without looking for the file again.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
@@ -66,6 +67,7 @@ class GRESDatasetMapper:
         image_format: str = "RGB",
         augmentations: Sequence[T.Augmentation] = (),
         eval_resolution: str = "input",
+        cache_mb: float = 0,
     ):
         """
         Args:
@@ -77,6 +79,8 @@ class GRESDatasetMapper:
             augmentations: train-time augmentations applied before the resize.
             eval_resolution: TEST.EVAL_RESOLUTION; "original" adds ``gt_mask_merged_original``
                 to the test mapper's output.
+            cache_mb: INPUT.CACHE_MB, megabytes of resized images kept for the next epochs
+                (least recently used out first); 0 keeps the last one only.
         """
         if eval_resolution not in EVAL_RESOLUTIONS:
             raise ValueError(
@@ -84,6 +88,8 @@ class GRESDatasetMapper:
             )
         if int(image_size) <= 0:
             raise ValueError(f"INPUT.IMAGE_SIZE={image_size}: expected a positive size")
+        if not cache_mb >= 0:
+            raise ValueError(f"INPUT.CACHE_MB={cache_mb}: expected 0 (off) or a positive size")
         self.is_train = bool(is_train)
         self.image_size = int(image_size)
         self.text_encoder_name = text_encoder_name
@@ -98,9 +104,12 @@ class GRESDatasetMapper:
         # once, not once per expression. Nothing modifies it in place (transforms make copies).
         self._last_image: Tuple[Optional[str], Optional[np.ndarray]] = (None, None)
         # Without augmentation the model input of an image is the same for each of its expressions:
-        # they share one tensor, so the model need not compare pixels to see one image.
-        # Keyed by file name and size: a schedule may change ``image_size`` between two samples.
-        self._last_input: Tuple[Optional[Tuple[str, int]], Optional[torch.Tensor]] = (None, None)
+        # they share one tensor, so the model need not compare pixels to see one image. Kept for
+        # the next epochs up to ``cache_mb`` (at least the last one). Keyed by file name and size:
+        # a schedule may change ``image_size`` between two samples.
+        self._inputs: "OrderedDict[Tuple[str, int], torch.Tensor]" = OrderedDict()
+        self._inputs_bytes = 0
+        self.cache_bytes = int(cache_mb * 2**20)
         mode = "train" if self.is_train else "test"
         logger.info(
             f"[GRESDatasetMapper] {mode}: {self.image_size}x{self.image_size}, augmentations {self.augmentations}"
@@ -123,6 +132,7 @@ class GRESDatasetMapper:
                 saturation=augment.SATURATION,
             ),
             "eval_resolution": cfg.TEST.EVAL_RESOLUTION,
+            "cache_mb": cfg.INPUT.CACHE_MB,
         }
 
     @property
@@ -152,6 +162,20 @@ class GRESDatasetMapper:
             )
         self._last_image = (file_name, image)
         return image, ""
+
+    def _cached_input(self, key: Tuple[str, int]) -> Optional[torch.Tensor]:
+        image_tensor = self._inputs.get(key)
+        if image_tensor is not None:
+            self._inputs.move_to_end(key)
+        return image_tensor
+
+    def _keep_input(self, key: Tuple[str, int], image_tensor: torch.Tensor) -> None:
+        """Keep a model input; drop the least recently used ones beyond the budget."""
+        self._inputs[key] = image_tensor
+        self._inputs_bytes += image_tensor.numel() * image_tensor.element_size()
+        while len(self._inputs) > 1 and self._inputs_bytes > self.cache_bytes:
+            _, dropped = self._inputs.popitem(last=False)
+            self._inputs_bytes -= dropped.numel() * dropped.element_size()
 
     def _augment(self, image: np.ndarray, masks: np.ndarray) -> T.Transform:
         """Train-time transforms at the original size; a crop must keep most of every target."""
@@ -185,30 +209,36 @@ class GRESDatasetMapper:
         """The model input of one expression (the input dict is not modified)."""
         height, width = dataset_dict["height"], dataset_dict["width"]
         annotations = dataset_dict.get("annotations") or []
-        image, reason = self._read_image(dataset_dict)
-        if image is None:
-            self._skip(dataset_dict, reason)
-            if self.is_train:
-                return None
-            image = np.zeros((height, width, 3), dtype=np.uint8)
-        masks = instance_masks(annotations, height, width)  # bool (M, H, W)
-
         size = self.image_size
-        transforms = self._augment(image, masks) if self.is_train else T.TransformList([])
-        image = transforms.apply_image(image)
-        resize = T.ResizeTransform(
-            image.shape[0], image.shape[1], size, size, interp=Image.BILINEAR
-        )
-        deterministic = not transforms.transforms and not reason
-        transforms = transforms + resize
         input_key = (dataset_dict["file_name"], size)
-        if deterministic and self._last_input[0] == input_key:
-            image_tensor = self._last_input[1]
+        # An input kept from before was read without error and without augmentation.
+        image_tensor = None if self.augmentations else self._cached_input(input_key)
+        reason = ""
+        if image_tensor is None:
+            image, reason = self._read_image(dataset_dict)
+            if image is None:
+                self._skip(dataset_dict, reason)
+                if self.is_train:
+                    return None
+                image = np.zeros((height, width, 3), dtype=np.uint8)
+        masks = instance_masks(annotations, height, width)  # bool (M, H, W)
+        if image_tensor is not None:
+            transforms = T.TransformList([])
+            image_shape = (height, width)  # _read_image checked that the file has this size
         else:
-            image = resize.apply_image(image)
-            image_tensor = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
-            if deterministic:
-                self._last_input = (input_key, image_tensor)
+            transforms = self._augment(image, masks) if self.is_train else T.TransformList([])
+            image = transforms.apply_image(image)
+            image_shape = image.shape[:2]
+        resize = T.ResizeTransform(
+            image_shape[0], image_shape[1], size, size, interp=Image.BILINEAR
+        )
+        if image_tensor is None:
+            image_tensor = torch.as_tensor(
+                np.ascontiguousarray(resize.apply_image(image).transpose(2, 0, 1))
+            )
+            if not transforms.transforms and not reason:
+                self._keep_input(input_key, image_tensor)
+        transforms = transforms + resize
         gt_masks = transform_masks(masks, transforms)  # bool (M, S, S), nearest
 
         record = {key: dataset_dict[key] for key in PASSTHROUGH_KEYS if key in dataset_dict}
