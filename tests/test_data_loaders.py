@@ -425,5 +425,9 @@ def test_every_design_name_is_registered():
         "refcocog_google_val",
     }
     expected |= {f"synthetic_gres_{s}" for s in ("train", "val", "test")}
-    expected |= {"synthetic_gres_train_all_objects", "synthetic_gres_train_more_spatial"}
+    expected |= {
+        "synthetic_gres_train_all_objects",
+        "synthetic_gres_train_more_spatial",
+        "synthetic_gres_train_shape_colour",
+    }
     assert expected <= names

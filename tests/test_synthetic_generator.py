@@ -491,3 +491,31 @@ def test_more_spatial_split_adds_unseen_spatial_expressions(tiny_dataset, monkey
     # the same draw on every load
     again = DatasetCatalog.get("synthetic_gres_train_more_spatial")
     assert [d["sentence"]["raw"] for d in again] == [d["sentence"]["raw"] for d in added]
+
+
+def test_shape_colour_split_names_each_target_by_its_shape_and_colour(tiny_dataset, monkeypatch):
+    from instalign_d2.data.datasets.synthetic import SHAPE_COLOUR_CLASSES
+    from instalign_d2.synthetic.scene import COLOURS, SHAPES
+
+    relabelled, generated, objects, _ = _added_and_generated(
+        tiny_dataset, monkeypatch, "synthetic_gres_train_shape_colour"
+    )
+    by_id = {o["id"]: o for image_objects in objects.values() for o in image_objects}
+    pairs = {(s, c): 1 + i * 5 + j for i, s in enumerate(SHAPES) for j, c in enumerate(COLOURS)}
+    assert SHAPE_COLOUR_CLASSES == 26 and sorted(pairs.values()) == list(range(1, 26))
+    # the same expressions, targets and masks; only the category ids differ
+    assert [d["sentence"]["sent_id"] for d in relabelled] == [
+        d["sentence"]["sent_id"] for d in generated
+    ]
+    seen = set()
+    for ours, plain in zip(relabelled, generated):
+        assert [a["id"] for a in ours["annotations"]] == [a["id"] for a in plain["annotations"]]
+        assert [a["segmentation"] for a in ours["annotations"]] == [
+            a["segmentation"] for a in plain["annotations"]
+        ]
+        for ann, plain_ann in zip(ours["annotations"], plain["annotations"]):
+            obj = by_id[ann["id"]]
+            assert ann["category_id"] == pairs[(obj["shape"], obj["colour"])]
+            assert plain_ann["category_id"] == 1 + SHAPES.index(obj["shape"])  # untouched
+            seen.add(ann["category_id"])
+    assert len(seen) > 5  # more categories than the five shapes

@@ -1,7 +1,8 @@
-"""Registration of the synthetic GRES splits ``synthetic_gres_{train,val,test}`` and of two
+"""Registration of the synthetic GRES splits ``synthetic_gres_{train,val,test}``, of two
 training additions made from the instances: ``synthetic_gres_train_all_objects`` (one "all
 shapes" expression per training image) and ``synthetic_gres_train_more_spatial`` (more spatial
-expressions).
+expressions), and of ``synthetic_gres_train_shape_colour`` (the train split with each object's
+category the pair of its shape and colour).
 
 The set is written in the gRefCOCO layout by :mod:`instalign_d2.synthetic` (``train_net.py`` does
 it on first use), so the gRefCOCO loader reads it; its sentences also record their template.
@@ -23,6 +24,7 @@ from instalign_d2.data.datasets.grefcoco import (
 from instalign_d2.data.datasets.image_presence import ImageFolders
 from instalign_d2.data.datasets.refer_common import CocoIndex, build_expression_dicts, load_refs
 from instalign_d2.synthetic.expressions import noun_phrase, spatial_candidates
+from instalign_d2.synthetic.scene import COLOURS, SHAPES
 from instalign_d2.synthetic.params import (
     SYNTHETIC_DIRNAME,
     SYNTHETIC_LAYOUT,
@@ -181,12 +183,41 @@ def load_synthetic_more_spatial(
     )
 
 
+# The categories of the generated set are the five shapes. This split is the train split with
+# each object's category the pair (shape, colour) instead: 25 categories, ids 1..25 (set
+# MODEL.INSTALIGN.CATEGORY_CLASSES to SHAPE_COLOUR_CLASSES), so that the category loss asks each
+# matched query to keep its object's colour as well as its shape.
+SHAPE_COLOUR_SUFFIX = "_shape_colour"
+SHAPE_COLOUR_CLASSES = 1 + len(SHAPES) * len(COLOURS)  # id 0 is never a target
+
+
+def shape_colour_category(shape: str, colour: str) -> int:
+    """The category id of a (shape, colour) pair: 1 + shape index * 5 + colour index."""
+    return 1 + SHAPES.index(shape) * len(COLOURS) + list(COLOURS).index(colour)
+
+
+def load_synthetic_shape_colour(
+    root: str, split: str, dataset_name: Optional[str] = None
+) -> List[dict]:
+    """The dataset dicts of ``split``, each target's ``category_id`` its (shape, colour) pair."""
+    dicts = load_synthetic_gres(
+        root, split, dataset_name or f"synthetic_gres_{split}{SHAPE_COLOUR_SUFFIX}"
+    )
+    objects = CocoIndex.from_file(synthetic_paths(root)["instances_file"]).annotations
+    for record in dicts:
+        for ann in record.get("annotations") or ():
+            obj = objects[ann["id"]]
+            ann["category_id"] = shape_colour_category(obj["shape"], obj["colour"])
+    return dicts
+
+
 def register_all_synthetic_gres(root: Callable[[], str]) -> None:
     """Register ``synthetic_gres_{train,val,test}`` and the training additions under
     ``root()/synthetic_gres`` (read at load)."""
     splits = {f"synthetic_gres_{split}": (split, load_synthetic_gres) for split in SYNTHETIC_SPLITS}
     splits[f"synthetic_gres_train{ALL_OBJECTS_SUFFIX}"] = ("train", load_synthetic_all_objects)
     splits[f"synthetic_gres_train{SPATIAL_SUFFIX}"] = ("train", load_synthetic_more_spatial)
+    splits[f"synthetic_gres_train{SHAPE_COLOUR_SUFFIX}"] = ("train", load_synthetic_shape_colour)
     for name, (split, load) in splits.items():
         register_splits(
             {name: split},
