@@ -12,6 +12,11 @@ variants take one step in turn, ``--rounds`` times, the first one of each round 
 a machine that slows down or speeds up meanwhile weighs on all of them alike; the table gives the
 median step. Run it on a quiet machine: other processes on the same cores slow each variant by a
 different factor.
+
+Its ratios are a first look, not a budget: the savings of a smaller variant come out larger here
+than in whole runs (96 x 96 against 128 x 128 inputs for the tiny config: 0.59-0.66 here, 0.75-0.77
+from ``train_net.py`` runs one at a time), probably because variants that take turns in one process
+evict each other's data from the CPU caches. Set budgets from whole runs.
 """
 
 from __future__ import annotations
