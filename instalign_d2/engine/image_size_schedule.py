@@ -1,7 +1,7 @@
 """Coarse-to-fine training: smaller training inputs for the first part of the schedule.
 
-On the CPU a step on 96 x 96 inputs costs about two thirds of one on 128 x 128, and at equal
-compute the extra steps learn more than the resolution gives (docs/experiments.md). The
+On the CPU a training run on 96 x 96 inputs costs about three quarters of one on 128 x 128, and at
+equal compute the extra steps learn more than the resolution gives (docs/experiments.md). The
 schedule keeps the sharper inputs for the end of training and for evaluation:
 ``INPUT.EARLY_TRAIN_SIZE`` for the first ``INPUT.EARLY_TRAIN_FRACTION`` of ``SOLVER.MAX_ITER``,
 ``INPUT.IMAGE_SIZE`` after it.
