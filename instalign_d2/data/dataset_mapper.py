@@ -222,22 +222,20 @@ class GRESDatasetMapper:
                     return None
                 image = np.zeros((height, width, 3), dtype=np.uint8)
         masks = instance_masks(annotations, height, width)  # bool (M, H, W)
-        if image_tensor is not None:
-            transforms = T.TransformList([])
-            image_shape = (height, width)  # _read_image checked that the file has this size
-        else:
+        if image_tensor is None:
             transforms = self._augment(image, masks) if self.is_train else T.TransformList([])
             image = transforms.apply_image(image)
-            image_shape = image.shape[:2]
-        resize = T.ResizeTransform(
-            image_shape[0], image_shape[1], size, size, interp=Image.BILINEAR
-        )
-        if image_tensor is None:
+            resize = T.ResizeTransform(
+                image.shape[0], image.shape[1], size, size, interp=Image.BILINEAR
+            )
             image_tensor = torch.as_tensor(
                 np.ascontiguousarray(resize.apply_image(image).transpose(2, 0, 1))
             )
             if not transforms.transforms and not reason:
                 self._keep_input(input_key, image_tensor)
+        else:  # _read_image checked that the file is height x width
+            transforms = T.TransformList([])
+            resize = T.ResizeTransform(height, width, size, size, interp=Image.BILINEAR)
         transforms = transforms + resize
         gt_masks = transform_masks(masks, transforms)  # bool (M, S, S), nearest
 
