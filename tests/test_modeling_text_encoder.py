@@ -1,5 +1,6 @@
 """TextEncoder: a tiny RoBERTa written offline into tmp_path (no download anywhere)."""
 
+import logging
 import threading
 import time
 
@@ -224,3 +225,17 @@ def test_thread_safe_tokenizer_lets_one_call_in_at_a_time():
     for worker in workers:
         worker.join()
     assert most[0] == 1 and tokenizer("abc") == {"input_ids": [3]}
+
+
+def test_tokenize_warns_only_for_sentences_it_cut(encoder_dir, caplog):
+    tokenizer = load_tokenizer(encoder_dir)
+    sentence, short = CORPUS[3], CORPUS[4]  # the longest and the shortest
+    length = len(tokenizer(sentence)["input_ids"])  # with <s> and </s>
+    with caplog.at_level(logging.WARNING, logger="instalign_d2.utils.tokenizer"):
+        exact = tokenize(tokenizer, [sentence, short], length)
+        assert not caplog.records  # a sentence that fills every position exactly is not cut
+        cut = tokenize(tokenizer, [short, sentence], length - 1)
+    assert len(caplog.records) == 1 and "1 expression(s) longer than" in caplog.text
+    assert exact["attention_mask"][0].tolist() == [1] * length
+    assert cut["attention_mask"][1].tolist() == [1] * (length - 1)
+    assert cut["input_ids"][1, :-1].tolist() == exact["input_ids"][0, : length - 2].tolist()

@@ -69,7 +69,13 @@ def tokenize(tokenizer, sentences: Sequence[str], max_tokens: int) -> Dict[str, 
         return_tensors="pt",
         return_overflowing_tokens=False,
     )
-    too_long = [s for s in sentences if len(tokenizer(s)["input_ids"]) > max_tokens]
+    # Only a sentence that fills all max_tokens positions may have been cut: encode those again.
+    full = encoded["attention_mask"].sum(dim=1) >= max_tokens
+    too_long = [
+        s
+        for s, f in zip(sentences, full.tolist())
+        if f and len(tokenizer(s)["input_ids"]) > max_tokens
+    ]
     if too_long:
         logger.warning(
             "%d expression(s) longer than MAX_TOKENS=%d were truncated, e.g. %r",
