@@ -22,8 +22,9 @@ def add_instalign_config(cfg: CN) -> CN:
     cfg.INPUT.EARLY_TRAIN_FRACTION = 0.0
     cfg.INPUT.FORMAT = "RGB"  # timm backbones and RoBERTa-era models read RGB
     # Megabytes of resized images (model inputs, uint8) each mapper keeps for the next epochs, so
-    # an image is decoded and resized once. Only without augmentation; each loader worker has its
-    # own. 0 = the last image only (its expressions come one after the other).
+    # an image is decoded and resized once; as many again for the resized annotation masks (by
+    # annotation id) and the token ids (by text). Images and masks only without augmentation; each
+    # loader worker has its own. 0 = the last image only (its expressions come one after another).
     cfg.INPUT.CACHE_MB = 0
     cfg.INPUT.DATASET_MAPPER_NAME = "gres"  # the GRES mapper (instalign_d2.data.dataset_mapper)
     cfg.INPUT.AUGMENT = CN()

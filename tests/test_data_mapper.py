@@ -408,3 +408,76 @@ def test_input_cache_is_not_used_with_augmentation_and_rejects_a_negative_budget
     assert len(reads) == 2 and not mapper._inputs
     with pytest.raises(ValueError, match="INPUT.CACHE_MB"):
         _mapper(text_encoder, cache_mb=-1)
+
+
+def _count_calls(monkeypatch, *names):
+    """Count the mapper module's calls of the functions ``names``."""
+    import instalign_d2.data.dataset_mapper as mapper_module
+
+    calls = {name: 0 for name in names}
+
+    def counting(name, function):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return function(*args, **kwargs)
+
+        return wrapper
+
+    for name in names:
+        monkeypatch.setattr(mapper_module, name, counting(name, getattr(mapper_module, name)))
+    return calls
+
+
+@pytest.mark.parametrize("is_train", [True, False])
+def test_a_budget_keeps_each_annotations_mask_and_each_expressions_tokens(
+    text_encoder, sample_image, tmp_path, monkeypatch, is_train
+):
+    paths = _images(tmp_path, sample_image[1], 2)
+    samples = [
+        d
+        for p in paths
+        for d in (
+            _dict(p, ANNOTATIONS),
+            _dict(p, ANNOTATIONS[1:], raw="the red circle"),
+            _dict(p, [], raw="all triangles"),
+        )
+    ]
+    uncached = _mapper(text_encoder, is_train)
+    expected = [uncached(d) for d in samples]
+    calls = _count_calls(monkeypatch, "instance_masks", "transform_masks", "tokenize")
+    cached = _mapper(text_encoder, is_train, cache_mb=1)
+    [cached(d) for d in samples]
+    # the first epoch decodes each image's annotations once (the second expression's annotation
+    # is one of the first's; the third has none) and tokenises each of the three texts once
+    assert calls == {"instance_masks": 2, "transform_masks": 2, "tokenize": 3}
+    calls.update(dict.fromkeys(calls, 0))
+    second_epoch = [cached(d) for d in samples]
+    assert calls == {"instance_masks": 0, "transform_masks": 0, "tokenize": 0}
+    for got, want in zip(second_epoch, expected):
+        assert torch.equal(got["instances"].gt_masks, want["instances"].gt_masks)
+        assert torch.equal(got["instances"].gt_classes, want["instances"].gt_classes)
+        assert torch.equal(got["gt_mask_merged"], want["gt_mask_merged"])
+        assert torch.equal(got["input_ids"], want["input_ids"])
+        assert torch.equal(got["attention_mask"], want["attention_mask"])
+    # a sample's masks are its own: writing into them changes no later sample
+    second_epoch[0]["instances"].gt_masks.zero_()
+    again = cached(samples[0])
+    assert torch.equal(again["instances"].gt_masks, expected[0]["instances"].gt_masks)
+
+
+def test_masks_are_not_kept_under_augmentation_or_without_annotation_ids(
+    text_encoder, sample_image, monkeypatch
+):
+    cfg = _cfg(text_encoder)
+    cfg.INPUT.AUGMENT.ENABLED = True
+    cfg.INPUT.CACHE_MB = 64
+    augmented = GRESDatasetMapper(cfg, True)
+    without_ids = _mapper(text_encoder, True, cache_mb=64)
+    no_ids = [{k: v for k, v in a.items() if k != "id"} for a in ANNOTATIONS]
+    calls = _count_calls(monkeypatch, "instance_masks", "tokenize")
+    np.random.seed(0)
+    for _ in range(2):
+        augmented(_dict(sample_image[0], ANNOTATIONS))
+        without_ids(_dict(sample_image[0], no_ids))
+    assert calls == {"instance_masks": 4, "tokenize": 2}  # each mapper keeps its tokens
+    assert len(augmented._parts) == 1 and len(without_ids._parts) == 1

@@ -15,8 +15,7 @@ marked ``image_missing`` is skipped without looking for the file again.
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -26,6 +25,7 @@ from detectron2.structures import Instances
 from PIL import Image
 
 from instalign_d2.data.augmentation import CROP_TRIES, MIN_TARGET_KEPT, build_gres_augmentations
+from instalign_d2.data.byte_budget_lru import ByteBudgetLRU
 from instalign_d2.data.image_io import read_image_uint8
 from instalign_d2.data.masks import instance_masks, transform_masks
 from instalign_d2.utils.tokenizer import load_tokenizer, tokenize
@@ -107,9 +107,12 @@ class GRESDatasetMapper:
         # they share one tensor, so the model need not compare pixels to see one image. Kept for
         # the next epochs up to ``cache_mb`` (at least the last one). Keyed by file name and size:
         # a schedule may change ``image_size`` between two samples.
-        self._inputs: "OrderedDict[Tuple[str, int], torch.Tensor]" = OrderedDict()
-        self._inputs_bytes = 0
-        self.cache_bytes = int(cache_mb * 2**20)
+        cache_bytes = int(cache_mb * 2**20)
+        self._inputs = ByteBudgetLRU(cache_bytes, keep_at_least=1)
+        # With a budget, also what each expression adds (its annotations' resized masks, by
+        # annotation id, and its token ids): after the first epoch a sample costs no decoding,
+        # resizing or tokenising. Nothing modifies the kept values in place.
+        self._parts = ByteBudgetLRU(cache_bytes)
         mode = "train" if self.is_train else "test"
         logger.info(
             f"[GRESDatasetMapper] {mode}: {self.image_size}x{self.image_size}, augmentations {self.augmentations}"
@@ -164,18 +167,43 @@ class GRESDatasetMapper:
         return image, ""
 
     def _cached_input(self, key: Tuple[str, int]) -> Optional[torch.Tensor]:
-        image_tensor = self._inputs.get(key)
-        if image_tensor is not None:
-            self._inputs.move_to_end(key)
-        return image_tensor
+        return self._inputs.get(key)
 
     def _keep_input(self, key: Tuple[str, int], image_tensor: torch.Tensor) -> None:
         """Keep a model input; drop the least recently used ones beyond the budget."""
-        self._inputs[key] = image_tensor
-        self._inputs_bytes += image_tensor.numel() * image_tensor.element_size()
-        while len(self._inputs) > 1 and self._inputs_bytes > self.cache_bytes:
-            _, dropped = self._inputs.popitem(last=False)
-            self._inputs_bytes -= dropped.numel() * dropped.element_size()
+        self._inputs.put(key, image_tensor, image_tensor.numel() * image_tensor.element_size())
+
+    def _mask_keys(self, dataset_dict: dict, annotations: Sequence[dict]) -> Optional[List[tuple]]:
+        """Keys of the annotations' masks at the input size, or None when they are not kept (no
+        budget, or an annotation without an id)."""
+        if not self._parts.budget_bytes or any("id" not in a for a in annotations):
+            return None
+        # The box too: two datasets on one image (gRefCOCO and Ref-ZOM on COCO's) may number
+        # their annotations differently.
+        return [
+            ("mask", dataset_dict["file_name"], self.image_size, a["id"], tuple(a.get("bbox", ())))
+            for a in annotations
+        ]
+
+    def _kept_masks(self, keys: Optional[List[tuple]]) -> Optional[np.ndarray]:
+        """``bool (M, S, S)`` from the kept masks, or None unless every one is kept."""
+        if keys is None:
+            return None
+        if not keys:  # a no-target expression
+            return np.zeros((0, self.image_size, self.image_size), dtype=bool)
+        kept = [self._parts.get(key) for key in keys]
+        return None if any(m is None for m in kept) else np.stack(kept)
+
+    def _tokens(self, raw: str) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and attention mask of one expression (kept by text when there is a budget)."""
+        key = ("tokens", raw)
+        kept = self._parts.get(key)
+        if kept is None:
+            tokens = tokenize(self.tokenizer, [raw], self.max_tokens)
+            kept = (tokens["input_ids"][0], tokens["attention_mask"][0])
+            if self._parts.budget_bytes:
+                self._parts.put(key, kept, sum(t.numel() * t.element_size() for t in kept))
+        return kept
 
     def _augment(self, image: np.ndarray, masks: np.ndarray) -> T.Transform:
         """Train-time transforms at the original size; a crop must keep most of every target."""
@@ -221,8 +249,9 @@ class GRESDatasetMapper:
                 if self.is_train:
                     return None
                 image = np.zeros((height, width, 3), dtype=np.uint8)
-        masks = instance_masks(annotations, height, width)  # bool (M, H, W)
+        masks = None  # bool (M, H, W) at the image's size, decoded when needed
         if image_tensor is None:
+            masks = instance_masks(annotations, height, width)
             transforms = self._augment(image, masks) if self.is_train else T.TransformList([])
             image = transforms.apply_image(image)
             resize = T.ResizeTransform(
@@ -236,8 +265,18 @@ class GRESDatasetMapper:
         else:  # _read_image checked that the file is height x width
             transforms = T.TransformList([])
             resize = T.ResizeTransform(height, width, size, size, interp=Image.BILINEAR)
+        # Resized masks are kept only when the resize is the whole transform.
+        mask_keys = (
+            None if transforms.transforms or reason else self._mask_keys(dataset_dict, annotations)
+        )
         transforms = transforms + resize
-        gt_masks = transform_masks(masks, transforms)  # bool (M, S, S), nearest
+        gt_masks = self._kept_masks(mask_keys)  # bool (M, S, S), nearest
+        if gt_masks is None:
+            if masks is None:
+                masks = instance_masks(annotations, height, width)
+            gt_masks = transform_masks(masks, transforms)
+            for key, mask in zip(mask_keys or (), gt_masks):
+                self._parts.put(key, mask.copy(), mask.nbytes)  # its own memory, not a view
 
         record = {key: dataset_dict[key] for key in PASSTHROUGH_KEYS if key in dataset_dict}
         record["empty"] = bool(dataset_dict.get("empty", not annotations))
@@ -254,14 +293,16 @@ class GRESDatasetMapper:
             else torch.zeros((size, size), dtype=torch.bool)
         )
         if not self.is_train and self.eval_resolution == "original":
+            if masks is None:
+                masks = instance_masks(annotations, height, width)
             record["gt_mask_merged_original"] = (
                 torch.from_numpy(masks.any(axis=0))
                 if len(masks)
                 else torch.zeros((height, width), dtype=torch.bool)
             )
-        tokens = tokenize(self.tokenizer, [dataset_dict["sentence"]["raw"]], self.max_tokens)
-        record["input_ids"] = tokens["input_ids"][0]
-        record["attention_mask"] = tokens["attention_mask"][0]
+        record["input_ids"], record["attention_mask"] = self._tokens(
+            dataset_dict["sentence"]["raw"]
+        )
         if reason:  # test mapper only (the train mapper returned None); the image is all zeros
             record["skipped_reason"] = reason
         return record
