@@ -393,13 +393,17 @@ def test_input_cache_drops_the_least_recently_used_image_beyond_its_budget(
     assert reads == [paths[1]]
 
 
+def _augmenting_mapper(text_encoder, cache_mb):
+    cfg = _cfg(text_encoder)
+    cfg.INPUT.AUGMENT.ENABLED = True
+    cfg.INPUT.CACHE_MB = cache_mb
+    return GRESDatasetMapper(cfg, True)
+
+
 def test_input_cache_is_not_used_with_augmentation_and_rejects_a_negative_budget(
     text_encoder, sample_image, monkeypatch
 ):
-    cfg = _cfg(text_encoder)
-    cfg.INPUT.AUGMENT.ENABLED = True
-    cfg.INPUT.CACHE_MB = 64
-    mapper = GRESDatasetMapper(cfg, True)
+    mapper = _augmenting_mapper(text_encoder, cache_mb=64)
     reads = _count_reads(monkeypatch)
     np.random.seed(0)
     mapper(_dict(sample_image[0], ANNOTATIONS))
@@ -468,10 +472,7 @@ def test_a_budget_keeps_each_annotations_mask_and_each_expressions_tokens(
 def test_masks_are_not_kept_under_augmentation_or_without_annotation_ids(
     text_encoder, sample_image, monkeypatch
 ):
-    cfg = _cfg(text_encoder)
-    cfg.INPUT.AUGMENT.ENABLED = True
-    cfg.INPUT.CACHE_MB = 64
-    augmented = GRESDatasetMapper(cfg, True)
+    augmented = _augmenting_mapper(text_encoder, cache_mb=64)
     without_ids = _mapper(text_encoder, True, cache_mb=64)
     no_ids = [{k: v for k, v in a.items() if k != "id"} for a in ANNOTATIONS]
     calls = _count_calls(monkeypatch, "instance_masks", "tokenize")
