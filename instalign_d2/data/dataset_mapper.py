@@ -166,9 +166,6 @@ class GRESDatasetMapper:
         self._last_image = (file_name, image)
         return image, ""
 
-    def _cached_input(self, key: Tuple[str, int]) -> Optional[torch.Tensor]:
-        return self._inputs.get(key)
-
     def _keep_input(self, key: Tuple[str, int], image_tensor: torch.Tensor) -> None:
         """Keep a model input; drop the least recently used ones beyond the budget."""
         self._inputs.put(key, image_tensor, image_tensor.numel() * image_tensor.element_size())
@@ -240,7 +237,7 @@ class GRESDatasetMapper:
         size = self.image_size
         input_key = (dataset_dict["file_name"], size)
         # An input kept from before was read without error and without augmentation.
-        image_tensor = None if self.augmentations else self._cached_input(input_key)
+        image_tensor = None if self.augmentations else self._inputs.get(input_key)
         reason = ""
         if image_tensor is None:
             image, reason = self._read_image(dataset_dict)
