@@ -14,9 +14,15 @@ from test_modeling_losses import _criterion, _single_prediction_outputs
 
 import instalign_d2.instalign_model  # noqa: F401  (registers InstAlign)
 from instalign_d2.config import add_instalign_config
+from instalign_d2.data.datasets.synthetic import (
+    SHAPE_COLOUR_CLASSES,
+    SHAPE_COLOUR_SUFFIX,
+    shape_colour_category,
+)
 from instalign_d2.modeling.transformer_decoder import build_transformer_decoder
 from instalign_d2.modeling.transformer_decoder.category_head import QueryCategoryHead
 from instalign_d2.synthetic.generator import CATEGORY_IDS
+from instalign_d2.synthetic.scene import COLOURS, SHAPES
 
 SIZE = 16
 
@@ -147,10 +153,14 @@ def test_the_model_trains_the_head_through_the_matched_queries(tiny_cfg, model_i
         assert torch.equal(model(batch[:1])[0]["ref_seg"], before)
 
 
-def test_the_tiny_config_names_every_synthetic_shape(repo_root):
-    """The tiny config's head has a class for every category id the generator writes (one per
-    shape), and no more than it needs."""
+def test_the_tiny_config_names_every_category_of_its_train_split(repo_root):
+    """The tiny config trains on the (shape, colour) split, and its head has a class for every
+    category id that split writes, and no more than it needs."""
     cfg = add_instalign_config(get_cfg())
     cfg.merge_from_file(os.path.join(repo_root, "configs", "synthetic", "instalign_tiny.yaml"))
-    assert cfg.MODEL.INSTALIGN.CATEGORY_CLASSES == max(CATEGORY_IDS.values()) + 1
-    assert sorted(CATEGORY_IDS.values()) == list(range(1, len(CATEGORY_IDS) + 1))
+    assert tuple(cfg.DATASETS.TRAIN) == (f"synthetic_gres_train{SHAPE_COLOUR_SUFFIX}",)
+    ids = sorted(shape_colour_category(shape, colour) for shape in SHAPES for colour in COLOURS)
+    assert ids == list(range(1, len(SHAPES) * len(COLOURS) + 1))  # one id per pair, 0 unused
+    assert cfg.MODEL.INSTALIGN.CATEGORY_CLASSES == SHAPE_COLOUR_CLASSES == ids[-1] + 1
+    # The plain train split names the five shapes alone, ids 1..5.
+    assert sorted(CATEGORY_IDS.values()) == list(range(1, len(SHAPES) + 1))
