@@ -16,6 +16,7 @@ from instalign_d2.modeling.transformer_decoder.relative_location import (
     RelativeLocationScore,
     candidate_z_scores,
 )
+from instalign_d2.solver.optimizer import _lr_multipliers
 
 BIG = 30.0  # a logit whose sigmoid is 1 to float precision
 
@@ -110,11 +111,21 @@ def test_the_decoder_adds_the_term_only_when_asked_and_only_to_the_scores():
 
 def test_the_tiny_config_has_the_term_and_its_text_blind_twin_does_not():
     configs = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "synthetic")
-    built = {}
+    built, configs_solver = {}, {}
     for name in ("instalign_tiny.yaml", "instalign_tiny_text_blind.yaml"):
         cfg = add_instalign_config(get_cfg())
         cfg.merge_from_file(os.path.join(configs, name))
         built[name] = build_transformer_decoder(cfg, 24, MASK_DIM, TEXT_DIM)
+        configs_solver[name] = cfg.SOLVER
     assert built["instalign_tiny.yaml"].relative_location is not None
     # The twin's scores must not hear the expression through the term's coefficients.
     assert built["instalign_tiny_text_blind.yaml"].relative_location is None
+    # Each config's learning-rate multipliers name parameters its decoder has: the tiny config
+    # trains the term faster, and the twin, which has no term, must not ask for it.
+    for name, decoder in built.items():
+        solver = configs_solver[name]
+        model = torch.nn.ModuleDict({"transformer_decoder": decoder})
+        multipliers = _lr_multipliers(solver, model)
+        for prefix, factor in solver.LR_MULTIPLIERS:
+            assert multipliers[prefix] == factor
+    assert len(configs_solver["instalign_tiny.yaml"].LR_MULTIPLIERS) == 1
