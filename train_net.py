@@ -37,6 +37,7 @@ from detectron2.engine import (
     default_setup,
     launch,
 )
+from detectron2.engine.hooks import EvalHook, PeriodicCheckpointer
 from detectron2.evaluation import DatasetEvaluators
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
@@ -56,6 +57,7 @@ from instalign_d2.engine import (
     finish_distributed,
 )
 from instalign_d2.engine.checks import check_datasets
+from instalign_d2.engine.ema import ModelEMAHook
 from instalign_d2.engine.image_size_schedule import ImageSizeSchedule, ImageSizeScheduleHook
 from instalign_d2.engine.summary import run_summary
 from instalign_d2.solver import apply_epoch_schedule, build_lr_scheduler, build_optimizer
@@ -121,6 +123,12 @@ class Trainer(DefaultTrainer):
 
     def build_hooks(self):
         hooks = super().build_hooks()
+        if self.cfg.MODEL_EMA.ENABLED:
+            # Before the checkpointer and the evaluation, which take the average after the last step.
+            first_saver = next(
+                i for i, h in enumerate(hooks) if isinstance(h, (PeriodicCheckpointer, EvalHook))
+            )
+            hooks.insert(first_saver, ModelEMAHook(self.cfg.MODEL_EMA.DECAY))
         schedule = ImageSizeSchedule.from_config(self.cfg)
         if schedule is not None:  # before the other hooks: the size must be set before the step
             hooks.insert(0, ImageSizeScheduleHook(self.train_mapper, schedule))

@@ -219,6 +219,11 @@ def add_instalign_config(cfg: CN) -> CN:
     cfg.SOLVER.CHECKPOINT_PERIOD_EPOCHS = (
         0  # > 0: sets CHECKPOINT_PERIOD; 0 = use CHECKPOINT_PERIOD
     )
+    # Not in the paper: an exponential moving average of the weights, which replaces them after
+    # the last step (model_final.pth and the final evaluation; instalign_d2/engine/ema.py).
+    cfg.MODEL_EMA = CN()
+    cfg.MODEL_EMA.ENABLED = False
+    cfg.MODEL_EMA.DECAY = 0.998  # about the last 1 / (1 - DECAY) steps
 
     # ----------------------------------------------------------------------------- test
     cfg.TEST.EVAL_RESOLUTION = "input"  # "input" (the mapper's size, as ReLA/DMMI) | "original"
