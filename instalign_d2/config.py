@@ -161,6 +161,11 @@ def add_instalign_config(cfg: CN) -> CN:
     # to a target, weighted by CATEGORY_WEIGHT, asks them to keep what their object is. 0: off.
     cfg.MODEL.INSTALIGN.CATEGORY_CLASSES = 0
     cfg.MODEL.INSTALIGN.CATEGORY_WEIGHT = 2.0  # Mask2Former's weight of its class loss
+    # Not in the paper: with a positive weight, a 1x1 convolution names the category (of
+    # CATEGORY_CLASSES, 0 = background) at every cell of the mask features, with a cross-entropy
+    # over all objects of the image (instalign_d2/modeling/dense_category.py). The train split must
+    # list each image's objects (synthetic_gres_train_shape_colour does). 0: off.
+    cfg.MODEL.INSTALIGN.DENSE_CATEGORY_WEIGHT = 0.0
     cfg.MODEL.INSTALIGN.SIZE_DIVISIBILITY = (
         32  # images are zero-padded to a multiple of this (backbone stride)
     )

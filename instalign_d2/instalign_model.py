@@ -15,7 +15,7 @@ the dict of docs/interfaces.md §3. The visual path runs once per distinct image
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +26,7 @@ from torch import nn
 
 from .modeling.aggregation import InstanceAggregation, NoTargetHead
 from .modeling.criterion import InstAlignCriterion, phrase_token_weights
+from .modeling.dense_category import IGNORE_INDEX, DenseCategoryHead
 from .modeling.language import build_text_encoder
 from .modeling.pixel_decoder import build_pixel_decoder
 from .modeling.transformer_decoder import build_transformer_decoder
@@ -70,6 +71,7 @@ class InstAlign(nn.Module):
         mask_threshold: float = 0.5,
         instance_score_threshold: float = 0.5,
         max_instances: int = 10,
+        dense_category_head: Optional[DenseCategoryHead] = None,
     ):
         """
         Args:
@@ -82,6 +84,8 @@ class InstAlign(nn.Module):
             no_target_threshold: p_nt above it -> the expression is answered with an empty mask.
             mask_threshold: instance mask probability -> ``pred_masks``.
             instance_score_threshold, max_instances: which instances the inference output lists.
+            dense_category_head: not in the paper; a per-pixel category loss on the mask features
+                in training (``modeling/dense_category.py``), None without.
         """
         super().__init__()
         self.backbone = backbone
@@ -105,13 +109,24 @@ class InstAlign(nn.Module):
         self.mask_threshold = mask_threshold
         self.instance_score_threshold = instance_score_threshold
         self.max_instances = max_instances
+        self.dense_category_head = dense_category_head
 
     @classmethod
     def from_config(cls, cfg):
         backbone = build_backbone(cfg)
         text_encoder = build_text_encoder(cfg)
         test = cfg.MODEL.INSTALIGN.TEST
+        dense_weight = cfg.MODEL.INSTALIGN.DENSE_CATEGORY_WEIGHT
         return {
+            "dense_category_head": (
+                DenseCategoryHead(
+                    cfg.MODEL.SEM_SEG_HEAD.MASK_DIM,
+                    cfg.MODEL.INSTALIGN.CATEGORY_CLASSES,
+                    dense_weight,
+                )
+                if dense_weight > 0
+                else None
+            ),
             "backbone": backbone,
             "pixel_decoder": build_pixel_decoder(cfg, backbone.output_shape()),
             "text_encoder": text_encoder,
@@ -229,10 +244,16 @@ class InstAlign(nn.Module):
         """Training: dict of losses (Eq. 13). Inference: one dict per input (docs/interfaces.md §3)."""
         if not self.training:
             return self.inference(batched_inputs)
-        outputs, visual_features, _ = self.compute_outputs(batched_inputs)
-        return self.criterion(
+        outputs, visual_features, image_index = self.compute_outputs(batched_inputs)
+        losses = self.criterion(
             outputs, self.prepare_targets(batched_inputs, visual_features.padded_size)
         )
+        if self.dense_category_head is not None:
+            losses["loss_dense_category"] = self.dense_category_head.loss(
+                visual_features.mask_features,
+                self.category_maps(batched_inputs, image_index, visual_features.padded_size),
+            )
+        return losses
 
     # ------------------------------------------------------------------ inputs and targets
     def text_inputs(self, batched_inputs: Sequence[Dict]) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -321,6 +342,39 @@ class InstAlign(nn.Module):
                 }
             )
         return targets
+
+    def category_maps(
+        self,
+        batched_inputs: Sequence[Dict],
+        image_index: torch.Tensor,
+        padded_size: Tuple[int, int],
+    ) -> torch.Tensor:
+        """``(I, Hp, Wp)`` long: the mapper's ``category_map`` of each encoded image, padded with
+        the dense head's ignore index."""
+        first_input = {}
+        for i, group in enumerate(image_index.tolist()):
+            first_input.setdefault(group, i)
+        maps = []
+        for group in range(len(first_input)):
+            x = batched_inputs[first_input[group]]
+            if "category_map" not in x:
+                raise ValueError(
+                    "InstAlign: MODEL.INSTALIGN.DENSE_CATEGORY_WEIGHT > 0 needs each training input's "
+                    f"'category_map', which the GRES mapper makes from the dataset dict's "
+                    f"'image_annotations'; {x.get('file_name', 'an input')} has none. Train on a split "
+                    "that lists each image's objects (synthetic_gres_train_shape_colour) or set the "
+                    "weight to 0."
+                )
+            category_map = torch.as_tensor(x["category_map"], device=self.device).long()
+            h, w = category_map.shape
+            maps.append(
+                F.pad(
+                    category_map,
+                    (0, padded_size[1] - w, 0, padded_size[0] - h),
+                    value=IGNORE_INDEX,
+                )
+            )
+        return torch.stack(maps)
 
     def group_by_image(self, batched_inputs: Sequence[Dict]) -> Tuple[List[int], torch.Tensor]:
         """Inputs sharing ``file_name`` and an identical image tensor form one group.

@@ -482,3 +482,51 @@ def test_masks_are_not_kept_under_augmentation_or_without_annotation_ids(
         without_ids(_dict(sample_image[0], no_ids))
     assert calls == {"instance_masks": 4, "tokenize": 2}  # each mapper keeps its tokens
     assert len(augmented._parts) == 1 and len(without_ids._parts) == 1
+
+
+# An object over part of the first annotation's square, listed after it.
+ON_TOP = {
+    "id": 3,
+    "category_id": 4,
+    "bbox": [4, 5, 4, 4],
+    "segmentation": mask_to_rle(_box(5, 9, 4, 8)),
+}
+
+
+def test_category_map_names_the_object_at_each_pixel_and_is_kept(
+    text_encoder, sample_image, monkeypatch
+):
+    objects = ANNOTATIONS + [ON_TOP]
+    expected = np.zeros((S, S), np.uint8)
+    for obj in objects:  # a later object over an earlier one
+        expected[merged_mask([obj], H, W, out_size=S)] = obj["category_id"]
+    assert {7, 9, 4, 0} <= set(np.unique(expected).tolist())
+    mapper = _mapper(text_encoder, True, cache_mb=1, category_maps=True)
+    calls = _count_calls(monkeypatch, "instance_masks")
+    first = mapper(_dict(sample_image[0], ANNOTATIONS[:1], image_annotations=objects))
+    assert first["category_map"].dtype == torch.uint8
+    np.testing.assert_array_equal(first["category_map"].numpy(), expected)
+    # another expression of the image (no target) gets the same map without decoding again
+    calls.update(instance_masks=0)
+    second = mapper(_dict(sample_image[0], [], raw="all triangles", image_annotations=objects))
+    assert calls == {"instance_masks": 0}
+    np.testing.assert_array_equal(second["category_map"].numpy(), expected)
+    # none without the switch or without the image's objects
+    plain = _mapper(text_encoder, True)(
+        _dict(sample_image[0], ANNOTATIONS, image_annotations=objects)
+    )
+    assert "category_map" not in plain
+    assert "category_map" not in mapper(_dict(sample_image[0], ANNOTATIONS))
+    too_many = [dict(ANNOTATIONS[0], category_id=300)]
+    with pytest.raises(ValueError, match="category_id 300 does not fit"):
+        _mapper(text_encoder, True, category_maps=True)(
+            _dict(sample_image[0], ANNOTATIONS, image_annotations=too_many)
+        )
+
+
+def test_category_maps_follow_the_config_in_training_only(text_encoder):
+    cfg = _cfg(text_encoder)
+    assert not GRESDatasetMapper(cfg, True).category_maps
+    cfg.MODEL.INSTALIGN.DENSE_CATEGORY_WEIGHT = 2.0
+    assert GRESDatasetMapper(cfg, True).category_maps
+    assert not GRESDatasetMapper(cfg, False).category_maps

@@ -518,4 +518,14 @@ def test_shape_colour_split_names_each_target_by_its_shape_and_colour(tiny_datas
             assert ann["category_id"] == pairs[(obj["shape"], obj["colour"])]
             assert plain_ann["category_id"] == 1 + SHAPES.index(obj["shape"])  # untouched
             seen.add(ann["category_id"])
+        # every object of the image, referred to or not, for the dense category loss
+        image_objects = ours["image_annotations"]
+        assert [a["id"] for a in image_objects] == sorted(
+            o["id"] for o in objects.get(ours["image_id"], [])
+        )
+        assert {a["id"] for a in ours["annotations"]} <= {a["id"] for a in image_objects}
+        for ann in image_objects:
+            obj = by_id[ann["id"]]
+            assert ann["category_id"] == pairs[(obj["shape"], obj["colour"])]
+            assert ann["segmentation"] == obj["segmentation"]
     assert len(seen) > 5  # more categories than the five shapes

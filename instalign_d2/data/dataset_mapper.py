@@ -68,6 +68,7 @@ class GRESDatasetMapper:
         augmentations: Sequence[T.Augmentation] = (),
         eval_resolution: str = "input",
         cache_mb: float = 0,
+        category_maps: bool = False,
     ):
         """
         Args:
@@ -81,6 +82,9 @@ class GRESDatasetMapper:
                 to the test mapper's output.
             cache_mb: INPUT.CACHE_MB, megabytes of resized images kept for the next epochs
                 (least recently used out first); 0 keeps the last one only.
+            category_maps: add ``category_map`` (uint8 S x S: the ``category_id`` of the object
+                at each pixel, 0 elsewhere) made from the dataset dict's ``image_annotations``
+                (all objects of the image), for MODEL.INSTALIGN.DENSE_CATEGORY_WEIGHT.
         """
         if eval_resolution not in EVAL_RESOLUTIONS:
             raise ValueError(
@@ -97,6 +101,7 @@ class GRESDatasetMapper:
         self.image_format = image_format
         self.augmentations = list(augmentations) if self.is_train else []
         self.eval_resolution = eval_resolution
+        self.category_maps = bool(category_maps)
         self.num_skipped = 0  # samples of this worker whose image could not be read
         self.last_skip_reason = ""  # why the last skipped sample was skipped (one line)
         # The last image read: evaluation (and training with TRAIN_EXPRESSIONS_PER_IMAGE) maps the
@@ -136,6 +141,7 @@ class GRESDatasetMapper:
             ),
             "eval_resolution": cfg.TEST.EVAL_RESOLUTION,
             "cache_mb": cfg.INPUT.CACHE_MB,
+            "category_maps": is_train and cfg.MODEL.INSTALIGN.DENSE_CATEGORY_WEIGHT > 0,
         }
 
     @property
@@ -202,6 +208,35 @@ class GRESDatasetMapper:
                 self._parts.put(key, kept, sum(t.numel() * t.element_size() for t in kept))
         return kept
 
+    def _category_map(
+        self, dataset_dict: dict, transforms: T.Transform, cacheable: bool
+    ) -> Optional[torch.Tensor]:
+        """``uint8 (S, S)``: the category of the object at each pixel of the model input (0 where
+        there is none; a later object over an earlier one), or None without ``image_annotations``.
+        """
+        objects = dataset_dict.get("image_annotations")
+        if objects is None:
+            return None
+        key = ("category_map", dataset_dict["file_name"], self.image_size)
+        kept = self._parts.get(key) if cacheable else None
+        if kept is not None:
+            return kept
+        largest = max((int(o["category_id"]) for o in objects), default=0)
+        if largest > 254:  # 255 is the padding the model ignores
+            raise ValueError(
+                f"{dataset_dict['file_name']}: category_id {largest} does not fit a uint8 category "
+                "map (at most 254); the dense category loss needs fewer categories"
+            )
+        height, width = dataset_dict["height"], dataset_dict["width"]
+        masks = transform_masks(instance_masks(objects, height, width), transforms)
+        category_map = np.zeros((self.image_size, self.image_size), dtype=np.uint8)
+        for mask, obj in zip(masks, objects):
+            category_map[mask] = int(obj["category_id"])
+        category_map = torch.from_numpy(category_map)
+        if cacheable and self._parts.budget_bytes:
+            self._parts.put(key, category_map, category_map.numel())
+        return category_map
+
     def _augment(self, image: np.ndarray, masks: np.ndarray) -> T.Transform:
         """Train-time transforms at the original size; a crop must keep most of every target."""
         if not self.augmentations:
@@ -263,9 +298,8 @@ class GRESDatasetMapper:
             transforms = T.TransformList([])
             resize = T.ResizeTransform(height, width, size, size, interp=Image.BILINEAR)
         # Resized masks are kept only when the resize is the whole transform.
-        mask_keys = (
-            None if transforms.transforms or reason else self._mask_keys(dataset_dict, annotations)
-        )
+        resize_only = not transforms.transforms and not reason
+        mask_keys = self._mask_keys(dataset_dict, annotations) if resize_only else None
         transforms = transforms + resize
         gt_masks = self._kept_masks(mask_keys)  # bool (M, S, S), nearest
         if gt_masks is None:
@@ -297,6 +331,10 @@ class GRESDatasetMapper:
                 if len(masks)
                 else torch.zeros((height, width), dtype=torch.bool)
             )
+        if self.category_maps:
+            category_map = self._category_map(dataset_dict, transforms, cacheable=resize_only)
+            if category_map is not None:
+                record["category_map"] = category_map
         record["input_ids"], record["attention_mask"] = self._tokens(
             dataset_dict["sentence"]["raw"]
         )

@@ -199,15 +199,35 @@ def shape_colour_category(shape: str, colour: str) -> int:
 def load_synthetic_shape_colour(
     root: str, split: str, dataset_name: Optional[str] = None
 ) -> List[dict]:
-    """The dataset dicts of ``split``, each target's ``category_id`` its (shape, colour) pair."""
+    """The dataset dicts of ``split``, each target's ``category_id`` its (shape, colour) pair.
+
+    Each dict also lists, as ``image_annotations``, every object of its image with that category
+    (one list shared by the image's expressions), for the dense category loss
+    (``MODEL.INSTALIGN.DENSE_CATEGORY_WEIGHT``).
+    """
     dicts = load_synthetic_gres(
         root, split, dataset_name or f"synthetic_gres_{split}{SHAPE_COLOUR_SUFFIX}"
     )
-    objects = CocoIndex.from_file(synthetic_paths(root)["instances_file"]).annotations
+    index = CocoIndex.from_file(synthetic_paths(root)["instances_file"])
+    objects = index.annotations
     for record in dicts:
         for ann in record.get("annotations") or ():
             obj = objects[ann["id"]]
             ann["category_id"] = shape_colour_category(obj["shape"], obj["colour"])
+    image_objects = {
+        image_id: [
+            {
+                "id": obj["id"],
+                "bbox": list(obj["bbox"]),
+                "segmentation": obj["segmentation"],
+                "category_id": shape_colour_category(obj["shape"], obj["colour"]),
+            }
+            for obj in image_objs
+        ]
+        for image_id, image_objs in _objects_by_image(index, split).items()
+    }
+    for record in dicts:
+        record["image_annotations"] = image_objects.get(record["image_id"], [])
     return dicts
 
 
