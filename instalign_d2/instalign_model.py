@@ -118,15 +118,6 @@ class InstAlign(nn.Module):
         test = cfg.MODEL.INSTALIGN.TEST
         dense_weight = cfg.MODEL.INSTALIGN.DENSE_CATEGORY_WEIGHT
         return {
-            "dense_category_head": (
-                DenseCategoryHead(
-                    cfg.MODEL.SEM_SEG_HEAD.MASK_DIM,
-                    cfg.MODEL.INSTALIGN.CATEGORY_CLASSES,
-                    dense_weight,
-                )
-                if dense_weight > 0
-                else None
-            ),
             "backbone": backbone,
             "pixel_decoder": build_pixel_decoder(cfg, backbone.output_shape()),
             "text_encoder": text_encoder,
@@ -147,6 +138,15 @@ class InstAlign(nn.Module):
             "mask_threshold": test.MASK_THRESHOLD,
             "instance_score_threshold": test.INSTANCE_SCORE_THRESH,
             "max_instances": test.MAX_INSTANCES,
+            "dense_category_head": (
+                DenseCategoryHead(
+                    cfg.MODEL.SEM_SEG_HEAD.MASK_DIM,
+                    cfg.MODEL.INSTALIGN.CATEGORY_CLASSES,
+                    dense_weight,
+                )
+                if dense_weight > 0
+                else None
+            ),
         }
 
     @property

@@ -22,6 +22,7 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
 from instalign_d2.engine.checks import ConfigError
+from instalign_d2.engine.ddp import unwrap_model
 from instalign_d2.utils.atomic_io import atomic_write
 
 TOKENIZER_KEY = "tokenizer_fingerprint"
@@ -48,7 +49,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 def model_tokenizer(model) -> Optional[object]:
     """The tokenizer of a (possibly DDP-wrapped) InstAlign, or None for other models."""
-    model = getattr(model, "module", model)
+    model = unwrap_model(model)
     return getattr(getattr(model, "text_encoder", None), "tokenizer", None)
 
 

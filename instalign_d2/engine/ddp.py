@@ -20,6 +20,11 @@ from torch.distributed.algorithms.ddp_comm_hooks import default as comm_hooks
 from torch.nn.parallel import DistributedDataParallel
 
 
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model itself, whether or not DDP wraps it (DDP keeps it in ``.module``)."""
+    return getattr(model, "module", model)
+
+
 def create_ddp_model(model: nn.Module, *, fp16_compression: bool = False, **kwargs) -> nn.Module:
     """Wrap ``model`` in DDP when there are several processes (else return it unchanged)."""
     if comm.get_world_size() == 1:

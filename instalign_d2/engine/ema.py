@@ -15,11 +15,9 @@ import torch
 from detectron2.engine import HookBase
 from timm.utils import ModelEmaV3
 
+from instalign_d2.engine.ddp import unwrap_model
+
 logger = logging.getLogger(__name__)
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return getattr(model, "module", model)  # DistributedDataParallel keeps the model in .module
 
 
 class ModelEMAHook(HookBase):
@@ -45,12 +43,12 @@ class ModelEMAHook(HookBase):
         return min(self.decay, step / (step + 1.0))
 
     def before_train(self):
-        model = _unwrap(self.trainer.model)
+        model = unwrap_model(self.trainer.model)
         self.ema = ModelEmaV3(model, decay=self.decay, stochastic_rounding=False)
         logger.info("Keeping an exponential moving average of the weights, decay %g", self.decay)
 
     def after_step(self):
-        model = _unwrap(self.trainer.model)
+        model = unwrap_model(self.trainer.model)
         # The decay of each step is set here (ModelEmaV3's own warm-up follows a slower formula).
         self.ema.apply_update_(model, self.decay_at(self.trainer.iter))
         if self.trainer.iter + 1 >= self.trainer.max_iter:
