@@ -65,6 +65,7 @@ from instalign_d2.solver.optimizer import describe_param_groups
 from instalign_d2.synthetic import backbone_pretraining
 from instalign_d2.synthetic import generator as synthetic_generator
 from instalign_d2.synthetic.params import SyntheticParams, synthetic_root
+from instalign_d2.utils.host_memory import keep_freed_host_memory
 
 logger = logging.getLogger("instalign_d2")
 # When this run started (data preparation included); a launched worker counts from its import.
@@ -236,6 +237,8 @@ def setup(args):
         # prepare_data has made; before default_setup, so that OUTPUT_DIR/config.yaml records them.
         cfg = apply_epoch_schedule(cfg)
     default_setup(cfg, args)
+    if cfg.KEEP_FREED_HOST_MEMORY:
+        keep_freed_host_memory()
     if cfg.MODEL.DEVICE == "cpu" and comm.get_world_size() > 1:
         # N processes on one machine share its cores; more threads than cores only thrash.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // comm.get_local_size()))

@@ -234,4 +234,10 @@ def add_instalign_config(cfg: CN) -> CN:
     cfg.TEST.EVAL_RESOLUTION = "input"  # "input" (the mapper's size, as ReLA/DMMI) | "original"
     cfg.TEST.EVAL_PERIOD_EPOCHS = 0  # > 0: sets EVAL_PERIOD; 0 = use EVAL_PERIOD
     cfg.TEST.DUMP_PREDICTIONS = False  # also write RLE predictions to OUTPUT_DIR/inference
+
+    # ----------------------------------------------------------------------------- process
+    # Like Detectron2's CUDNN_BENCHMARK, a setting of the process: glibc's malloc keeps freed
+    # blocks for the next step instead of giving them back to the kernel and faulting them in again
+    # (instalign_d2/utils/host_memory.py). Only Linux with glibc; it changes speed, not results.
+    cfg.KEEP_FREED_HOST_MEMORY = True
     return cfg

@@ -36,6 +36,7 @@ import train_net  # noqa: E402  (the repository root's script: prepare_data, bui
 from instalign_d2.data.build import build_gres_train_loader  # noqa: E402
 from instalign_d2.solver import build_optimizer  # noqa: E402
 from instalign_d2.utils.atomic_io import atomic_write_json  # noqa: E402
+from instalign_d2.utils.host_memory import keep_freed_host_memory  # noqa: E402
 
 # (row name, attribute path on the model) of the modules timed by forward hooks, in Fig. 2 order.
 # The pixel decoder is called through its Mask2Former-style ``forward_features``: wrapped instead.
@@ -222,6 +223,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         parser.error("--iters must be >= 1 and --warmup >= 0")
     cfg = build_cfg(args.config_file, args.opts)
     train_net.prepare_data(cfg)
+    if cfg.KEEP_FREED_HOST_MEMORY:  # as train_net.py does: the step as it runs in training
+        keep_freed_host_memory()
     result = profile(cfg, args.iters, args.warmup)
     memory = ", ".join(f"{k} {v:.0f}" for k, v in result.items() if k.startswith("peak_"))
     print(
