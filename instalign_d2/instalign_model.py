@@ -203,14 +203,18 @@ class InstAlign(nn.Module):
                 "InstAlign: an expression has no tokens (attention_mask all 0); tokenise it with the text encoder."
             )
         image_index = torch.as_tensor(image_index, dtype=torch.long, device=self.device)
-        mask_features = visual_features.mask_features[image_index]
-        multi_scale_features = [f[image_index] for f in visual_features.multi_scale_features]
 
         text, text_pad_mask = self.text_encoder(
             input_ids.to(self.device), attention_mask.to(self.device)
         )  # T0
+        # The decoder reads each image's features through image_index: projected and multiplied
+        # once per image, not copied once per expression.
         outputs = self.transformer_decoder(
-            multi_scale_features, mask_features, text, text_pad_mask
+            visual_features.multi_scale_features,
+            visual_features.mask_features,
+            text,
+            text_pad_mask,
+            image_index,
         )  # POT, K blocks
         predictions = outputs["predictions"]
         merge_every = self.training and self.criterion.merged_loss_on_every_prediction

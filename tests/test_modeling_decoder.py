@@ -19,7 +19,9 @@ from instalign_d2.modeling.transformer_decoder.attention_layers import (
 )
 from instalign_d2.modeling.transformer_decoder.prediction_heads import (
     InstancePredictionHeads,
+    mask_logits_per_image,
     masked_attention_mask,
+    slots_within_images,
 )
 from instalign_d2.modeling.transformer_decoder.text_attention import ObjectTextCrossAttention
 
@@ -314,3 +316,62 @@ def test_decoder_plain_arguments_and_level_count_check():
     features, mask_features, _, pad = inputs()
     with pytest.raises(ValueError, match="3 visual levels"):
         decoder(features[:2], mask_features, torch.randn(2, TOKENS, HIDDEN), pad)
+
+
+# Expressions of three images, neither sorted nor equally many per image (image 1 has none).
+IMAGE_INDEX = torch.tensor([2, 0, 0, 3, 2, 2, 0])
+
+
+def test_slots_count_the_earlier_expressions_of_the_same_image():
+    assert slots_within_images(IMAGE_INDEX).tolist() == [0, 0, 1, 0, 1, 2, 2]
+
+
+def test_mask_logits_per_image_equal_those_of_copied_features_with_their_gradients():
+    g = torch.Generator().manual_seed(3)
+    embed = torch.randn(len(IMAGE_INDEX), QUERIES, MASK_DIM, generator=g, requires_grad=True)
+    per_image = torch.randn(4, MASK_DIM, 6, 5, generator=g, requires_grad=True)
+    upstream = torch.randn(len(IMAGE_INDEX), QUERIES, 6, 5, generator=g)
+
+    shared = mask_logits_per_image(embed, per_image, IMAGE_INDEX)
+    copied = mask_logits_per_image(embed, per_image[IMAGE_INDEX], None)
+    by_hand = torch.stack(
+        [embed[e] @ per_image[i].flatten(1) for e, i in enumerate(IMAGE_INDEX.tolist())]
+    ).view_as(copied)
+    assert torch.allclose(copied, by_hand, atol=1e-5)
+    assert torch.allclose(shared, copied, atol=1e-5)
+
+    grads_shared = torch.autograd.grad((shared * upstream).sum(), (embed, per_image))
+    grads_copied = torch.autograd.grad((copied * upstream).sum(), (embed, per_image))
+    for a, b in zip(grads_shared, grads_copied):
+        assert torch.allclose(a, b, atol=1e-5)
+    assert grads_shared[1][1].abs().max() == 0  # image 1 has no expression
+
+
+def with_every_per_query_switch():
+    cfg = tiny_cfg()
+    c = cfg.MODEL.INSTALIGN
+    c.MASK_POOLED_QUERIES = c.QUERY_POSITIONS_FROM_MASKS = c.RELATIVE_LOCATION_SCORE = True
+    c.CATEGORY_CLASSES = 3
+    torch.manual_seed(1)
+    return build_transformer_decoder(cfg, 24, MASK_DIM, TEXT_DIM).eval()
+
+
+@pytest.mark.parametrize("switches", [False, True])
+def test_decoder_reads_features_per_image_as_it_reads_copies(decoder, switches):
+    """The same predictions whether each expression gets a copy of its image's features or the
+    decoder reads them per image through ``image_index``, with the switches that read the
+    features or the masks too."""
+    if switches:
+        decoder = with_every_per_query_switch()
+    features, mask_features, text, _ = inputs(batch=4, seed=5)
+    expressions = len(IMAGE_INDEX)
+    g = torch.Generator().manual_seed(6)
+    text = torch.randn(expressions, TOKENS, TEXT_DIM, generator=g)
+    pad = torch.zeros(expressions, TOKENS, dtype=torch.bool)
+    pad[1, 2:] = True
+    copied = decoder([f[IMAGE_INDEX] for f in features], mask_features[IMAGE_INDEX], text, pad)
+    shared = decoder(features, mask_features, text, pad, IMAGE_INDEX)
+    for a, b in zip(copied["predictions"], shared["predictions"]):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.allclose(a[key], b[key], atol=1e-5), key

@@ -7,7 +7,7 @@ block's attention mask (Mask2Former's masked attention).
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,36 @@ def masked_attention_mask(
     return blocked.repeat_interleave(nheads, dim=0)
 
 
+def slots_within_images(image_index: torch.Tensor) -> torch.Tensor:
+    """For each expression, how many expressions of the same image come before it: ``(E,)``."""
+    one_hot = F.one_hot(image_index, int(image_index.max()) + 1)
+    return (one_hot.cumsum(dim=0) - 1).gather(1, image_index[:, None]).squeeze(1)
+
+
+def mask_logits_per_image(
+    mask_embed: torch.Tensor, mask_features: torch.Tensor, image_index: Optional[torch.Tensor]
+) -> torch.Tensor:
+    """Eq. 4, ``s = V4 . MLP(Q_k)^T``, for expressions that may share an image.
+
+    ``mask_embed (E, N, D)`` and either ``mask_features (E, D, H, W)`` (one per expression,
+    ``image_index`` None) or ``(B, D, H, W)`` per image with ``image_index (E,)`` naming each
+    expression's image. In the second case the expressions of each image are laid out side by side
+    and multiplied with its features in one product: no copy of V4 per expression, and V4's
+    gradient is summed over an image's expressions by the product itself. Returns ``(E, N, H, W)``.
+    """
+    if image_index is None:
+        return torch.einsum("bnd,bdhw->bnhw", mask_embed, mask_features)
+    expressions, queries, dim = mask_embed.shape
+    images, _, height, width = mask_features.shape
+    slot = slots_within_images(image_index)
+    side_by_side = mask_embed.new_zeros(images, int(slot.max()) + 1, queries, dim)
+    side_by_side[image_index, slot] = mask_embed
+    logits = torch.bmm(
+        side_by_side.flatten(1, 2), mask_features.flatten(2)
+    )  # (B, slots * N, H * W)
+    return logits.view(images, -1, queries, height, width)[image_index, slot]
+
+
 class InstancePredictionHeads(nn.Module):
     """LayerNorm -> (relevance logit, mask embedding); masks by a dot product with V4 (Eq. 4)."""
 
@@ -43,10 +73,16 @@ class InstancePredictionHeads(nn.Module):
         self.mask_embed = MLP(hidden_dim, hidden_dim, mask_dim, 3)
 
     def forward(
-        self, queries: torch.Tensor, mask_features: torch.Tensor
+        self,
+        queries: torch.Tensor,
+        mask_features: torch.Tensor,
+        image_index: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``(B, N, C)`` queries and ``(B, D, H/4, W/4)`` V4 -> relevance logits ``(B, N)``, mask logits ``(B, N, H/4, W/4)``."""
+        """``(B, N, C)`` queries and V4 -> relevance logits ``(B, N)``, mask logits ``(B, N, H/4, W/4)``.
+
+        V4 is ``(B, D, H/4, W/4)``, or one per image with ``image_index`` (see
+        :func:`mask_logits_per_image`)."""
         x = self.norm(queries)
         relevance_logits = self.relevance(x).squeeze(-1)
-        mask_logits = torch.einsum("bnd,bdhw->bnhw", self.mask_embed(x), mask_features)  # Eq. 4
+        mask_logits = mask_logits_per_image(self.mask_embed(x), mask_features, image_index)  # Eq. 4
         return relevance_logits, mask_logits

@@ -251,9 +251,10 @@ class QueryDecoder(nn.Module):
         }
 
     def _visual_tokens(
-        self, features: Sequence[torch.Tensor]
+        self, features: Sequence[torch.Tensor], image_index: Optional[torch.Tensor]
     ) -> Tuple[List[torch.Tensor], List[torch.Tensor], List[torch.Size]]:
-        """Flatten V1..V3 to ``(B, h*w, C)`` tokens (+ level embedding) and their sine positions."""
+        """Flatten V1..V3 to ``(E, h*w, C)`` tokens (+ level embedding) and their sine positions,
+        projected once per image and then given to each expression of it."""
         if len(features) != self.num_feature_levels:
             raise ValueError(
                 f"{type(self).__name__}: expected {self.num_feature_levels} visual levels, got {len(features)}"
@@ -261,9 +262,13 @@ class QueryDecoder(nn.Module):
         tokens, positions, sizes = [], [], []
         for level, feature in enumerate(features):
             sizes.append(feature.shape[-2:])
-            positions.append(self.position_encoding(feature).flatten(2).transpose(1, 2))
+            position = self.position_encoding(feature).flatten(2).transpose(1, 2)
             projected = self.input_proj[level](feature).flatten(2).transpose(1, 2)
-            tokens.append(projected + self.level_embed.weight[level])
+            projected = projected + self.level_embed.weight[level]
+            if image_index is not None:
+                position, projected = position[image_index], projected[image_index]
+            positions.append(position)
+            tokens.append(projected)
         return tokens, positions, sizes
 
     def _predict(
@@ -272,8 +277,9 @@ class QueryDecoder(nn.Module):
         text: torch.Tensor,
         text_pad_mask: torch.Tensor,
         mask_features: torch.Tensor,
+        image_index: Optional[torch.Tensor],
     ) -> Dict[str, torch.Tensor]:
-        relevance_logits, mask_logits = self.heads(queries, mask_features)
+        relevance_logits, mask_logits = self.heads(queries, mask_features, image_index)
         if self.text_match is not None:  # first: the location term weighs candidates by the score
             relevance_logits = self.text_match(relevance_logits, queries, text, text_pad_mask)
         if self.relative_location is not None:
@@ -296,6 +302,7 @@ class QueryDecoder(nn.Module):
         mask_features: torch.Tensor,
         text: torch.Tensor,
         text_pad_mask: torch.Tensor,
+        image_index: Optional[torch.Tensor] = None,
     ) -> Dict:
         """
         Args:
@@ -303,18 +310,21 @@ class QueryDecoder(nn.Module):
             mask_features: V4, ``(B, mask_dim, H/4, W/4)``.
             text: T0 before projection, ``(B, L, text_dim)``.
             text_pad_mask: ``(B, L)`` bool, True = padding token.
+            image_index: None when every expression has its own visual features as above; else
+                the visual features are one per image, ``(I, ...)``, and ``image_index (B,)`` names
+                each expression's image (the expressions of one image share its features).
         Returns:
             ``{"predictions": [...], "text_pad_mask": (B, L)}``; ``predictions`` holds K + 1 dicts
             (the initial queries, then after each block) with ``relevance_logits (B, N)``,
             ``mask_logits (B, N, H/4, W/4)``, ``queries`` Q_k ``(B, N, C)`` and ``text`` T_k ``(B, L, C)``.
         """
-        batch = mask_features.shape[0]
-        tokens, positions, sizes = self._visual_tokens(multi_scale_features)
+        batch = text.shape[0]
+        tokens, positions, sizes = self._visual_tokens(multi_scale_features, image_index)
         text = self.text_proj(text)
         queries = self.query_feat.weight.unsqueeze(0).expand(batch, -1, -1)
         query_pos = self.query_embed.weight.unsqueeze(0).expand(batch, -1, -1)
 
-        predictions = [self._predict(queries, text, text_pad_mask, mask_features)]
+        predictions = [self._predict(queries, text, text_pad_mask, mask_features, image_index)]
         for k, block in enumerate(self.blocks):
             level = k % self.num_feature_levels
             attn_mask = (
@@ -324,7 +334,10 @@ class QueryDecoder(nn.Module):
             )
             masks = predictions[-1]["mask_logits"]
             if self.mask_pooling is not None:  # the finest level, V3, holds the shapes best
-                queries = self.mask_pooling(k, queries, multi_scale_features[-1], masks)
+                finest = multi_scale_features[-1]
+                if image_index is not None:
+                    finest = finest[image_index]
+                queries = self.mask_pooling(k, queries, finest, masks)
             block_query_pos = query_pos
             if self.mask_position_embed is not None:
                 block_query_pos = query_pos + self.mask_position_embed(masks)
@@ -343,7 +356,9 @@ class QueryDecoder(nn.Module):
                 block_query_pos,
                 geometry_bias,
             )
-            predictions.append(self._predict(queries, text, text_pad_mask, mask_features))
+            predictions.append(
+                self._predict(queries, text, text_pad_mask, mask_features, image_index)
+            )
         return {"predictions": predictions, "text_pad_mask": text_pad_mask}
 
 
