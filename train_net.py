@@ -25,7 +25,7 @@ import os
 import sys
 import time
 import weakref
-from typing import Optional
+from typing import List
 
 import torch
 from detectron2.config import get_cfg
@@ -62,7 +62,7 @@ from instalign_d2.engine.image_size_schedule import ImageSizeSchedule, ImageSize
 from instalign_d2.engine.summary import run_summary
 from instalign_d2.solver import apply_epoch_schedule, build_lr_scheduler, build_optimizer
 from instalign_d2.solver.optimizer import describe_param_groups
-from instalign_d2.synthetic import backbone_pretraining
+from instalign_d2.synthetic import backbone_pretraining, text_pretraining
 from instalign_d2.synthetic import generator as synthetic_generator
 from instalign_d2.synthetic.params import SyntheticParams, synthetic_root
 from instalign_d2.utils.host_memory import keep_freed_host_memory
@@ -172,6 +172,7 @@ def build_config(args):
         # nor made (a user scoring a downloaded checkpoint needs no Swin file, no pre-training).
         cfg.MODEL.TIMM.PRETRAINED_WEIGHTS = ""
         cfg.MODEL.TIMM.SYNTHETIC_PRETRAIN.ITERATIONS = 0
+        cfg.MODEL.TEXT_ENCODER.SYNTHETIC_PRETRAIN.ITERATIONS = 0
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         # Detectron2 defaults to CUDA; a laptop or CI machine has none.
         cfg.MODEL.DEVICE = "cpu"
@@ -203,29 +204,38 @@ def console_progress(*logger_names: str):
             lg.setLevel(level)
 
 
-def prepare_data(cfg) -> Optional[str]:
+def prepare_data(cfg) -> List[str]:
     """Generate the embedded synthetic dataset (and its text encoder) when the config uses it, and
-    the synthetically pre-trained backbone when the config asks for one. Returns the path of that
-    backbone's weights, to be loaded instead of ``MODEL.TIMM.PRETRAINED_WEIGHTS`` (None without)."""
+    the synthetically pre-trained backbone and text encoder when the config asks for them.
+    Returns config KEY VALUE pairs that point the run at what was made (empty without)."""
     names = list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
     if not any(name.startswith("synthetic_gres") for name in names):
-        return None
-    with console_progress(synthetic_generator.__name__, backbone_pretraining.__name__):
+        return []
+    made = []
+    with console_progress(
+        synthetic_generator.__name__, backbone_pretraining.__name__, text_pretraining.__name__
+    ):
         try:
             root = synthetic_generator.ensure_synthetic_gres(
                 synthetic_root(), SyntheticParams.from_config(cfg)
             )
         except (ValueError, FileExistsError) as exc:
             raise ConfigError(str(exc)) from None
-        if (
-            cfg.MODEL.BACKBONE.NAME == "TimmBackbone"
-            and cfg.MODEL.TIMM.SYNTHETIC_PRETRAIN.ITERATIONS > 0
-        ):
-            try:
-                return backbone_pretraining.ensure_synthetic_pretrained_backbone(cfg, root)
-            except ValueError as exc:
-                raise ConfigError(str(exc)) from None
-    return None
+        try:
+            if (
+                cfg.MODEL.BACKBONE.NAME == "TimmBackbone"
+                and cfg.MODEL.TIMM.SYNTHETIC_PRETRAIN.ITERATIONS > 0
+            ):
+                # The copy made for exactly these settings: another run (another seed) may
+                # rewrite the file the config names before this one's model loads it.
+                trunk = backbone_pretraining.ensure_synthetic_pretrained_backbone(cfg, root)
+                made += ["MODEL.TIMM.PRETRAINED_WEIGHTS", trunk]
+            if cfg.MODEL.TEXT_ENCODER.SYNTHETIC_PRETRAIN.ITERATIONS > 0:
+                text = text_pretraining.ensure_synthetic_pretrained_text_encoder(cfg, root)
+                made += ["MODEL.TEXT_ENCODER.NAME", text, "MODEL.TEXT_ENCODER.PRETRAINED", "True"]
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    return made
 
 
 def setup(args):
@@ -288,12 +298,8 @@ def invoke_main(argv=None) -> int:
         # anything is written to OUTPUT_DIR.
         cfg = build_config(args)
         check_config(cfg, eval_only=args.eval_only, resume=args.resume)
-        pretrained = prepare_data(cfg)
-        if pretrained is not None:
-            # The copy made for exactly these settings: another run (another seed) may rewrite
-            # the file the config names before this one's model loads it. OUTPUT_DIR/config.yaml
-            # then records which trunk the run started from.
-            args.opts = list(args.opts) + ["MODEL.TIMM.PRETRAINED_WEIGHTS", pretrained]
+        # OUTPUT_DIR/config.yaml then records which trunk and text encoder the run started from.
+        args.opts = list(args.opts) + prepare_data(cfg)
         with console_progress("instalign_d2.data"):  # the loaders' counts and warnings on stdout
             check_datasets(cfg, eval_only=args.eval_only)
     except ConfigError as exc:

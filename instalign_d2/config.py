@@ -91,6 +91,15 @@ def add_instalign_config(cfg: CN) -> CN:
     cfg.MODEL.TEXT_ENCODER.MAX_TOKENS = (
         20  # tokens per expression, <s> and </s> included (ReLA: 20)
     )
+    # Not in the paper (whose RoBERTa comes pre-trained): with ITERATIONS > 0, train_net.py first
+    # pre-trains the synthetic set's text encoder by masked language modelling on its training
+    # sentences and trains from that (instalign_d2/synthetic/text_pretraining.py; made once per
+    # settings, then reused).
+    cfg.MODEL.TEXT_ENCODER.SYNTHETIC_PRETRAIN = CN()
+    cfg.MODEL.TEXT_ENCODER.SYNTHETIC_PRETRAIN.ITERATIONS = 0
+    cfg.MODEL.TEXT_ENCODER.SYNTHETIC_PRETRAIN.BATCH_SIZE = 128  # sentences per step
+    cfg.MODEL.TEXT_ENCODER.SYNTHETIC_PRETRAIN.BASE_LR = 0.001
+    cfg.MODEL.TEXT_ENCODER.SYNTHETIC_PRETRAIN.SEED = -1  # -1: Detectron2's SEED (0 when -1 too)
 
     # ----------------------------------------------------------------------------- pixel decoder
     # Mask2Former's key names, so its users find them where they expect.
