@@ -325,6 +325,10 @@ class QueryDecoder(nn.Module):
         query_pos = self.query_embed.weight.unsqueeze(0).expand(batch, -1, -1)
 
         predictions = [self._predict(queries, text, text_pad_mask, mask_features, image_index)]
+        if self.mask_pooling is not None:  # V3 per expression, indexed once for all K blocks
+            finest = multi_scale_features[-1]
+            if image_index is not None:
+                finest = finest[image_index]
         for k, block in enumerate(self.blocks):
             level = k % self.num_feature_levels
             attn_mask = (
@@ -334,9 +338,6 @@ class QueryDecoder(nn.Module):
             )
             masks = predictions[-1]["mask_logits"]
             if self.mask_pooling is not None:  # the finest level, V3, holds the shapes best
-                finest = multi_scale_features[-1]
-                if image_index is not None:
-                    finest = finest[image_index]
                 queries = self.mask_pooling(k, queries, finest, masks)
             block_query_pos = query_pos
             if self.mask_position_embed is not None:
